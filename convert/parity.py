@@ -1,0 +1,149 @@
+"""The parity gate: an exported model is compared with JAX, in score units, before it is published."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from convert.errors import ParityError
+from runtime.constants import API_KEYS, FEATURES
+from runtime.model import OnnxModel
+
+log = logging.getLogger(__name__)
+
+CLIPS_DIR = Path(__file__).parent / "clips"
+THRESHOLDS = (0.5, 0.7)  # where the original app changed a score's colour (SPEC §4)
+DEFAULT_ATOL = {"fp32": 1e-5, "int8": 0.02, "fp16": 0.005}
+E2E_ATOL_FP32 = 1e-4  # whole pipeline (runtime decode + features) vs librosa + JAX
+
+Forward = Callable[[np.ndarray], np.ndarray]  # (B, 128, 128) log-mel -> (B, 19) label-unit scores
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    """Max abs error allowed in score units, for the model alone and for the whole pipeline."""
+
+    model: float
+    end_to_end: float
+
+    @classmethod
+    def for_precision(cls, precision: str, atol: float | None = None) -> Tolerance:
+        atol = DEFAULT_ATOL[precision] if atol is None else atol
+        return cls(model=atol, end_to_end=max(atol, E2E_ATOL_FP32))
+
+
+def shipped_clips() -> list[Path]:
+    """The real piano clips that ship with the project (PercePiano, MIT; see clips/ATTRIBUTION.md)."""
+    return sorted(CLIPS_DIR.glob("*.flac"))
+
+
+def compare(name: str, reference: np.ndarray, candidate: np.ndarray, atol: float) -> dict:
+    """Per-dimension max abs / mean abs / max relative error and threshold flips of candidate vs reference."""
+    ref = np.asarray(reference, np.float64).reshape(-1, len(API_KEYS))
+    got = np.asarray(candidate, np.float64).reshape(-1, len(API_KEYS))
+    if ref.shape != got.shape:
+        raise ParityError(f"{name}: shapes differ, reference {ref.shape} vs candidate {got.shape}")
+    diff = np.abs(got - ref)
+    rel = diff / np.maximum(np.abs(ref), 1e-6)
+    flips = sum(int(((ref >= t) != (got >= t)).sum()) for t in THRESHOLDS)
+    finite = bool(np.isfinite(got).all())
+    max_abs = float(diff.max()) if finite else float("inf")
+    return {
+        "name": name,
+        "rows": int(ref.shape[0]),
+        "max_abs": max_abs,
+        "mean_abs": float(diff.mean()),
+        "max_rel": float(rel.max()),
+        "threshold_flips": flips,
+        "atol": atol,
+        "passed": finite and max_abs <= atol,
+        "per_dimension": {
+            key: {"max_abs": float(diff[:, i].max()), "mean_abs": float(diff[:, i].mean()),
+                  "max_rel": float(rel[:, i].max())}
+            for i, key in enumerate(API_KEYS)
+        },
+    }
+
+
+def random_inputs(batch: int, seed: int) -> np.ndarray:
+    """Valid model inputs: log-mel values uniform in [-80, 0]."""
+    rng = np.random.default_rng(seed)
+    return rng.uniform(-FEATURES.top_db, 0.0, (batch, FEATURES.n_frames, FEATURES.n_mels)).astype(np.float32)
+
+
+def reference_scores(forward: Forward, mel: np.ndarray, batch: int = 8) -> np.ndarray:
+    """JAX scores for any number of windows, in fixed-size batches to bound memory."""
+    return np.concatenate([np.asarray(forward(mel[i : i + batch])) for i in range(0, len(mel), batch)])
+
+
+def model_checks(forward: Forward, model: OnnxModel, clips: Sequence[Path], atol: float, seed: int) -> list[dict]:
+    """(a) librosa features of real clips and (b) random inputs at batch 1 and 8, JAX vs ONNX."""
+    from convert.reference import reference_features
+
+    checks = []
+    for clip in clips:
+        mel = reference_features(clip)
+        checks.append(compare(f"clip:{clip.name}", reference_scores(forward, mel), model.predict(mel, 8), atol))
+    for batch in (1, 8):
+        mel = random_inputs(batch, seed + batch)
+        checks.append(compare(f"random:batch{batch}", forward(mel), model.run(mel), atol))
+    return checks
+
+
+def end_to_end_checks(forward: Forward, model: OnnxModel, clips: Sequence[Path], atol: float) -> list[dict]:
+    """The runtime's whole pipeline on each clip vs librosa features + JAX + mean + clip."""
+    from convert.reference import reference_features
+    from runtime.analyze import Analyzer, aggregate
+
+    analyzer = Analyzer(model, batch_size=8)
+    checks = []
+    for clip in clips:
+        chunks = reference_scores(forward, reference_features(clip))
+        result = analyzer.analyze_file(clip)
+        got = np.array([result.scores[k] for k in API_KEYS])
+        checks.append(compare(f"end-to-end:{clip.name}", aggregate(chunks), got, atol))
+    return checks
+
+
+def run_gate(forward: Forward, model: OnnxModel, clips: Sequence[Path] | None = None,
+             tolerance: Tolerance | None = None, seed: int = 0) -> dict:
+    """Run every check, then return the report if all pass or raise one ParityError that carries it."""
+    clips = list(clips) if clips else shipped_clips()
+    if not clips:
+        raise ParityError("no audio clips for the parity gate: pass --clips or restore convert/clips/")
+    precision = model.info.precision
+    tol = tolerance or Tolerance.for_precision(precision)
+    log.info("parity gate (%s): %d clips + random inputs, atol %.0e", precision, len(clips), tol.model)
+    checks = model_checks(forward, model, clips, tol.model, seed)
+    checks += end_to_end_checks(forward, model, clips, tol.end_to_end)
+    failed = [c["name"] for c in checks if not c["passed"]]
+    report = {
+        "precision": precision,
+        "tolerance": {"model": tol.model, "end_to_end": tol.end_to_end},
+        "passed": not failed,
+        "max_abs": max(c["max_abs"] for c in checks),
+        "threshold_flips": sum(c["threshold_flips"] for c in checks),
+        "clips": [c.name for c in clips],
+        "checks": checks,
+    }
+    if failed:
+        raise ParityError(f"{precision} model fails the parity gate on {len(failed)} check(s): {', '.join(failed)}",
+                          report)
+    return report
+
+
+def format_report(report: dict) -> str:
+    """A plain-text table of a parity report, one line per check."""
+    lines = [f"parity ({report['precision']}): {'PASSED' if report['passed'] else 'FAILED'}; "
+             f"tolerance model {report['tolerance']['model']:.0e}, end-to-end {report['tolerance']['end_to_end']:.0e}",
+             f"  {'check':58s} {'rows':>5s} {'max abs':>10s} {'mean abs':>10s} {'max rel':>10s} {'flips':>5s}"]
+    for c in report["checks"]:
+        worst = max(c["per_dimension"], key=lambda k: c["per_dimension"][k]["max_abs"])
+        mark = "ok  " if c["passed"] else "FAIL"
+        lines.append(f"{mark}{c['name'][:58]:58s} {c['rows']:5d} {c['max_abs']:10.2e} {c['mean_abs']:10.2e} "
+                     f"{c['max_rel']:10.2e} {c['threshold_flips']:5d}  worst: {worst}")
+    return "\n".join(lines)

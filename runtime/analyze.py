@@ -1,0 +1,113 @@
+"""Audio in, 19 named scores and a per-chunk timeline out (SPEC §3)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from runtime.audio import load_audio
+from runtime.constants import API_KEYS, FEATURES
+from runtime.errors import InputError
+from runtime.features import chunk_starts, features_from_audio
+from runtime.model import OnnxModel
+
+
+@dataclass(frozen=True)
+class ChunkScores:
+    """Scores of one 3 s window starting at start_seconds."""
+
+    start_seconds: float
+    scores: dict[str, float]
+
+
+@dataclass(frozen=True)
+class Analysis:
+    """The result for one recording."""
+
+    duration_seconds: float
+    scores: dict[str, float]
+    timeline: list[ChunkScores]
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def named(values: np.ndarray) -> dict[str, float]:
+    """19 values -> {api_key: float} in model output order."""
+    return {key: float(v) for key, v in zip(API_KEYS, values, strict=True)}
+
+
+def aggregate(chunk_scores: np.ndarray) -> np.ndarray:
+    """Per-chunk label-unit scores (n, 19) -> final scores (19,): mean over chunks, then clip to [0, 1]."""
+    return np.clip(chunk_scores.astype(np.float64).mean(axis=0), 0.0, 1.0)
+
+
+def build_analysis(chunk_scores: np.ndarray, duration_seconds: float) -> Analysis:
+    """Assemble the result from per-chunk scores (n, 19) in label units."""
+    starts = chunk_starts(len(chunk_scores))
+    timeline = [
+        ChunkScores(float(s), named(np.clip(row, 0.0, 1.0))) for s, row in zip(starts, chunk_scores, strict=True)
+    ]
+    return Analysis(round(float(duration_seconds), 6), named(aggregate(chunk_scores)), timeline)
+
+
+class Analyzer:
+    """Runs the whole pipeline with one loaded model; safe to share between threads."""
+
+    def __init__(self, model: OnnxModel, *, batch_size: int = 16, max_seconds: float | None = None):
+        if batch_size < 1:
+            raise InputError(f"batch size must be at least 1, got {batch_size}")
+        self.model = model
+        self.batch_size = batch_size
+        self.max_seconds = max_seconds
+
+    @classmethod
+    def from_path(cls, path: str | os.PathLike, *, device: str = "auto", threads: int | None = None,
+                  batch_size: int = 16, max_seconds: float | None = None) -> Analyzer:
+        return cls(OnnxModel(path, device=device, threads=threads), batch_size=batch_size, max_seconds=max_seconds)
+
+    def chunk_scores(self, mel: np.ndarray) -> np.ndarray:
+        """(n, 128, 128) log-mel windows -> (n, 19) label-unit scores."""
+        return self.model.predict(mel, self.batch_size)
+
+    def analyze_audio(self, y: np.ndarray) -> Analysis:
+        """Mono float32 audio at 22,050 Hz -> Analysis."""
+        mel = features_from_audio(y)
+        return build_analysis(self.chunk_scores(mel), len(y) / FEATURES.sample_rate)
+
+    def analyze_file(self, source: str | os.PathLike | bytes) -> Analysis:
+        """A path or the bytes of an audio file -> Analysis."""
+        return self.analyze_audio(load_audio(source, max_seconds=self.max_seconds))
+
+    def analyze_mel(self, mel: np.ndarray) -> Analysis:
+        """A precomputed [time, mel] log-mel spectrogram, cut into 128-frame windows at the audio path's hop."""
+        return build_analysis(self.chunk_scores(windows_from_mel(mel)), mel_duration(len(mel)))
+
+
+def mel_duration(n_frames: int) -> float:
+    """Seconds of audio that n_frames STFT frames (center=True) cover."""
+    return max(0, n_frames - 1) * FEATURES.hop_length / FEATURES.sample_rate
+
+
+def windows_from_mel(mel: np.ndarray) -> np.ndarray:
+    """Cut a [time, 128] dB spectrogram into (n, 128, 128) windows at the audio path's 2 s hop.
+
+    Each window is re-referenced to its own maximum and floored at -top_db, as power_to_db(ref=np.max)
+    does per 3 s chunk on the audio path; a window that is already such a chunk passes unchanged.
+    """
+    mel = np.asarray(mel, dtype=np.float32)
+    if mel.ndim != 2 or mel.shape[1] != FEATURES.n_mels or len(mel) == 0:
+        raise InputError(f"expected a [time, {FEATURES.n_mels}] spectrogram, got shape {mel.shape}")
+    if not np.isfinite(mel).all():
+        raise InputError("spectrogram contains NaN or infinite values")
+    frames, hop = FEATURES.n_frames, round(FEATURES.hop_samples / FEATURES.hop_length)  # 128, 86
+    starts = list(range(0, max(len(mel) - frames, 0) + 1, hop))
+    if starts[-1] + frames < len(mel):
+        starts.append(starts[-1] + hop)
+    out = np.full((len(starts), frames, FEATURES.n_mels), FEATURES.pad_db, np.float32)
+    for i, s in enumerate(starts):
+        piece = mel[s : s + frames]
+        out[i, : len(piece)] = np.maximum(piece - piece.max(), -FEATURES.top_db)
+    return out

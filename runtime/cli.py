@@ -1,0 +1,145 @@
+"""`python -m runtime analyze | info | serve`: the runtime's command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from runtime.constants import API_KEYS, ORIGINAL_MAX_SECONDS
+from runtime.errors import AudioError, InputError, ModelError
+
+DEFAULT_MODEL = Path("artifacts/model.onnx")
+USER_ERRORS = (AudioError, InputError, ModelError)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m runtime", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="log what the runtime does")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    an = sub.add_parser("analyze", help="score audio files on the 19 PercePiano dimensions")
+    an.add_argument("files", nargs="+", type=Path)
+    an.add_argument("--model", type=Path, default=DEFAULT_MODEL, help=f"ONNX model (default {DEFAULT_MODEL})")
+    an.add_argument("--json", action="store_true", help="print one JSON document instead of tables")
+    an.add_argument("--batch-size", type=int, default=16, help="chunks per inference batch (default 16)")
+    an.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    an.add_argument("--threads", type=int, help="onnxruntime intra-op threads (default: all cores)")
+    an.add_argument("--max-seconds", type=float, nargs="?", const=ORIGINAL_MAX_SECONDS,
+                    help=f"refuse longer audio (bare flag: the original's {ORIGINAL_MAX_SECONDS:.0f} s)")
+
+    info = sub.add_parser("info", help="print an exported model's metadata")
+    info.add_argument("model", type=Path)
+    info.add_argument("--json", action="store_true", help="the whole metadata document as JSON")
+
+    serve = sub.add_parser("serve", help="run the HTTP service")
+    serve.add_argument("--model", type=Path, default=DEFAULT_MODEL)
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    serve.add_argument("--threads", type=int)
+    return parser
+
+
+def analyze_files(analyzer, files: list[Path], progress: bool) -> list[dict]:
+    """Analyze each file; a failure becomes that file's `error` and the others still run."""
+    results = []
+    track = _progress(files, progress)
+    for path in track:
+        try:
+            res = analyzer.analyze_file(path)
+            results.append({"file": str(path), **res.to_dict(), "error": None})
+        except (AudioError, InputError) as exc:
+            results.append({"file": str(path), "duration_seconds": None, "scores": None, "timeline": None,
+                            "error": str(exc)})
+    return results
+
+
+def _progress(items: list, enabled: bool):
+    if not enabled:
+        return items
+    try:
+        from rich.progress import track
+    except ImportError:
+        return items
+    return track(items, description="analyzing", console=_stderr_console(), transient=True)
+
+
+def _stderr_console():
+    from rich.console import Console
+
+    return Console(stderr=True)
+
+
+def print_tables(results: list[dict]) -> None:
+    """One readable block per file: the 19 scores, 3 decimals, as the original app showed them."""
+    for res in results:
+        if res["error"]:
+            print(f"{res['file']}: ERROR {res['error']}")
+            continue
+        print(f"{res['file']}  ({res['duration_seconds']:.1f} s, {len(res['timeline'])} chunks)")
+        for key in API_KEYS:
+            score = res["scores"][key]
+            print(f"  {key:42s} {score:6.3f}  {'#' * round(score * 20)}")
+
+
+def cmd_analyze(args: argparse.Namespace) -> int:
+    from runtime.analyze import Analyzer
+
+    analyzer = Analyzer.from_path(args.model, device=args.device, threads=args.threads,
+                                  batch_size=args.batch_size, max_seconds=args.max_seconds)
+    results = analyze_files(analyzer, args.files, progress=len(args.files) > 1 and sys.stderr.isatty())
+    if args.json:
+        model = {**analyzer.model.info.summary(), "device": analyzer.model.device}
+        print(json.dumps({"model": model, "results": results}, indent=2))
+    else:
+        print_tables(results)
+    failed = sum(1 for r in results if r["error"])
+    if failed:
+        print(f"{failed} of {len(results)} file(s) failed", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from runtime.model import OnnxModel
+
+    model = OnnxModel(args.model, device="cpu")
+    info = model.info
+    if args.json:
+        print(json.dumps(info.raw, indent=2))
+        return 0
+    parity = info.parity or {}
+    print(f"model       {args.model} ({args.model.stat().st_size / 1e6:.1f} MB)")
+    print(f"version     {info.version}")
+    print(f"precision   {info.precision}")
+    print(f"source      {info.source.get('filename')} sha256 {info.sha256}")
+    print(f"config      {info.model_config}")
+    print(f"parity      {'passed' if parity.get('passed') else 'not recorded'}; max abs {parity.get('max_abs')}; "
+          f"tolerance {parity.get('tolerance')}")
+    if info.variants:
+        print(f"variants    {info.variants}")
+    print(f"versions    {info.versions}")
+    print(f"dimensions  {len(info.dimensions)}: " + ", ".join(info.api_keys))
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from runtime.server import serve
+
+    serve(args.model, host=args.host, port=args.port, device=args.device, threads=args.threads)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    commands = {"analyze": cmd_analyze, "info": cmd_info, "serve": cmd_serve}
+    try:
+        return commands[args.command](args)
+    except USER_ERRORS as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+

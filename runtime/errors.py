@@ -1,0 +1,13 @@
+"""Errors a user can act on; the CLIs print their message as one line and exit non-zero."""
+
+
+class AudioError(ValueError):
+    """Audio that cannot be decoded or analysed (unreadable, empty, non-finite, too long)."""
+
+
+class ModelError(ValueError):
+    """A model file the runtime cannot use (missing, not ONNX, metadata not as expected)."""
+
+
+class InputError(ValueError):
+    """A precomputed spectrogram or request of the wrong shape or content."""

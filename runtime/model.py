@@ -1,0 +1,203 @@
+"""Load an exported ONNX model with its metadata and run it with onnxruntime."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from runtime.constants import DIMENSIONS, FEATURES, INPUT_NAME, NUM_DIMENSIONS, OUTPUT_NAME
+from runtime.errors import InputError, ModelError
+
+log = logging.getLogger(__name__)
+
+METADATA_KEY = "percepiano"  # one JSON document in the ONNX model's metadata_props
+FORMAT_VERSION = 1
+PRECISIONS = ("fp32", "int8", "fp16")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What an exported model says about itself (the `percepiano` metadata entry)."""
+
+    precision: str
+    dimensions: tuple[tuple[str, str], ...]
+    features: dict[str, Any]
+    model_config: dict[str, Any]
+    label_scaler: dict[str, Any]
+    source: dict[str, Any]
+    versions: dict[str, str] = field(default_factory=dict)
+    parity: dict[str, Any] | None = None
+    variants: dict[str, Any] | None = None
+    raw: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    @property
+    def api_keys(self) -> tuple[str, ...]:
+        return tuple(key for _, key in self.dimensions)
+
+    @property
+    def sha256(self) -> str:
+        """sha256 of the source checkpoint."""
+        return str(self.source.get("sha256", ""))
+
+    @property
+    def version(self) -> str:
+        return f"percepiano-ast-{self.sha256[:12] or 'unknown'}-{self.precision}"
+
+    def summary(self) -> dict[str, Any]:
+        """The short description returned with every result."""
+        return {"version": self.version, "sha256": self.sha256, "precision": self.precision}
+
+
+def build_metadata(**sections: Any) -> dict[str, str]:
+    """The metadata_props of an exported model: one JSON document under METADATA_KEY."""
+    doc = {"format_version": FORMAT_VERSION, **sections}
+    return {METADATA_KEY: json.dumps(doc, sort_keys=True)}
+
+
+def parse_metadata(props: dict[str, str], where: str = "model") -> ModelInfo:
+    """Parse and validate the metadata; refuse a model this runtime would score wrongly."""
+    if METADATA_KEY not in props:
+        raise ModelError(f"{where} has no '{METADATA_KEY}' metadata: export it with `python -m convert export`")
+    try:
+        doc = json.loads(props[METADATA_KEY])
+    except json.JSONDecodeError as exc:
+        raise ModelError(f"{where}: metadata is not valid JSON ({exc})") from None
+    if doc.get("format_version") != FORMAT_VERSION:
+        raise ModelError(f"{where}: metadata format {doc.get('format_version')!r}, this runtime reads {FORMAT_VERSION}")
+    try:
+        dims = tuple((d["label"], d["key"]) for d in doc["dimensions"])
+        info = ModelInfo(
+            precision=doc["precision"],
+            dimensions=dims,
+            features=doc["features"],
+            model_config=doc["model_config"],
+            label_scaler=doc["label_scaler"],
+            source=doc["source"],
+            versions=doc.get("versions", {}),
+            parity=doc.get("parity"),
+            variants=doc.get("variants"),
+            raw=doc,
+        )
+    except (KeyError, TypeError) as exc:
+        raise ModelError(f"{where}: metadata lacks {exc}; re-export the model") from None
+    if info.dimensions != DIMENSIONS:
+        raise ModelError(f"{where}: its 19 dimensions differ from the PercePiano set this runtime serves")
+    if info.features != FEATURES.to_dict():
+        diff = {k: v for k, v in info.features.items() if FEATURES.to_dict().get(k) != v}
+        raise ModelError(f"{where}: feature parameters differ from this runtime's: {diff}")
+    if info.precision not in PRECISIONS:
+        raise ModelError(f"{where}: unknown precision {info.precision!r}; expected one of {PRECISIONS}")
+    return info
+
+
+def pick_providers(device: str = "auto") -> list[Any]:
+    """Execution providers for a device choice: CUDA when asked or available, else CPU."""
+    import onnxruntime as ort
+
+    if device not in DEVICES:
+        raise ModelError(f"unknown device {device!r}; choose one of {DEVICES}")
+    available = ort.get_available_providers()
+    has_cuda = "CUDAExecutionProvider" in available
+    if device == "cuda" and not has_cuda:
+        raise ModelError(
+            "device 'cuda' asked for, but onnxruntime has no CUDAExecutionProvider here "
+            f"(available: {available}); install the 'gpu' extra on a machine with an NVIDIA GPU"
+        )
+    if device == "cuda" or (device == "auto" and has_cuda):
+        cuda_options = {"cudnn_conv_algo_search": "HEURISTIC", "do_copy_in_default_stream": "1"}
+        return [("CUDAExecutionProvider", cuda_options), "CPUExecutionProvider"]
+    return ["CPUExecutionProvider"]
+
+
+def session_options(threads: int | None = None, optimization: str = "all"):
+    """onnxruntime SessionOptions: thread count and graph optimization level."""
+    import onnxruntime as ort
+
+    levels = {
+        "none": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+        "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+        "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+        "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+    }
+    if optimization not in levels:
+        raise ModelError(f"unknown optimization level {optimization!r}; choose one of {sorted(levels)}")
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = levels[optimization]
+    if threads:
+        opts.intra_op_num_threads = int(threads)
+        opts.inter_op_num_threads = 1
+    opts.log_severity_level = 3  # errors only; the runtime logs what matters itself
+    return opts
+
+
+class OnnxModel:
+    """An exported PercePiano model: mel batches (B, 128, 128) in, label-unit scores (B, 19) out."""
+
+    def __init__(
+        self,
+        source: str | os.PathLike | bytes,
+        *,
+        device: str = "auto",
+        threads: int | None = None,
+        optimization: str = "all",
+        io_binding: bool | None = None,
+    ):
+        import onnxruntime as ort
+
+        where = "model bytes" if isinstance(source, bytes) else str(source)
+        if not isinstance(source, bytes):
+            path = Path(source)
+            if not path.is_file():
+                raise ModelError(f"model file not found: {path}")
+            source = str(path)
+        providers = pick_providers(device)
+        try:
+            self.session = ort.InferenceSession(source, session_options(threads, optimization), providers=providers)
+        except Exception as exc:  # onnxruntime raises its own Fail/InvalidProtobuf types
+            raise ModelError(f"{where}: onnxruntime cannot load it ({str(exc).splitlines()[0]})") from None
+        self.info = parse_metadata(self.session.get_modelmeta().custom_metadata_map, where)
+        self._check_signature(where)
+        self.providers = self.session.get_providers()
+        self.device = "cuda" if self.providers[0] == "CUDAExecutionProvider" else "cpu"
+        self.io_binding = self.device == "cuda" if io_binding is None else io_binding
+        log.info("loaded %s (%s) on %s", where, self.info.precision, self.providers)
+
+    def _check_signature(self, where: str) -> None:
+        inputs, outputs = self.session.get_inputs(), self.session.get_outputs()
+        if [i.name for i in inputs] != [INPUT_NAME] or [o.name for o in outputs] != [OUTPUT_NAME]:
+            raise ModelError(f"{where}: expected input '{INPUT_NAME}' and output '{OUTPUT_NAME}'")
+        if list(inputs[0].shape[1:]) != [FEATURES.n_frames, FEATURES.n_mels] or outputs[0].shape[1] != NUM_DIMENSIONS:
+            raise ModelError(f"{where}: expected mel [batch, 128, 128] -> scores [batch, 19], got "
+                             f"{inputs[0].shape} -> {outputs[0].shape}")
+
+    def run(self, mel: np.ndarray) -> np.ndarray:
+        """One batch: float32 (B, 128, 128) log-mel -> float32 (B, 19) scores in label units."""
+        mel = np.ascontiguousarray(mel, dtype=np.float32)
+        if mel.ndim != 3 or mel.shape[1:] != (FEATURES.n_frames, FEATURES.n_mels):
+            raise InputError(f"expected mel of shape (batch, 128, 128), got {mel.shape}")
+        if not self.io_binding:
+            return self.session.run([OUTPUT_NAME], {INPUT_NAME: mel})[0]
+        binding = self.session.io_binding()
+        binding.bind_cpu_input(INPUT_NAME, mel)
+        binding.bind_output(OUTPUT_NAME, self.device)
+        self.session.run_with_iobinding(binding)
+        return binding.copy_outputs_to_cpu()[0]
+
+    def predict(self, mel: np.ndarray, batch_size: int = 16) -> np.ndarray:
+        """Any number of windows, run in batches of at most batch_size."""
+        if batch_size < 1:
+            raise InputError(f"batch size must be at least 1, got {batch_size}")
+        if len(mel) == 0:
+            return np.zeros((0, NUM_DIMENSIONS), np.float32)
+        return np.concatenate([self.run(mel[i : i + batch_size]) for i in range(0, len(mel), batch_size)])
+
+    def warmup(self, batch_size: int = 1) -> None:
+        """Run once so the first real request does not pay for lazy initialisation."""
+        self.run(np.full((batch_size, FEATURES.n_frames, FEATURES.n_mels), -40.0, np.float32))
