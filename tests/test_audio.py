@@ -1,0 +1,194 @@
+"""Decoding and resampling (SPEC §3): equal to librosa.load, every supported format, and clean refusals."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from runtime.audio import load_audio
+from runtime.constants import FEATURES
+from runtime.errors import AudioError
+
+SR = FEATURES.sample_rate
+CLIP_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "piano"
+CLIPS = sorted(CLIP_DIR.glob("*.flac"))
+RESAMPLE_TOLERANCE = 1e-5
+
+needs_clips = pytest.mark.skipif(not CLIPS, reason=f"no real piano clips in {CLIP_DIR}")
+
+
+def _music(rate: int, seconds: float, channels: int = 1) -> np.ndarray:
+    """A decaying chord with different gains per channel, ``(frames, channels)`` float32."""
+    t = np.arange(int(rate * seconds)) / rate
+    tone = sum(np.sin(2 * np.pi * f * t) for f in (220.0, 277.2, 329.6, 880.0)) * np.exp(-t) * 0.2
+    return np.stack([tone * (1.0 - 0.3 * c) for c in range(channels)], axis=1).astype(np.float32)
+
+
+def _write_m4a(path: Path, audio: np.ndarray, rate: int) -> None:
+    """Encode ``(frames, channels)`` float32 audio as AAC in an MP4 container with PyAV."""
+    av = pytest.importorskip("av")
+    layout = "stereo" if audio.shape[1] == 2 else "mono"
+    planar = np.ascontiguousarray(audio.T)
+    with av.open(str(path), "w", format="mp4") as container:
+        stream = container.add_stream("aac", rate=rate, layout=layout)
+        for start in range(0, planar.shape[1], 1024):
+            frame = av.AudioFrame.from_ndarray(
+                np.ascontiguousarray(planar[:, start : start + 1024]), format="fltp", layout=layout
+            )
+            frame.sample_rate, frame.pts = rate, start
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode(None))
+
+
+@needs_clips
+def test_load_matches_librosa_on_real_clips(capsys: pytest.CaptureFixture[str]) -> None:
+    from convert.reference import reference_load
+
+    worst = 0.0
+    for clip in CLIPS:
+        ours, theirs = load_audio(clip), reference_load(clip)
+        assert ours.dtype == np.float32 and ours.shape == theirs.shape, clip.name
+        worst = max(worst, float(np.abs(ours - theirs).max()))
+    with capsys.disabled():
+        print(f"\n[audio] worst |load_audio - librosa.load| over {len(CLIPS)} clips: {worst:.2e}")
+    assert worst <= RESAMPLE_TOLERANCE
+
+
+@pytest.mark.parametrize(
+    ("rate", "channels", "subtype"),
+    [(44100, 2, "PCM_16"), (48000, 1, "PCM_24"), (48000, 2, "FLOAT"), (16000, 1, "PCM_16")],
+)
+def test_mono_mix_and_resampling_match_librosa(tmp_path: Path, rate: int, channels: int, subtype: str) -> None:
+    from convert.reference import reference_load
+
+    path = tmp_path / f"src_{rate}_{channels}.wav"
+    sf.write(path, _music(rate, 2.37, channels), rate, subtype=subtype)
+    ours, theirs = load_audio(path), reference_load(path)
+    assert ours.shape == theirs.shape == (int(np.ceil(int(rate * 2.37) * SR / rate)),)
+    assert float(np.abs(ours - theirs).max()) <= RESAMPLE_TOLERANCE
+
+
+FORMATS = {  # name -> (soundfile format, subtype); None = written with PyAV
+    "wav": ("WAV", "PCM_16"),
+    "flac": ("FLAC", "PCM_16"),
+    "ogg": ("OGG", "VORBIS"),
+    "mp3": ("MP3", "MPEG_LAYER_III"),
+    "m4a": None,
+}
+
+
+@pytest.mark.parametrize("ext", FORMATS)
+def test_each_format_decodes(tmp_path: Path, ext: str) -> None:
+    rate, seconds = 44100, 2.0
+    source = _music(rate, seconds, channels=2)
+    path = tmp_path / f"clip.{ext}"
+    if FORMATS[ext] is None:
+        _write_m4a(path, source, rate)
+    else:
+        sf.write(path, source, rate, format=FORMATS[ext][0], subtype=FORMATS[ext][1])
+    wav = tmp_path / "reference.wav"
+    sf.write(wav, source, rate, subtype="FLOAT")
+    expected = load_audio(wav)
+
+    for decoded in (load_audio(path), load_audio(path.read_bytes())):
+        assert decoded.dtype == np.float32 and decoded.ndim == 1
+        assert abs(len(decoded) / SR - seconds) < 0.1, f"{ext}: {len(decoded) / SR:.3f} s"
+        n = min(len(decoded), len(expected))
+        corr = np.corrcoef(decoded[:n], expected[:n])[0, 1]
+        assert corr > 0.99, f"{ext}: correlation {corr:.4f} with the source"
+
+
+def test_lossless_formats_are_exact(tmp_path: Path) -> None:
+    source = _music(SR, 1.5, channels=1)
+    sf.write(tmp_path / "a.flac", source, SR, subtype="PCM_24")
+    sf.write(tmp_path / "a.wav", source, SR, subtype="FLOAT")
+    np.testing.assert_array_equal(load_audio(tmp_path / "a.wav"), source[:, 0])
+    np.testing.assert_allclose(load_audio(tmp_path / "a.flac"), source[:, 0], atol=2**-23)
+
+
+# --- refusals ---------------------------------------------------------------------------------------
+
+
+def _bad_inputs(tmp_path: Path) -> dict[str, tuple[object, str]]:
+    """name -> (source, regex the AudioError message must match)."""
+    real = CLIPS[0].read_bytes() if CLIPS else None
+    nan_wav = tmp_path / "nan.wav"
+    sf.write(nan_wav, np.array([0.0, np.nan, 0.5] * 1000, dtype=np.float32), SR, subtype="FLOAT")
+    random_bytes = np.random.default_rng(0).bytes(4096)
+    (tmp_path / "empty.wav").write_bytes(b"")
+    (tmp_path / "random.mp3").write_bytes(random_bytes)
+    cases = {
+        "missing": (tmp_path / "nope.flac", r"nope\.flac: no such file"),
+        "directory": (tmp_path, r"is a directory"),
+        "empty_file": (tmp_path / "empty.wav", r"empty\.wav: the file is empty"),
+        "random_file": (tmp_path / "random.mp3", r"random\.mp3: cannot decode"),
+        "nan_file": (nan_wav, r"nan\.wav: .*NaN"),
+        "empty_bytes": (b"", r"empty"),
+        "random_bytes": (random_bytes, r"4096 bytes of audio.*cannot decode"),
+        "nan_bytes": (nan_wav.read_bytes(), r"NaN"),
+    }
+    if real is not None:
+        (tmp_path / "truncated.flac").write_bytes(real[:1000])
+        cases["truncated_file"] = (tmp_path / "truncated.flac", r"truncated\.flac: .*(corrupt|truncated)")
+        cases["truncated_bytes"] = (real[:1000], r"(corrupt|truncated)")
+    return cases
+
+
+BAD = [
+    "missing", "directory", "empty_file", "random_file", "nan_file",
+    "empty_bytes", "random_bytes", "nan_bytes", "truncated_file", "truncated_bytes",
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("case", BAD)
+def test_bad_inputs_raise_audio_error(tmp_path: Path, case: str) -> None:
+    cases = _bad_inputs(tmp_path)
+    if case not in cases:
+        pytest.skip("needs the real clips")
+    source, pattern = cases[case]
+    with pytest.raises(AudioError, match=pattern):
+        load_audio(source)
+
+
+@needs_clips
+def test_max_seconds_names_duration_and_limit() -> None:
+    seconds = sf.info(CLIPS[0]).duration
+    with pytest.raises(AudioError, match=rf"{seconds:.1f} s long, over the limit of 5 s"):
+        load_audio(CLIPS[0], max_seconds=5)
+    assert len(load_audio(CLIPS[0], max_seconds=seconds + 1)) > 0
+
+
+def test_header_claiming_huge_length_refused_before_decoding(tmp_path: Path) -> None:
+    path = tmp_path / "bomb.flac"
+    sf.write(path, np.zeros(SR, dtype=np.float32), SR, format="FLAC")
+    data = bytearray(path.read_bytes())
+    # STREAMINFO bytes 18..26 hold rate(20) | channels(3) | bits(5) | total samples(36): claim 2**36 - 1.
+    packed = int.from_bytes(data[18:26], "big") | ((1 << 36) - 1)
+    data[18:26] = packed.to_bytes(8, "big")
+    with pytest.raises(AudioError, match=r"over the hard limit of 3600 s"):
+        load_audio(bytes(data))
+    with pytest.raises(AudioError, match=r"over the hard limit of 0.5 s"):
+        load_audio(path, hard_limit_seconds=0.5)
+
+
+def test_non_audio_source_type_is_a_type_error() -> None:
+    with pytest.raises(TypeError):
+        load_audio(123)  # type: ignore[arg-type]
+
+
+@needs_clips
+def test_runtime_imports_stay_light() -> None:
+    code = (
+        "import sys, runtime.audio, runtime.features\n"
+        f"y = runtime.audio.load_audio({str(CLIPS[0])!r})\n"
+        "assert runtime.features.features_from_audio(y).shape[1:] == (128, 128)\n"
+        "heavy = {'jax', 'flax', 'tensorflow', 'sklearn', 'librosa', 'scipy', 'numba'}\n"
+        "print(sorted(heavy & {m.split('.')[0] for m in sys.modules}))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr
