@@ -66,8 +66,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.ERROR if args.quiet else logging.INFO,
+    # our own progress at INFO; third-party libraries (jax2onnx is chatty) only at WARNING
+    logging.basicConfig(level=logging.ERROR if args.quiet else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    for name in ("convert", "runtime"):
+        logging.getLogger(name).setLevel(logging.ERROR if args.quiet else logging.INFO)
     commands = {"export": cmd_export, "demo-checkpoint": cmd_demo}
     try:
         return commands[args.command](args)

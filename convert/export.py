@@ -139,8 +139,8 @@ def export(
         log.info("loading checkpoint %s", checkpoint)
         ckpt = load_checkpoint(checkpoint)
         forward = build_forward(ckpt)
-        log.info("exporting %s preset-size model (%d layers, dim %d) with jax2onnx, opset %d",
-                 "a" if demo else "the", ckpt.config.num_layers, ckpt.config.embed_dim, opset)
+        log.info("exporting the model (%d layers, width %d) with jax2onnx, opset %d",
+                 ckpt.config.num_layers, ckpt.config.embed_dim, opset)
         proto = to_onnx(forward, opset)
         set_metadata(proto, describe(ckpt, "fp32"))
         model = OnnxModel(proto.SerializeToString(), device="cpu")  # the runtime's own loader checks it

@@ -80,46 +80,66 @@ def reference_scores(forward: Forward, mel: np.ndarray, batch: int = 8) -> np.nd
     return np.concatenate([np.asarray(forward(mel[i : i + batch])) for i in range(0, len(mel), batch)])
 
 
-def model_checks(forward: Forward, model: OnnxModel, clips: Sequence[Path], atol: float, seed: int) -> list[dict]:
-    """(a) librosa features of real clips and (b) random inputs at batch 1 and 8, JAX vs ONNX."""
+@dataclass(frozen=True)
+class ClipReference:
+    """A real clip's librosa features and JAX's per-chunk scores: computed once, reused by every gate."""
+
+    clip: Path
+    mel: np.ndarray  # (n, 128, 128)
+    scores: np.ndarray  # (n, 19) label units
+
+
+def clip_references(forward: Forward, clips: Sequence[Path]) -> list[ClipReference]:
+    """librosa features + JAX scores for each clip."""
     from convert.reference import reference_features
 
-    checks = []
+    refs = []
     for clip in clips:
         mel = reference_features(clip)
-        checks.append(compare(f"clip:{clip.name}", reference_scores(forward, mel), model.predict(mel, 8), atol))
+        refs.append(ClipReference(Path(clip), mel, reference_scores(forward, mel)))
+    return refs
+
+
+def model_checks(forward: Forward, model: OnnxModel, refs: Sequence[ClipReference], atol: float,
+                 seed: int) -> list[dict]:
+    """(a) librosa features of real clips and (b) random inputs at batch 1 and 8, JAX vs ONNX."""
+    checks = [compare(f"clip:{r.clip.name}", r.scores, model.predict(r.mel, 8), atol) for r in refs]
     for batch in (1, 8):
         mel = random_inputs(batch, seed + batch)
         checks.append(compare(f"random:batch{batch}", forward(mel), model.run(mel), atol))
     return checks
 
 
-def end_to_end_checks(forward: Forward, model: OnnxModel, clips: Sequence[Path], atol: float) -> list[dict]:
+def end_to_end_checks(model: OnnxModel, refs: Sequence[ClipReference], atol: float) -> list[dict]:
     """The runtime's whole pipeline on each clip vs librosa features + JAX + mean + clip."""
-    from convert.reference import reference_features
     from runtime.analyze import Analyzer, aggregate
 
     analyzer = Analyzer(model, batch_size=8)
     checks = []
-    for clip in clips:
-        chunks = reference_scores(forward, reference_features(clip))
-        result = analyzer.analyze_file(clip)
+    for r in refs:
+        result = analyzer.analyze_file(r.clip)
         got = np.array([result.scores[k] for k in API_KEYS])
-        checks.append(compare(f"end-to-end:{clip.name}", aggregate(chunks), got, atol))
+        checks.append(compare(f"end-to-end:{r.clip.name}", aggregate(r.scores), got, atol))
     return checks
 
 
 def run_gate(forward: Forward, model: OnnxModel, clips: Sequence[Path] | None = None,
-             tolerance: Tolerance | None = None, seed: int = 0) -> dict:
-    """Run every check, then return the report if all pass or raise one ParityError that carries it."""
-    clips = list(clips) if clips else shipped_clips()
-    if not clips:
-        raise ParityError("no audio clips for the parity gate: pass --clips or restore convert/clips/")
+             tolerance: Tolerance | None = None, seed: int = 0,
+             references: Sequence[ClipReference] | None = None) -> dict:
+    """Run every check, then return the report if all pass or raise one ParityError that carries it.
+
+    `references` (from clip_references) saves recomputing librosa + JAX when several variants are gated.
+    """
+    if references is None:
+        clips = list(clips) if clips else shipped_clips()
+        if not clips:
+            raise ParityError("no audio clips for the parity gate: pass --clips or restore convert/clips/")
+        references = clip_references(forward, clips)
     precision = model.info.precision
     tol = tolerance or Tolerance.for_precision(precision)
-    log.info("parity gate (%s): %d clips + random inputs, atol %.0e", precision, len(clips), tol.model)
-    checks = model_checks(forward, model, clips, tol.model, seed)
-    checks += end_to_end_checks(forward, model, clips, tol.end_to_end)
+    log.info("parity gate (%s): %d clips + random inputs, atol %.0e", precision, len(references), tol.model)
+    checks = model_checks(forward, model, references, tol.model, seed)
+    checks += end_to_end_checks(model, references, tol.end_to_end)
     failed = [c["name"] for c in checks if not c["passed"]]
     report = {
         "precision": precision,
@@ -127,7 +147,7 @@ def run_gate(forward: Forward, model: OnnxModel, clips: Sequence[Path] | None = 
         "passed": not failed,
         "max_abs": max(c["max_abs"] for c in checks),
         "threshold_flips": sum(c["threshold_flips"] for c in checks),
-        "clips": [c.name for c in clips],
+        "clips": [r.clip.name for r in references],
         "checks": checks,
     }
     if failed:

@@ -1,0 +1,6 @@
+#!/usr/bin/env bash
+# The test suite: installs the dev extras into .venv, lints, and runs pytest.
+EXTRAS=dev
+source "$(dirname "${BASH_SOURCE[0]}")/_venv.sh"
+ruff check .
+python -m pytest -q "$@"

@@ -1,0 +1,49 @@
+"""Shared fixtures: the real piano clips, and a tiny-preset checkpoint exported once per test run."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_PIANO = REPO.parent / "shared" / "data" / "piano"
+
+
+def shared_clips() -> list[Path]:
+    """All real clips of the shared test set (../shared/data/piano)."""
+    return sorted(SHARED_PIANO.glob("*.flac"))
+
+
+@pytest.fixture(scope="session")
+def piano_clips() -> list[Path]:
+    clips = shared_clips()
+    if not clips:
+        pytest.skip(f"real piano clips not found in {SHARED_PIANO}")
+    return clips
+
+
+@pytest.fixture(scope="session")
+def piano_labels() -> dict:
+    return json.loads((SHARED_PIANO / "labels.json").read_text())
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory) -> Path:
+    from convert.demo import make_demo_checkpoint
+
+    return make_demo_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny.pkl", preset="tiny", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_export(tmp_path_factory, tiny_checkpoint):
+    """The tiny preset exported through the real pipeline, parity gate included."""
+    from convert.export import export
+
+    return export(tiny_checkpoint, tmp_path_factory.mktemp("onnx") / "tiny.onnx")
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_export) -> Path:
+    return tiny_export.path
