@@ -111,3 +111,16 @@ def test_cli_clear_error_on_bad_checkpoint(content, tmp_path, capsys):
     assert code == 1
     assert err.startswith("error: ") and len(err.splitlines()) == 1
     assert not (tmp_path / "m.onnx").exists()
+
+
+def test_cli_param_mismatch_is_one_line_naming_the_paths(tiny_checkpoint, tmp_path, capsys):
+    import pickle
+
+    ckpt = pickle.loads(tiny_checkpoint.read_bytes())  # our own demo file: trusted, so plain pickle is fine here
+    del ckpt["params"]["params"]["final_norm"]
+    bad = tmp_path / "mismatch.pkl"
+    bad.write_bytes(pickle.dumps(ckpt))
+    code = cli.main(["-q", "export", "--checkpoint", str(bad), "--out", str(tmp_path / "m.onnx")])
+    err = capsys.readouterr().err.strip()
+    assert code == 1 and len(err.splitlines()) == 1
+    assert "- final_norm/scale" in err and "- final_norm/bias" in err
