@@ -19,7 +19,7 @@ import soundfile as sf
 import soxr
 
 from runtime.constants import FEATURES
-from runtime.errors import AudioError
+from runtime.errors import AudioDecodeError, AudioError, AudioTooLongError
 
 logger = logging.getLogger(__name__)
 
@@ -95,10 +95,9 @@ class _Limits:
         """Raise AudioError if ``frames`` at ``rate`` exceeds either limit."""
         seconds = frames / rate
         length = f"{'at least ' if at_least else ''}{seconds:.1f} s"
-        if self.max_seconds is not None and seconds > self.max_seconds:
-            raise AudioError(f"{self.name}: the audio is {length} long, over the limit of {self.max_seconds:g} s")
-        if seconds > self.hard:
-            raise AudioError(f"{self.name}: the audio is {length} long, over the hard limit of {self.hard:g} s")
+        for limit, which in ((self.max_seconds, "limit"), (self.hard, "hard limit")):
+            if limit is not None and seconds > limit:
+                raise AudioTooLongError(f"{self.name}: the audio is {length} long, over the {which} of {limit:g} s")
 
     def max_frames(self, rate: int) -> int:
         """Most frames either limit allows at ``rate``."""
@@ -152,12 +151,12 @@ def _decode_soundfile(source: Source, name: str, limits: _Limits) -> tuple[np.nd
         except AudioError:
             raise
         except Exception as exc:
-            raise AudioError(
+            raise AudioDecodeError(
                 f"{name}: cannot decode ({f.format}/{f.subtype}): corrupt or truncated: {_reason(exc)}"
             ) from exc
         exact_count = known and f.format not in ("MPEG", "MP3")  # MP3 frame counts can be estimates
         if exact_count and y.shape[0] < declared:
-            raise AudioError(
+            raise AudioDecodeError(
                 f"{name}: truncated: the header declares {declared} frames but only {y.shape[0]} could be decoded"
             )
     return y, rate
@@ -195,14 +194,14 @@ def _decode_pyav(source: Source, name: str, limits: _Limits, soundfile_error: st
     try:
         import av
     except ImportError as exc:
-        raise AudioError(
+        raise AudioDecodeError(
             f"{name}: soundfile cannot read it ({soundfile_error}) and PyAV, needed for m4a/AAC, is not "
             "installed: pip install 'percepiano-onnx[runtime]'"
         ) from exc
     try:
         with av.open(io.BytesIO(source) if isinstance(source, bytes) else os.fspath(source)) as container:
             if not container.streams.audio:
-                raise AudioError(f"{name}: no audio stream in this {container.format.name} file")
+                raise AudioDecodeError(f"{name}: no audio stream in this {container.format.name} file")
             stream = container.streams.audio[0]
             rate = stream.codec_context.sample_rate
             limits.check_stream(rate, stream.codec_context.channels)
@@ -212,7 +211,7 @@ def _decode_pyav(source: Source, name: str, limits: _Limits, soundfile_error: st
     except AudioError:
         raise
     except Exception as exc:
-        raise AudioError(
+        raise AudioDecodeError(
             f"{name}: cannot decode: not a readable audio file (soundfile: {soundfile_error}; PyAV: {_reason(exc)})"
         ) from exc
     return y, rate

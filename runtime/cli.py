@@ -9,10 +9,10 @@ import sys
 from pathlib import Path
 
 from runtime.constants import API_KEYS, ORIGINAL_MAX_SECONDS
-from runtime.errors import AudioError, InputError, ModelError
+from runtime.errors import AudioError, ConfigError, InputError, ModelError
 
 DEFAULT_MODEL = Path("artifacts/model.onnx")
-USER_ERRORS = (AudioError, InputError, ModelError)
+USER_ERRORS = (AudioError, ConfigError, InputError, ModelError)
 
 
 def build_parser() -> argparse.ArgumentParser:

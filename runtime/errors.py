@@ -5,6 +5,18 @@ class AudioError(ValueError):
     """Audio that cannot be decoded or analysed (unreadable, empty, non-finite, too long)."""
 
 
+class AudioDecodeError(AudioError):
+    """Bytes that no decoder can read: not audio, an unsupported codec, or corrupt or truncated."""
+
+
+class AudioTooLongError(AudioError):
+    """Audio longer than the caller's limit (or the hard safety limit)."""
+
+
+class ConfigError(ValueError):
+    """A setting (environment variable or option) with an unusable value."""
+
+
 class ModelError(ValueError):
     """A model file the runtime cannot use (missing, not ONNX, metadata not as expected)."""
 

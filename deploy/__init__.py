@@ -1,0 +1,1 @@
+"""Deployment shells over the runtime (Modal); nothing here is imported by `runtime`."""

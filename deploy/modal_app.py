@@ -1,0 +1,167 @@
+"""Modal deployment: the same FastAPI app as `python -m runtime serve`, on an A10G with memory snapshots.
+
+One-time setup, then one deploy command (from the repository root, with the model exported to
+artifacts/model.onnx or PERCEPIANO_MODEL pointing at it):
+
+    modal secret create percepiano-api PERCEPIANO_API_TOKEN=$(openssl rand -hex 32)
+    modal deploy deploy/modal_app.py
+
+Whole corpora: upload audio to the Volume, then map it over parallel GPU containers:
+
+    modal volume put percepiano-audio ./recordings recordings
+    modal run deploy/modal_app.py --prefix recordings      # writes results/scores.jsonl to the Volume
+
+The model is baked into the image (not read from a Volume): the memory snapshot holds the model bytes anyway,
+so a model on a Volume could change under a snapshot that still serves the old one; baked, the image, the
+snapshot and the deployment always agree, and one `modal deploy` ships code and model together. This file
+only declares image, GPU, snapshot and lifecycle; everything it runs is plain `runtime` code.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Iterable
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+import modal
+
+REPO = Path(__file__).resolve().parents[1]
+APP_NAME = "percepiano"
+GPU = "A10G"
+SCALEDOWN_WINDOW = 180  # s; restores from a snapshot take seconds, so idle A10Gs need not linger long
+MODEL_LOCAL = Path(os.environ.get("PERCEPIANO_MODEL", REPO / "artifacts" / "model.onnx"))
+MODEL_REMOTE = "/opt/percepiano/model.onnx"
+SECRET_NAME = "percepiano-api"  # holds PERCEPIANO_API_TOKEN
+AUDIO_VOLUME = "percepiano-audio"
+AUDIO_MOUNT = "/audio"
+AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".mp3", ".m4a", ".aac", ".opus")
+WEB_CONCURRENCY = {"max_inputs": 32, "target_inputs": 8}  # requests per container; the app runs 4 at once
+SERVICE_ENV = {
+    "PERCEPIANO_MODEL_PATH": MODEL_REMOTE,
+    "PERCEPIANO_DEVICE": "cuda",  # fail loudly rather than serve from the CPU if CUDA does not load
+    "PERCEPIANO_MAX_CONCURRENCY": "4",  # decode/features of some requests overlap inference of others
+    "PERCEPIANO_MAX_QUEUE": "32",
+}
+
+app = modal.App(APP_NAME)
+
+image = (
+    modal.Image.debian_slim(python_version="3.11")
+    # runtime on the GPU (onnxruntime-gpu with its CUDA 12 / cuDNN 9 wheels) + the HTTP service
+    .pip_install_from_pyproject(str(REPO / "pyproject.toml"), optional_dependencies=["gpu", "serve"])
+    .env(SERVICE_ENV)
+    .add_local_file(MODEL_LOCAL, MODEL_REMOTE, copy=True)  # baked: see the module docstring
+    .add_local_python_source("runtime")
+)
+audio_volume = modal.Volume.from_name(AUDIO_VOLUME, create_if_missing=True)
+api_secret = modal.Secret.from_name(SECRET_NAME, required_keys=["PERCEPIANO_API_TOKEN"])
+
+
+class ModelContainer:
+    """Container lifecycle shared by the web service and the corpus worker (plain runtime code inside)."""
+
+    @modal.enter(snap=True)
+    def load(self) -> None:
+        """Before the snapshot (no GPU yet): imports, CUDA library preload, model bytes into memory."""
+        import onnxruntime
+
+        import runtime.analyze
+        import runtime.server  # noqa: F401  (imported here so the snapshot holds FastAPI too)
+
+        if hasattr(onnxruntime, "preload_dlls") and "CUDAExecutionProvider" in onnxruntime.get_available_providers():
+            onnxruntime.preload_dlls()  # dlopen CUDA/cuDNN from the nvidia-* wheels (no CUDA context yet)
+        self.model_bytes = Path(os.environ.get("PERCEPIANO_MODEL_PATH", MODEL_REMOTE)).read_bytes()
+
+    @modal.enter(snap=False)
+    def start(self) -> None:
+        """After restore: create the CUDA session (HEURISTIC conv search, IO binding) and warm it up."""
+        from runtime.analyze import Analyzer
+        from runtime.model import OnnxModel
+        from runtime.server import warm_up
+
+        model = OnnxModel(self.model_bytes, device=os.environ.get("PERCEPIANO_DEVICE", "cuda"))
+        self.analyzer = Analyzer(model)
+        warm_up(self.analyzer)
+        self.model_bytes = b""  # the session holds its own copy
+
+    def build_app(self):
+        """The FastAPI app of runtime.server, bearer auth required."""
+        from runtime.server import Settings, create_app
+
+        return create_app(self.analyzer, settings=Settings.from_env(require_token=True))
+
+    def analyze_path(self, relpath: str) -> dict[str, Any]:
+        """One file of the audio Volume -> its result; a file that cannot be analysed gets an `error`."""
+        from runtime.errors import AudioError, InputError
+
+        try:
+            result = self.analyzer.analyze_file(Path(AUDIO_MOUNT) / relpath).to_dict()
+            return {"file": relpath, **result, "model": self.analyzer.model.info.summary(), "error": None}
+        except (AudioError, InputError) as exc:
+            return {"file": relpath, "error": str(exc)}
+
+
+@app.cls(image=image, gpu=GPU, enable_memory_snapshot=True, scaledown_window=SCALEDOWN_WINDOW, timeout=300,
+         secrets=[api_secret])
+@modal.concurrent(**WEB_CONCURRENCY)
+class Service(ModelContainer):
+    """The HTTP API (same app as local serving) at the URL `modal deploy` prints."""
+
+    @modal.asgi_app()
+    def web(self):
+        return self.build_app()
+
+
+@app.cls(image=image, gpu=GPU, enable_memory_snapshot=True, scaledown_window=60, timeout=600,
+         volumes={AUDIO_MOUNT: audio_volume}, max_containers=20)
+@modal.concurrent(max_inputs=4)  # one container decodes the next files while the GPU runs
+class CorpusWorker(ModelContainer):
+    """Analyses files of the audio Volume; `analyze_corpus` fans out over many of these with `.map`."""
+
+    @modal.method()
+    def analyze_file(self, relpath: str) -> dict[str, Any]:
+        return self.analyze_path(relpath)
+
+
+def list_audio(root: Path, prefix: str = "") -> list[str]:
+    """Audio files under root/prefix, as sorted paths relative to root."""
+    base = root / prefix
+    files = base.rglob("*") if base.is_dir() else []
+    return sorted(str(PurePosixPath(p.relative_to(root))) for p in files
+                  if p.is_file() and p.suffix.lower() in AUDIO_SUFFIXES)
+
+
+def run_corpus(root: Path, prefix: str, output: str, analyze_many: Callable[[list[str]], Iterable[dict]]) -> dict:
+    """Analyse every audio file under root/prefix with analyze_many; write JSON lines to root/output."""
+    files = list_audio(root, prefix)
+    out = root / output
+    out.parent.mkdir(parents=True, exist_ok=True)
+    failed = 0
+    with out.open("w") as fh:
+        for result in analyze_many(files):
+            if not isinstance(result, dict):  # an exception returned by map(return_exceptions=True)
+                result = {"file": None, "error": f"{type(result).__name__}: {result}"}
+            failed += result.get("error") is not None
+            fh.write(json.dumps(result) + "\n")
+    return {"files": len(files), "failed": failed, "output": str(PurePosixPath(output))}
+
+
+@app.function(image=image, volumes={AUDIO_MOUNT: audio_volume}, timeout=6 * 3600)
+def analyze_corpus(prefix: str = "", output: str = "results/scores.jsonl") -> dict:
+    """Fan the Volume's files under prefix out over parallel GPU containers; results to output on the Volume."""
+    worker = CorpusWorker()
+
+    def analyze_many(files: list[str]) -> Iterable[dict]:
+        return worker.analyze_file.map(files, order_outputs=False, return_exceptions=True)
+
+    summary = run_corpus(Path(AUDIO_MOUNT), prefix, output, analyze_many)
+    audio_volume.commit()
+    return summary
+
+
+@app.local_entrypoint()
+def main(prefix: str = "", output: str = "results/scores.jsonl") -> None:
+    """`modal run deploy/modal_app.py --prefix DIR`: analyse a corpus on the Volume."""
+    print(json.dumps(analyze_corpus.remote(prefix, output), indent=2))

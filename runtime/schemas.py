@@ -1,0 +1,64 @@
+"""Response models of the HTTP service (pydantic), so that /docs shows the exact schema."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field, create_model
+
+from runtime.constants import DIMENSIONS
+
+Scores = create_model(
+    "Scores", __doc__="The 19 PercePiano scores in [0, 1], keyed by API key, in model output order.",
+    **{key: (float, Field(description=label)) for label, key in DIMENSIONS},
+)
+
+
+class ChunkScoresOut(BaseModel):
+    start_seconds: float = Field(description="start of the 3 s window (windows start every 2 s)")
+    scores: Scores  # type: ignore[valid-type]
+
+
+class ModelSummary(BaseModel):
+    version: str
+    sha256: str = Field(description="sha256 of the source checkpoint")
+    precision: str
+
+
+class AnalyzeResponse(BaseModel):
+    status: Literal["success"] = "success"
+    scores: Scores  # type: ignore[valid-type]
+    timeline: list[ChunkScoresOut]
+    duration_seconds: float
+    model: ModelSummary
+    processing_seconds: float = Field(description="decode + features + inference time, excluding any queueing")
+
+
+class ErrorResponse(BaseModel):
+    status: Literal["error"] = "error"
+    error: str
+    error_type: str
+
+
+class HealthResponse(BaseModel):
+    status: Literal["ok"] = "ok"
+
+
+class ReadyResponse(BaseModel):
+    status: Literal["ready"] = "ready"
+    model: ModelSummary
+    device: str
+
+
+class ModelResponse(BaseModel):
+    version: str
+    sha256: str
+    precision: str
+    device: str
+    providers: list[str]
+    dimensions: list[dict[str, str]]  # {label, key}, in model output order
+    features: dict[str, Any]
+    model_config_: dict[str, Any] = Field(alias="model_config", serialization_alias="model_config")
+    source: dict[str, Any]
+    parity: dict[str, Any] | None
+    limits: dict[str, Any]

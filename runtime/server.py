@@ -1,0 +1,409 @@
+"""HTTP service over the Analyzer: one FastAPI app factory, used by `python -m runtime serve` and by Modal.
+
+Endpoints: POST /v1/analyze (audio), POST /v1/analyze/mel (precomputed log-mel), GET /v1/model,
+GET /healthz, GET /readyz; OpenAPI at /docs. Decoding, features and inference run in a small thread pool
+off the event loop; admission is bounded (running + waiting), and a request that cannot get a slot in
+time gets 503, so overload never takes the process down. Every error is
+``{"status": "error", "error": message, "error_type": kind}`` with its HTTP status.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import json
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Annotated, Any
+
+import numpy as np
+
+try:
+    import pydantic  # noqa: F401  (runtime.schemas needs it)
+    from fastapi import Depends, FastAPI, Request
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import JSONResponse
+    from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+    from starlette.datastructures import UploadFile
+    from starlette.exceptions import HTTPException as StarletteHTTPException
+except ImportError as exc:  # pragma: no cover - depends on the installed extras
+    raise ImportError(f"the HTTP service needs the 'serve' extra ({exc.name} is missing): "
+                      "pip install 'percepiano-onnx[serve]'") from exc
+
+from runtime.analyze import Analysis, Analyzer
+from runtime.audio import load_audio
+from runtime.constants import FEATURES
+from runtime.errors import AudioDecodeError, AudioError, AudioTooLongError, InputError
+from runtime.mel_input import BLOB_CONTENT_TYPES, InputTooLarge, max_frames_for, parse_blob, parse_json
+from runtime.schemas import (
+    AnalyzeResponse,
+    ErrorResponse,
+    HealthResponse,
+    ModelResponse,
+    ReadyResponse,
+)
+from runtime.settings import Settings
+
+log = logging.getLogger(__name__)
+
+MULTIPART_SLACK = 64 * 1024  # multipart framing allowed on top of max_bytes
+DRAIN_LIMIT = 16 * 1024 * 1024  # an oversized body up to this much is read and dropped, so the client sees the 413
+RAW_AUDIO_TYPES = ("application/octet-stream",)  # besides audio/*
+
+
+
+ERROR_RESPONSES = {code: {"model": ErrorResponse} for code in (401, 413, 415, 422, 503)}
+
+
+
+class ServiceError(Exception):
+    """An error answered as {"status": "error", ...} with an HTTP status."""
+
+    def __init__(self, status: int, error_type: str, message: str, headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status, self.error_type, self.message, self.headers = status, error_type, message, headers
+
+
+def audio_error(exc: AudioError) -> ServiceError:
+    """AudioError -> 413 (too long), 415 (not decodable: unsupported, corrupt, truncated), 422 (decodes, unusable)."""
+    if isinstance(exc, AudioTooLongError):
+        return ServiceError(413, "audio_too_long", str(exc))
+    if isinstance(exc, AudioDecodeError):
+        return ServiceError(415, "unsupported_audio", str(exc))
+    return ServiceError(422, "invalid_audio", str(exc))
+
+
+def input_error(exc: InputError) -> ServiceError:
+    if isinstance(exc, InputTooLarge):
+        return ServiceError(413, "too_large", str(exc))
+    return ServiceError(422, "invalid_input", str(exc))
+
+
+def error_response(status: int, error_type: str, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    body = ErrorResponse(error=message, error_type=error_type).model_dump()
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+_HTTP_TYPES = {400: "bad_request", 401: "unauthorized", 404: "not_found", 405: "method_not_allowed",
+               413: "too_large", 415: "unsupported_media_type"}
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(ServiceError)
+    async def _service(_: Request, exc: ServiceError):
+        return error_response(exc.status, exc.error_type, exc.message, exc.headers)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, exc: StarletteHTTPException):
+        return error_response(exc.status_code, _HTTP_TYPES.get(exc.status_code, "http_error"), str(exc.detail),
+                              getattr(exc, "headers", None))
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_: Request, exc: RequestValidationError):
+        first = exc.errors()[0] if exc.errors() else {}
+        where = ".".join(str(p) for p in first.get("loc", ()))
+        return error_response(422, "invalid_request", f"{where}: {first.get('msg', 'invalid request')}")
+
+
+Source = str | os.PathLike | Analyzer | Callable[[], Analyzer]
+
+
+def warm_up(analyzer: Analyzer) -> None:
+    """Run the model at batch 1 and at the analyzer's batch size, and one short clip end to end."""
+    analyzer.model.warmup(1)
+    analyzer.model.warmup(analyzer.batch_size)
+    rng = np.random.default_rng(0)
+    analyzer.analyze_audio((0.01 * rng.standard_normal(int(FEATURES.chunk_seconds * FEATURES.sample_rate)))
+                           .astype(np.float32))
+
+
+class Service:
+    """The loaded model, its readiness, and a bounded pool that runs analyses off the event loop."""
+
+    def __init__(self, source: Source, settings: Settings):
+        self.settings = settings
+        self._source = source
+        self.analyzer: Analyzer | None = None
+        self.failure: str | None = None
+        self.ready = threading.Event()
+        self._lock = threading.Lock()
+        self._admitted = 0
+        self.executor = ThreadPoolExecutor(settings.max_concurrency, thread_name_prefix="percepiano")
+        self.frame_limit = max_frames_for(settings.max_seconds)
+
+    # --- lifecycle
+    def load(self) -> None:
+        """Load (if given a path or loader) and warm up; runs in a background thread at startup."""
+        try:
+            source = self._source
+            if isinstance(source, Analyzer):
+                analyzer = source
+            elif callable(source):
+                analyzer = source()
+            else:
+                analyzer = Analyzer.from_path(Path(source), max_seconds=self.settings.max_seconds)
+            t0 = time.perf_counter()
+            warm_up(analyzer)
+            log.info("model warmed up in %.2f s on %s", time.perf_counter() - t0, analyzer.model.device)
+            self.analyzer = analyzer
+            self.ready.set()
+        except Exception as exc:  # reported by /readyz; the process stays up to say so
+            self.failure = f"{type(exc).__name__}: {exc}"
+            log.exception("model failed to load")
+
+    def close(self) -> None:
+        self.executor.shutdown(wait=False, cancel_futures=True)
+
+    def require_analyzer(self) -> Analyzer:
+        if self.analyzer is not None:
+            return self.analyzer
+        if self.failure:
+            raise ServiceError(503, "model_failed", f"the model failed to load: {self.failure}")
+        raise ServiceError(503, "not_ready", "the model is still loading; retry shortly", {"Retry-After": "2"})
+
+    # --- bounded execution
+    async def run(self, job: Callable[[], Any]) -> Any:
+        """Run job in the pool. At most max_concurrency run and max_queue wait; a wait past queue_timeout is 503."""
+        with self._lock:
+            if self._admitted >= self.settings.max_concurrency + self.settings.max_queue:
+                raise ServiceError(503, "busy", "the server is at capacity; retry shortly", {"Retry-After": "1"})
+            self._admitted += 1
+        try:
+            future = self.executor.submit(job)
+        except RuntimeError:  # executor shut down
+            self._release()
+            raise ServiceError(503, "not_ready", "the server is shutting down") from None
+        future.add_done_callback(self._release)  # the slot is freed when the work really ends, not when we stop waiting
+        waiter = asyncio.wrap_future(future)
+        done, _ = await asyncio.wait({waiter}, timeout=self.settings.queue_timeout)
+        if not done and future.cancel():  # still queued: give up its place
+            raise ServiceError(503, "busy", f"no free slot within {self.settings.queue_timeout:g} s; retry shortly",
+                               {"Retry-After": "1"})
+        try:
+            return await waiter
+        except ServiceError:
+            raise
+        except Exception:  # a bug, not a bad request: log it, answer 500, keep serving
+            log.exception("analysis failed")
+            raise ServiceError(500, "internal_error", "internal error while analysing; see the server log") from None
+
+    def _release(self, _: Future | None = None) -> None:
+        with self._lock:
+            self._admitted -= 1
+
+    # --- the jobs (run in the pool)
+    def analyze_audio(self, data: bytes) -> tuple[Analysis, float]:
+        analyzer = self.require_analyzer()
+        t0 = time.perf_counter()
+        try:
+            y = load_audio(data, max_seconds=self.settings.max_seconds)
+            return analyzer.analyze_audio(y), time.perf_counter() - t0
+        except AudioError as exc:
+            raise audio_error(exc) from None
+        except InputError as exc:
+            raise input_error(exc) from None
+
+    def analyze_mel(self, data: bytes, kind: str) -> tuple[Analysis, float]:
+        analyzer = self.require_analyzer()
+        t0 = time.perf_counter()
+        try:
+            if kind == "json":
+                try:
+                    doc = json.loads(data)
+                except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+                    raise ServiceError(400, "bad_request", f"the body is not valid JSON ({exc})") from None
+                mel = parse_json(doc, max_frames=self.frame_limit)
+            else:
+                mel = parse_blob(data, max_frames=self.frame_limit)
+            return analyzer.analyze_mel(mel), time.perf_counter() - t0
+        except InputError as exc:
+            raise input_error(exc) from None
+
+    def result(self, analysis: Analysis, seconds: float) -> dict[str, Any]:
+        assert self.analyzer is not None
+        return {"status": "success", **analysis.to_dict(), "model": self.analyzer.model.info.summary(),
+                "processing_seconds": round(seconds, 6)}
+
+
+
+def media_type(request: Request) -> str:
+    return request.headers.get("content-type", "").split(";")[0].strip().lower()
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body, refused with 413 past `limit` bytes (read no further than DRAIN_LIMIT past it)."""
+    too_large = ServiceError(413, "too_large", f"the request body is over the limit of {limit} bytes")
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit + DRAIN_LIMIT:
+        raise too_large
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit + DRAIN_LIMIT:
+            raise too_large
+        if size <= limit:
+            chunks.append(chunk)
+    if size > limit:
+        raise too_large
+    return b"".join(chunks)
+
+
+async def audio_from_request(request: Request, max_bytes: int) -> bytes:
+    """The uploaded audio: multipart field `audio`, or a raw body with an audio/* (or octet-stream) type."""
+    kind = media_type(request)
+    if kind == "multipart/form-data":
+        body = await read_body(request, max_bytes + MULTIPART_SLACK)
+        sent = False
+
+        async def replay() -> dict:
+            nonlocal sent
+            if sent:
+                return {"type": "http.disconnect"}
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        form = await Request(request.scope, replay).form(max_files=4, max_fields=16)
+        upload = form.get("audio")
+        if not isinstance(upload, UploadFile):
+            raise ServiceError(422, "missing_field", 'multipart upload needs a file field named "audio"')
+        data = await upload.read()
+        await form.close()
+        if len(data) > max_bytes:
+            raise ServiceError(413, "too_large", f"the audio file is over the limit of {max_bytes} bytes")
+        return data
+    if kind.startswith("audio/") or kind in RAW_AUDIO_TYPES:
+        return await read_body(request, max_bytes)
+    raise ServiceError(415, "unsupported_media_type",
+                       f"content type {kind or '(none)'!r}: send multipart/form-data with a file field 'audio', "
+                       "or the file as the body with an audio/* content type")
+
+
+def mel_kind(request: Request) -> str:
+    kind = media_type(request)
+    if kind == "application/json":
+        return "json"
+    if kind in BLOB_CONTENT_TYPES:
+        return "blob"
+    raise ServiceError(415, "unsupported_media_type",
+                       f"content type {kind or '(none)'!r}: send application/json {{\"mel_spectrogram\": [[...]]}} "
+                       f"or the binary blob as one of {', '.join(BLOB_CONTENT_TYPES)}")
+
+
+BEARER = HTTPBearer(auto_error=False, description="PERCEPIANO_API_TOKEN, when the service has one")
+
+
+class TokenCheck:
+    """A dependency that requires `Authorization: Bearer <token>` when a token is set (constant-time compare)."""
+
+    def __init__(self, token: str | None):
+        self.expected = hashlib.sha256(token.encode()).digest() if token else None
+
+    async def __call__(self, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(BEARER)]) -> None:
+        if self.expected is None:
+            return
+        given = credentials.credentials if credentials and credentials.scheme.lower() == "bearer" else ""
+        if not hmac.compare_digest(hashlib.sha256(given.encode()).digest(), self.expected):
+            raise ServiceError(401, "unauthorized", "missing or wrong bearer token", {"WWW-Authenticate": "Bearer"})
+
+
+_BINARY = {"type": "string", "format": "binary"}
+AUDIO_BODY = {"requestBody": {"required": True, "content": {
+    "multipart/form-data": {"schema": {"type": "object", "required": ["audio"],
+                                       "properties": {"audio": {**_BINARY, "description": "the audio file"}}}},
+    "audio/*": {"schema": _BINARY},
+    "application/octet-stream": {"schema": _BINARY},
+}}}
+MEL_BODY = {"requestBody": {"required": True, "content": {
+    "application/json": {"schema": {"type": "object", "required": ["mel_spectrogram"], "properties": {
+        "mel_spectrogram": {"type": "array", "description": "[time][128 mel] log-mel in dB",
+                            "items": {"type": "array", "items": {"type": "number"}}},
+        "sample_rate": {"type": "integer", "default": FEATURES.sample_rate},
+        "hop_length": {"type": "integer", "default": FEATURES.hop_length}}}},
+    "application/octet-stream": {"schema": {**_BINARY, "description": (
+        "16-byte little-endian u32 header (n_mels, n_frames, sample_rate, hop), then float32 values, mel-major")}},
+}}}
+
+
+
+def create_app(source: Source, *, settings: Settings | None = None) -> FastAPI:
+    """The FastAPI app: `source` is an ONNX model path, a loaded Analyzer, or a function returning one."""
+    settings = settings or Settings.from_env()
+    service = Service(source, settings)
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI):
+        threading.Thread(target=service.load, name="percepiano-load", daemon=True).start()
+        yield
+        service.close()
+
+    app = FastAPI(title="PercePiano analysis", version="1", lifespan=lifespan,
+                  description="19 perceptual scores of a piano performance (PercePiano AST, ONNX runtime).")
+    app.state.service = service
+    install_error_handlers(app)
+    auth = [Depends(TokenCheck(settings.api_token))]
+
+    @app.get("/healthz", response_model=HealthResponse, tags=["health"])
+    async def healthz():
+        """The process is up."""
+        return {"status": "ok"}
+
+    @app.get("/readyz", response_model=ReadyResponse, responses={503: {"model": ErrorResponse}}, tags=["health"])
+    async def readyz():
+        """The model is loaded and warmed up."""
+        analyzer = service.require_analyzer()
+        return {"status": "ready", "model": analyzer.model.info.summary(), "device": analyzer.model.device}
+
+    @app.get("/v1/model", response_model=ModelResponse, response_model_by_alias=True, dependencies=auth,
+             responses=ERROR_RESPONSES, tags=["analysis"])
+    async def model_info():
+        """The served model's metadata and the service limits."""
+        analyzer = service.require_analyzer()
+        info = analyzer.model.info
+        return {**info.summary(), "device": analyzer.model.device, "providers": list(analyzer.model.providers),
+                "dimensions": [{"label": label, "key": key} for label, key in info.dimensions],
+                "features": info.features, "model_config": info.model_config, "source": info.source,
+                "parity": info.parity, "limits": settings.public()}
+
+    @app.post("/v1/analyze", response_model=AnalyzeResponse, dependencies=auth, responses=ERROR_RESPONSES,
+              openapi_extra=AUDIO_BODY, tags=["analysis"])
+    async def analyze(request: Request):
+        """Score an audio file (wav, flac, ogg, mp3, m4a/AAC, ...)."""
+        service.require_analyzer()
+        data = await audio_from_request(request, settings.max_bytes)
+        analysis, seconds = await service.run(lambda: service.analyze_audio(data))
+        return service.result(analysis, seconds)
+
+    @app.post("/v1/analyze/mel", response_model=AnalyzeResponse, dependencies=auth, responses=ERROR_RESPONSES,
+              openapi_extra=MEL_BODY, tags=["analysis"])
+    async def analyze_mel(request: Request):
+        """Score a precomputed log-mel spectrogram (128 mels, the model's rate and hop) in 128-frame windows."""
+        service.require_analyzer()
+        kind = mel_kind(request)
+        data = await read_body(request, settings.max_bytes)
+        analysis, seconds = await service.run(lambda: service.analyze_mel(data, kind))
+        return service.result(analysis, seconds)
+
+    return app
+
+
+def serve(model_path: str | os.PathLike, *, host: str = "127.0.0.1", port: int = 8000, device: str = "auto",
+          threads: int | None = None, settings: Settings | None = None, log_level: str = "info") -> None:
+    """Load the model (failing fast on a bad one), then run the app with uvicorn until interrupted."""
+    import uvicorn
+
+    settings = settings or Settings.from_env()
+    analyzer = Analyzer.from_path(model_path, device=device, threads=threads, max_seconds=settings.max_seconds)
+    if host not in ("127.0.0.1", "localhost", "::1") and not settings.api_token:
+        log.warning("serving on %s without auth: set PERCEPIANO_API_TOKEN to require a bearer token", host)
+    uvicorn.run(create_app(analyzer, settings=settings), host=host, port=port, log_level=log_level,
+                timeout_graceful_shutdown=10)
+
+
+__all__ = ["Settings", "Service", "ServiceError", "create_app", "serve", "warm_up"]

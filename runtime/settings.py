@@ -1,0 +1,58 @@
+"""Limits and auth of the HTTP service, with PERCEPIANO_* environment overrides (no web framework needed)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from typing import Any
+
+from runtime.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Limits and auth of one service; `from_env` reads the PERCEPIANO_* overrides."""
+
+    max_bytes: int = 50_000_000  # request body limit (PERCEPIANO_MAX_BYTES)
+    max_seconds: float | None = 600.0  # audio duration limit, also applied to spectrograms (PERCEPIANO_MAX_SECONDS)
+    api_token: str | None = None  # bearer token; None = no auth (PERCEPIANO_API_TOKEN)
+    max_concurrency: int = 2  # analyses running at once (PERCEPIANO_MAX_CONCURRENCY)
+    max_queue: int = 32  # requests waiting for a slot beyond that; more get 503 at once (PERCEPIANO_MAX_QUEUE)
+    queue_timeout: float = 30.0  # seconds a request may wait for a slot before 503 (PERCEPIANO_QUEUE_TIMEOUT)
+
+    ENV = {"max_bytes": ("PERCEPIANO_MAX_BYTES", int), "max_seconds": ("PERCEPIANO_MAX_SECONDS", float),
+           "api_token": ("PERCEPIANO_API_TOKEN", str), "max_concurrency": ("PERCEPIANO_MAX_CONCURRENCY", int),
+           "max_queue": ("PERCEPIANO_MAX_QUEUE", int), "queue_timeout": ("PERCEPIANO_QUEUE_TIMEOUT", float)}
+
+    def __post_init__(self) -> None:
+        if self.max_bytes < 1 or self.max_concurrency < 1 or self.max_queue < 0 or self.queue_timeout < 0:
+            raise ConfigError(f"invalid service limits: {self}")
+        if self.max_seconds is not None and self.max_seconds <= 0:
+            raise ConfigError(f"max_seconds must be positive or None, got {self.max_seconds}")
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None, *, require_token: bool = False, **overrides) -> Settings:
+        """Defaults, then PERCEPIANO_* variables, then keyword overrides; require_token refuses to run without one."""
+        env = os.environ if env is None else env
+        values: dict[str, Any] = {}
+        for name, (var, kind) in cls.ENV.items():
+            raw = env.get(var, "").strip()
+            if not raw:
+                continue
+            if name == "max_seconds" and raw.lower() in ("none", "0"):
+                values[name] = None
+                continue
+            try:
+                values[name] = kind(raw)
+            except ValueError:
+                raise ConfigError(f"{var}={raw!r} is not a valid {kind.__name__}") from None
+        settings = cls(**{**values, **overrides})
+        if require_token and not settings.api_token:
+            raise ConfigError("this deployment requires auth: set PERCEPIANO_API_TOKEN (locally or in a Modal secret)")
+        return settings
+
+    def public(self) -> dict[str, Any]:
+        """The limits a client may see (no token)."""
+        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "api_token"}
+        return {**out, "auth": bool(self.api_token)}

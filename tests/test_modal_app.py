@@ -1,0 +1,185 @@
+"""The Modal shell: imports without credentials, declares what the deployment needs, and runs plain runtime code."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+modal = pytest.importorskip("modal")
+pytest.importorskip("fastapi")
+
+REPO = Path(__file__).resolve().parents[1]
+TOKEN = "modal-test-token"
+
+
+def fresh_import():
+    sys.modules.pop("deploy.modal_app", None)
+    return importlib.import_module("deploy.modal_app")
+
+
+def test_imports_without_credentials_or_model(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MODAL_")}
+    env.update(HOME=str(tmp_path), MODAL_CONFIG_PATH=str(tmp_path / "none.toml"),
+               PERCEPIANO_MODEL=str(tmp_path / "absent.onnx"))
+    code = "import deploy.modal_app as m; print(m.app.name, m.GPU)"
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["percepiano", "A10G"]
+
+
+@pytest.fixture
+def recorded(monkeypatch):
+    """Import the Modal file with Modal's decorators wrapped to record what the file asks of them.
+
+    The real decorators still run, so an option Modal 1.x does not accept fails the import.
+    """
+    calls: list[tuple[str, str, dict]] = []
+
+    names: dict[int, str] = {}  # what an inner decorator returned -> the name of what it wrapped
+
+    def name_of(target) -> str:
+        return names.get(id(target)) or target.__name__
+
+    def recording(kind: str, make_decorator):
+        def decorator(target):
+            calls.append((kind, name_of(target), kwargs_of[id(decorator)]))
+            result = make_decorator()(target)
+            names[id(result)] = name_of(target)
+            return result
+
+        return decorator
+
+    kwargs_of: dict[int, dict] = {}
+
+    def wrap_factory(kind: str, real):
+        def factory(*args, **kwargs):
+            deco = recording(kind, lambda: real(*args, **kwargs))
+            kwargs_of[id(deco)] = kwargs
+            return deco
+
+        return factory
+
+    for kind in ("enter", "asgi_app", "method", "concurrent"):
+        monkeypatch.setattr(modal, kind, wrap_factory(kind, getattr(modal, kind)))
+    for kind in ("cls", "function"):
+        real = getattr(modal.App, kind)
+        monkeypatch.setattr(modal.App, kind, lambda self, _real=real, _kind=kind, **kw:
+                            wrap_factory(_kind, lambda **k: _real(self, **k))(**kw))
+    yield fresh_import(), calls
+    sys.modules.pop("deploy.modal_app", None)
+
+
+def options(calls, kind: str, name: str) -> dict:
+    found = [kw for k, n, kw in calls if k == kind and n == name]
+    assert len(found) == 1, (kind, name, calls)
+    return found[0]
+
+
+def test_modal_configuration(recorded):
+    m, calls = recorded
+    for name in ("Service", "CorpusWorker"):
+        opts = options(calls, "cls", name)
+        assert opts["gpu"] == "A10G"
+        assert opts["enable_memory_snapshot"] is True
+        assert 30 <= opts["scaledown_window"] <= 600
+        assert opts["image"] is m.image
+    web = options(calls, "cls", "Service")
+    assert web["secrets"] == [m.api_secret]  # bearer token from the Modal secret
+    assert options(calls, "concurrent", "Service") == m.WEB_CONCURRENCY
+    assert list(options(calls, "cls", "CorpusWorker")["volumes"].values()) == [m.audio_volume]
+    # lifecycle: imports + model bytes before the snapshot, the CUDA session after restore
+    assert options(calls, "enter", "load") == {"snap": True}
+    assert options(calls, "enter", "start") == {"snap": False}
+    assert ("asgi_app", "web", {}) in calls
+    assert ("method", "analyze_file", {}) in calls
+    corpus = options(calls, "function", "analyze_corpus")
+    assert list(corpus["volumes"].values()) == [m.audio_volume] and "gpu" not in corpus
+    assert m.SERVICE_ENV["PERCEPIANO_DEVICE"] == "cuda"
+
+
+def test_only_current_modal_api_names():
+    source = (REPO / "deploy" / "modal_app.py").read_text()
+    for legacy in ("Stub(", "keep_warm", "container_idle_timeout", "web_endpoint", "allow_concurrent_inputs",
+                   "concurrency_limit", "@modal.build", "Mount."):
+        assert legacy not in source, legacy
+    assert ".map(" in source  # the corpus fans out over parallel containers
+
+
+@pytest.fixture
+def container(monkeypatch, tiny_model):
+    """A ModelContainer run outside Modal: the hooks are plain methods over the runtime."""
+    monkeypatch.setenv("PERCEPIANO_MODEL_PATH", str(tiny_model))
+    monkeypatch.setenv("PERCEPIANO_DEVICE", "cpu")
+    monkeypatch.setenv("PERCEPIANO_API_TOKEN", TOKEN)
+    m = fresh_import()
+    obj = m.ModelContainer()
+    obj.load()
+    assert obj.model_bytes == Path(tiny_model).read_bytes()
+    obj.start()
+    assert obj.model_bytes == b"" and obj.analyzer.model.device == "cpu"
+    return m, obj
+
+
+def test_lifecycle_serves_the_same_app(container, piano_clips):
+    from fastapi.testclient import TestClient
+
+    m, obj = container
+    clip = min(piano_clips, key=lambda p: p.stat().st_size)
+    expected = obj.analyzer.analyze_file(clip).scores
+    with TestClient(obj.build_app()) as c:
+        deadline = time.monotonic() + 10
+        while c.get("/readyz").status_code != 200 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert c.get("/readyz").status_code == 200
+        data = clip.read_bytes()
+        assert c.post("/v1/analyze", content=data, headers={"content-type": "audio/flac"}).status_code == 401
+        res = c.post("/v1/analyze", content=data, headers={"content-type": "audio/flac",
+                                                           "authorization": f"Bearer {TOKEN}"})
+        assert res.status_code == 200, res.json()
+        np.testing.assert_allclose(list(res.json()["scores"].values()), list(expected.values()), atol=1e-6)
+
+
+def test_build_app_refuses_to_run_without_a_token(container, monkeypatch):
+    _, obj = container
+    monkeypatch.delenv("PERCEPIANO_API_TOKEN")
+    with pytest.raises(ValueError, match="PERCEPIANO_API_TOKEN"):
+        obj.build_app()
+
+
+def test_corpus_run_over_a_volume_tree(container, piano_clips, tmp_path, monkeypatch):
+    m, obj = container
+    monkeypatch.setattr(m, "AUDIO_MOUNT", str(tmp_path))
+    clips = sorted(piano_clips, key=lambda p: p.stat().st_size)[:2]
+    (tmp_path / "set" / "a").mkdir(parents=True)
+    for clip in clips:
+        shutil.copy(clip, tmp_path / "set" / "a" / clip.name)
+    (tmp_path / "set" / "broken.wav").write_bytes(b"not audio")
+    (tmp_path / "set" / "notes.txt").write_text("ignored")
+    (tmp_path / "other.flac").write_bytes(clips[0].read_bytes())  # outside the prefix
+    assert m.list_audio(tmp_path, "set") == sorted(["set/a/" + c.name for c in clips] + ["set/broken.wav"])
+
+    mapped: list[list[str]] = []
+
+    def analyze_many(files):  # stands in for CorpusWorker().analyze_file.map(files)
+        mapped.append(files)
+        return map(obj.analyze_path, files)
+
+    summary = m.run_corpus(tmp_path, "set", "results/scores.jsonl", analyze_many)
+    assert summary == {"files": 3, "failed": 1, "output": "results/scores.jsonl"}
+    lines = [json.loads(line) for line in (tmp_path / "results" / "scores.jsonl").read_text().splitlines()]
+    by_file = {r["file"]: r for r in lines}
+    assert by_file["set/broken.wav"]["error"]
+    for clip in clips:
+        result = by_file["set/a/" + clip.name]
+        assert result["error"] is None and result["model"] == obj.analyzer.model.info.summary()
+        np.testing.assert_allclose(list(result["scores"].values()),
+                                   list(obj.analyzer.analyze_file(clip).scores.values()), atol=1e-6)
