@@ -27,6 +27,17 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--clips", type=Path, nargs="+", help="audio files for the parity gate (default: shipped clips)")
     exp.add_argument("--seed", type=int, default=0, help="seed of random parity inputs and of the demo checkpoint")
     exp.add_argument("--report", type=Path, help="also write the parity report(s) as JSON here")
+    add_variant_args(exp)
+
+    qnt = sub.add_parser("quantize", help="exported fp32 model -> parity-checked int8 / fp16 variant(s)")
+    qnt.add_argument("model", type=Path, help="an fp32 model written by `export`")
+    qnt.add_argument("--checkpoint", type=Path, required=True, help="the checkpoint it was exported from")
+    qnt.add_argument("--out", type=Path, help="output path (default: MODEL.<precision>.onnx beside the model)")
+    qnt.add_argument("--clips", type=Path, nargs="+", help="audio files for the parity gate (default: shipped clips)")
+    qnt.add_argument("--seed", type=int, default=0, help="seed of the random parity inputs")
+    qnt.add_argument("--report", type=Path, help="also write the parity report(s) as JSON here")
+    add_variant_args(qnt)
+    qnt.set_defaults(quantize="int8")
 
     demo = sub.add_parser("demo-checkpoint", help="write a checkpoint in the original pickle format")
     demo.add_argument("out", type=Path)
@@ -35,12 +46,28 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def add_variant_args(parser: argparse.ArgumentParser) -> None:
+    """Options of the int8 / fp16 variants (convert.quantize)."""
+    parser.add_argument("--quantize", choices=("none", "int8", "fp16", "auto"), default="none",
+                        help="variant written to --out: fp32 (none), int8 (CPU), fp16 (GPU), or auto: the CPU "
+                             "recommendation at --out and the others beside it as MODEL.<precision>.onnx")
+    parser.add_argument("--int8-atol", type=float, help="int8 parity tolerance in score units (default 0.02)")
+    parser.add_argument("--fp16-atol", type=float, help="fp16 parity tolerance in score units (default 0.005)")
+    parser.add_argument("--per-channel", action="store_true", help="int8: one scale per output channel")
+    parser.add_argument("--reduce-range", action="store_true",
+                        help="int8: 7-bit weights, for CPUs without VNNI (AVX2-only x86) where u8*s8 can saturate")
+    parser.add_argument("--optimize", action="store_true",
+                        help="apply onnxruntime's transformer fusions (off by default: slower on CPU, see README)")
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     from convert.export import export
     from convert.parity import format_report
 
     try:
-        result = export(args.checkpoint, args.out, opset=args.opset, atol=args.atol, clips=args.clips, seed=args.seed)
+        result = export(args.checkpoint, args.out, opset=args.opset, atol=args.atol, clips=args.clips, seed=args.seed,
+                        quantize=args.quantize, int8_atol=args.int8_atol, fp16_atol=args.fp16_atol,
+                        per_channel=args.per_channel, reduce_range=args.reduce_range, optimize=args.optimize)
     except ParityError as exc:
         if exc.report:
             print(format_report(exc.report), file=sys.stderr)
@@ -53,6 +80,31 @@ def cmd_export(args: argparse.Namespace) -> int:
         args.report.write_text(json.dumps(result.reports, indent=2))
     for precision, path in result.written.items():
         print(f"wrote {path} ({precision}, {path.stat().st_size / 1e6:.1f} MB) in {result.seconds:.1f} s")
+    for precision in sorted(set(result.reports) - set(result.written) - {"fp32"}):
+        print(f"not written: the {precision} variant failed its parity gate (report above)")
+    return 0
+
+
+def cmd_quantize(args: argparse.Namespace) -> int:
+    from convert.parity import format_report
+    from convert.variants import quantize_file
+
+    try:
+        reports, written = quantize_file(
+            args.model, args.checkpoint, args.out, args.quantize, clips=args.clips, seed=args.seed,
+            atol={"int8": args.int8_atol, "fp16": args.fp16_atol}, per_channel=args.per_channel,
+            reduce_range=args.reduce_range, optimized=args.optimize)
+    except ParityError as exc:
+        if exc.report:
+            print(format_report(exc.report), file=sys.stderr)
+        raise
+    for precision, report in reports.items():
+        if precision != "fp32":
+            print(format_report(report))
+    if args.report:
+        args.report.write_text(json.dumps(reports, indent=2))
+    for precision, path in written.items():
+        print(f"wrote {path} ({precision}, {path.stat().st_size / 1e6:.1f} MB)")
     return 0
 
 
@@ -71,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     for name in ("convert", "runtime"):
         logging.getLogger(name).setLevel(logging.ERROR if args.quiet else logging.INFO)
-    commands = {"export": cmd_export, "demo-checkpoint": cmd_demo}
+    commands = {"export": cmd_export, "quantize": cmd_quantize, "demo-checkpoint": cmd_demo}
     try:
         return commands[args.command](args)
     except USER_ERRORS as exc:

@@ -13,7 +13,8 @@ from pathlib import Path
 
 from convert.checkpoint import Checkpoint, load_checkpoint
 from convert.errors import ExportError
-from convert.parity import Forward, Tolerance, run_gate
+from convert.parity import Forward, Tolerance, clip_references, run_gate, shipped_clips
+from convert.quantize import QUANTIZE_CHOICES
 from runtime.constants import DIMENSIONS, FEATURES, INPUT_NAME, OUTPUT_NAME
 from runtime.model import METADATA_KEY, OnnxModel, build_metadata
 
@@ -104,6 +105,12 @@ def to_onnx(forward: Forward, opset: int = DEFAULT_OPSET):
         raise ExportError(f"jax2onnx could not export the model at opset {opset}: {exc}") from exc
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def write_atomic(data: bytes, path: Path) -> None:
     """Write bytes to path via a temporary file in the same folder and a rename."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -111,6 +118,7 @@ def write_atomic(data: bytes, path: Path) -> None:
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; a published model is as readable as any new file
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -125,8 +133,20 @@ def export(
     atol: float | None = None,
     clips: Sequence[Path] | None = None,
     seed: int = 0,
+    quantize: str = "none",
+    int8_atol: float | None = None,
+    fp16_atol: float | None = None,
+    per_channel: bool = False,
+    reduce_range: bool = False,
+    optimize: bool = False,
 ) -> ExportResult:
-    """Export a checkpoint (a demo one when None) to a parity-checked fp32 ONNX model at `out`."""
+    """Export a checkpoint (a demo one when None) to a parity-checked ONNX model at `out`.
+
+    `quantize` none: fp32; int8 / fp16: that variant at `out`; auto: the recommended CPU variant at `out`,
+    the others beside it as MODEL.<precision>.onnx (see convert.quantize.publish_variants).
+    """
+    if quantize not in QUANTIZE_CHOICES:
+        raise ValueError(f"unknown quantize {quantize!r}; choose one of {QUANTIZE_CHOICES}")
     start = time.perf_counter()
     out = Path(out)
     with tempfile.TemporaryDirectory(prefix="percepiano-demo-") as tmp:
@@ -144,10 +164,21 @@ def export(
         proto = to_onnx(forward, opset)
         set_metadata(proto, describe(ckpt, "fp32"))
         model = OnnxModel(proto.SerializeToString(), device="cpu")  # the runtime's own loader checks it
-        report = run_gate(forward, model, clips, Tolerance.for_precision("fp32", atol), seed)
+        references = clip_references(forward, list(clips) if clips else shipped_clips())  # reused by every gate
+        report = run_gate(forward, model, tolerance=Tolerance.for_precision("fp32", atol), seed=seed,
+                          references=references)
         set_metadata(proto, {**describe(ckpt, "fp32"), "parity": report})
-        write_atomic(proto.SerializeToString(), out)
-        log.info("wrote %s (%.1f MB)", out, out.stat().st_size / 1e6)
+        if quantize == "none" and not optimize:
+            write_atomic(proto.SerializeToString(), out)
+            log.info("wrote %s (%.1f MB)", out, out.stat().st_size / 1e6)
+            reports, written = {"fp32": report}, {"fp32": out}
+        else:  # each variant is made from the gated fp32 graph and passes the same gate before it is written
+            from convert.variants import publish_variants
+
+            reports, written = publish_variants(
+                proto, ckpt, forward, out, quantize, fp32_report=report, references=references, seed=seed,
+                atol={"int8": int8_atol, "fp16": fp16_atol}, per_channel=per_channel, reduce_range=reduce_range,
+                optimized=optimize)
     return ExportResult(path=out, checkpoint=Path(checkpoint), demo=demo, seconds=time.perf_counter() - start,
-                        reports={"fp32": report}, written={"fp32": out})
+                        reports=reports, written=written)
 

@@ -119,7 +119,10 @@ def cmd_info(args: argparse.Namespace) -> int:
     print(f"parity      {'passed' if parity.get('passed') else 'not recorded'}; max abs {parity.get('max_abs')}; "
           f"tolerance {parity.get('tolerance')}")
     if info.variants:
-        print(f"variants    {info.variants}")
+        v = info.variants
+        gates = ", ".join(f"{p} {'passed' if g['passed'] else 'FAILED'} (max abs {g['max_abs']:.1e})"
+                          for p, g in v.get("gates", {}).items())
+        print(f"variants    files {v.get('files')}; recommended {v.get('recommended', '-')}; gates: {gates}")
     print(f"versions    {info.versions}")
     print(f"dimensions  {len(info.dimensions)}: " + ", ".join(info.api_keys))
     return 0

@@ -30,6 +30,14 @@ def test_tiny_export_passes_fp32_gate(tiny_export):
     assert all(len(c["per_dimension"]) == 19 for c in report["checks"])
 
 
+def test_published_model_is_readable_like_any_new_file(tiny_export):
+    import os
+
+    mask = os.umask(0)
+    os.umask(mask)
+    assert tiny_export.path.stat().st_mode & 0o777 == 0o666 & ~mask
+
+
 def test_metadata_describes_the_model(tiny_export, tiny_checkpoint):
     proto = onnx.load(str(tiny_export.path), load_external_data=False)
     doc = json.loads({p.key: p.value for p in proto.metadata_props}[METADATA_KEY])

@@ -1,0 +1,316 @@
+"""Variants of an exported fp32 model: int8 for CPUs, fp16 for GPUs, and onnxruntime's transformer fusions.
+
+Every function here maps an onnx ModelProto to a new one (the input is never modified). The variants are
+plain ONNX graphs plus onnxruntime's com.microsoft operators, float32 in and float32 out, so the runtime
+loads each one unchanged; whether a variant is good enough is decided by the parity gate (convert.parity),
+not here. onnxruntime's optimizer and float16 tools are used on the paths that do not import PyTorch.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from convert.config import ModelConfig
+from convert.errors import ExportError
+
+log = logging.getLogger(__name__)
+
+QUANTIZE_CHOICES = ("none", "int8", "fp16", "auto")
+VARIANTS = ("fp32", "int8", "fp16")
+LN_EPSILON = 1e-6  # SPEC §1; a fusion that changed it would be a silent parity bug
+# Kept in float32 in the fp16 variant: normalisation statistics, softmax and the mean over patches.
+FP16_KEEP_FP32 = ("LayerNormalization", "SkipLayerNormalization", "Softmax", "ReduceSum", "ReduceMean")
+FUSED_OPS = (
+    "Attention",
+    "MultiHeadAttention",
+    "SkipLayerNormalization",
+    "LayerNormalization",
+    "FastGelu",
+    "BiasGelu",
+    "Gelu",
+)
+MS_DOMAIN = "com.microsoft"
+
+
+@dataclass
+class Variant:
+    """One variant made from the fp32 model: its graph and how it was made (recorded in its metadata)."""
+
+    precision: str
+    proto: object  # onnx.ModelProto
+    build: dict = field(default_factory=dict)
+
+
+def op_counts(proto) -> dict[str, int]:
+    """Node count per operator type, com.microsoft operators prefixed with their domain."""
+    return dict(Counter(f"{MS_DOMAIN}:{n.op_type}" if n.domain == MS_DOMAIN else n.op_type for n in proto.graph.node))
+
+
+def linear_layers(config: ModelConfig) -> int:
+    """Dense layers of the model: patch embedding, q/k/v/out and two MLP layers per block, two in the head."""
+    return 1 + 6 * config.num_layers + 2
+
+
+def _copy(proto):
+    import onnx
+
+    out = onnx.ModelProto()
+    out.CopyFrom(proto)
+    return out
+
+
+def _attrs(node) -> dict:
+    from onnx import helper
+
+    return {a.name: helper.get_attribute_value(a) for a in node.attribute}
+
+
+def _drop_unused_initializers(graph) -> None:
+    used = {name for node in graph.node for name in node.input} | {o.name for o in graph.output}
+    kept = [init for init in graph.initializer if init.name in used]
+    del graph.initializer[:]
+    graph.initializer.extend(kept)
+
+
+def fold_constants(proto):
+    """Evaluate every node whose inputs are all initializers (e.g. Reshape of a weight) into an initializer."""
+    from onnx import helper, numpy_helper
+    from onnx.reference import ReferenceEvaluator
+
+    proto = _copy(proto)
+    graph = proto.graph
+    inits = {init.name: init for init in graph.initializer}
+    kept, folded = [], 0
+    for node in graph.node:
+        if node.op_type == "Constant" or not node.input or not all(name in inits for name in node.input if name):
+            kept.append(node)
+            continue
+        single = helper.make_graph(
+            [node],
+            "fold",
+            [],
+            [helper.make_tensor_value_info(o, 0, None) for o in node.output],
+            initializer=[inits[name] for name in node.input if name],
+        )
+        values = ReferenceEvaluator(helper.make_model(single, opset_imports=proto.opset_import)).run(None, {})
+        for name, value in zip(node.output, values, strict=True):
+            inits[name] = numpy_helper.from_array(np.asarray(value), name)
+            graph.initializer.append(inits[name])
+        folded += 1
+    del graph.node[:]
+    graph.node.extend(kept)
+    _drop_unused_initializers(graph)
+    log.debug("folded %d constant nodes", folded)
+    return proto
+
+
+def gemm_to_matmul(proto):
+    """Rewrite Gemm(A, W, C) with a constant W as MatMul(A, W') + Add(C): the form int8 quantization handles."""
+    from onnx import helper, numpy_helper
+
+    proto = _copy(proto)
+    graph = proto.graph
+    inits = {init.name: init for init in graph.initializer}
+    nodes = []
+    for node in graph.node:
+        attrs = _attrs(node)
+        if node.op_type != "Gemm" or node.input[1] not in inits or attrs.get("transA", 0):
+            nodes.append(node)
+            continue
+        weight = numpy_helper.to_array(inits[node.input[1]]).astype(np.float32)
+        weight = (weight.T if attrs.get("transB", 0) else weight) * np.float32(attrs.get("alpha", 1.0))
+        w_name = f"{node.name}_weight"
+        graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(weight), w_name))
+        beta = attrs.get("beta", 1.0)
+        has_bias = len(node.input) > 2 and bool(node.input[2]) and beta != 0
+        product = f"{node.output[0]}_matmul" if has_bias else node.output[0]
+        nodes.append(helper.make_node("MatMul", [node.input[0], w_name], [product], name=f"{node.name}_MatMul"))
+        if has_bias:
+            if node.input[2] not in inits:
+                raise ExportError(f"Gemm {node.name}: its bias {node.input[2]} is not a constant")
+            bias = numpy_helper.to_array(inits[node.input[2]]).astype(np.float32) * np.float32(beta)
+            b_name = f"{node.name}_bias"
+            graph.initializer.append(numpy_helper.from_array(bias, b_name))
+            nodes.append(helper.make_node("Add", [product, b_name], [node.output[0]], name=f"{node.name}_Add"))
+    del graph.node[:]
+    graph.node.extend(nodes)
+    _drop_unused_initializers(graph)
+    return proto
+
+
+def prepare(proto):
+    """Same function, standard ONNX ops: weights folded to initializers and every Dense layer a MatMul."""
+    return gemm_to_matmul(fold_constants(proto))
+
+
+def _gelu_to_contrib(proto):
+    """ONNX Gelu -> com.microsoft FastGelu (tanh) / Gelu (erf), so that bias fusion keeps the right formula.
+
+    onnxruntime's BiasGelu fusion matches any node named Gelu and emits the exact (erf) BiasGelu: applied
+    to ONNX's Gelu(approximate='tanh') it would silently change the function.
+    """
+    from onnx import helper
+
+    proto = _copy(proto)
+    nodes = []
+    for node in proto.graph.node:
+        if node.op_type == "Gelu" and node.domain in ("", "ai.onnx"):
+            op = "FastGelu" if _attrs(node).get("approximate", b"none") in (b"tanh", "tanh") else "Gelu"
+            node = helper.make_node(op, list(node.input), list(node.output), name=node.name, domain=MS_DOMAIN)
+        nodes.append(node)
+    del proto.graph.node[:]
+    proto.graph.node.extend(nodes)
+    if not any(o.domain == MS_DOMAIN for o in proto.opset_import):
+        proto.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
+    return proto
+
+
+def check_fusions(proto) -> None:
+    """Refuse a graph whose normalisations lost epsilon 1e-6 or whose GELU became the exact (erf) form."""
+    for node in proto.graph.node:
+        if "LayerNormalization" in node.op_type:
+            eps = _attrs(node).get("epsilon", 1e-5)
+            if abs(eps - LN_EPSILON) > 1e-9:
+                raise ExportError(f"{node.op_type} {node.name} has epsilon {eps:g}, the model needs {LN_EPSILON:g}")
+        exact = node.op_type in ("BiasGelu", "Gelu") and node.domain == MS_DOMAIN
+        if exact or (node.op_type == "Gelu" and _attrs(node).get("approximate", b"none") in (b"none", "none")):
+            raise ExportError(f"{node.op_type} {node.name} is the exact (erf) GELU; the model uses the tanh form")
+
+
+def optimize(proto, config: ModelConfig):
+    """onnxruntime's transformer fusions (LayerNorm, SkipLayerNorm, FastGelu, attention where it matches).
+
+    Runs the Python fusion pass only (opt_level 0): the onnxruntime pre-pass of `optimize_model` imports
+    PyTorch. Returns the optimized proto and the count of each fused operator.
+    """
+    from onnxruntime.transformers.fusion_options import FusionOptions
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    options = FusionOptions("vit")
+    logging.getLogger("onnxruntime.transformers.optimizer").setLevel(logging.ERROR)  # "producer not matched"
+    optimizer = optimize_model(
+        _gelu_to_contrib(prepare(proto)),
+        model_type="vit",
+        num_heads=config.num_heads,
+        hidden_size=config.embed_dim,
+        optimization_options=options,
+        opt_level=0,
+    )
+    out = optimizer.model
+    check_fusions(out)
+    counts = op_counts(out)
+    fused = {
+        op: counts.get(f"{MS_DOMAIN}:{op}", 0) + (counts.get(op, 0) if op == "LayerNormalization" else 0)
+        for op in FUSED_OPS
+    }
+    log.info("transformer fusions: %s", ", ".join(f"{op} {n}" for op, n in fused.items() if n) or "none")
+    return out, fused
+
+
+def quantize_int8(proto, *, per_channel: bool = False, reduce_range: bool = False):
+    """Dynamic int8 quantization of every MatMul with a constant weight (signed int8 weights, uint8 activations).
+
+    Attention's activation-by-activation MatMuls stay float32 (MatMulConstBOnly), as do LayerNorm and GELU.
+    """
+    import onnx
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    prepared = prepare(proto) if any(n.op_type == "Gemm" for n in proto.graph.node) else proto
+    # It warns through logging.warning() ("consider pre-processing"): silence the root logger meanwhile, with a
+    # handler in place so that logging.warning() does not call basicConfig() on an application's behalf.
+    root, guard = logging.getLogger(), logging.NullHandler()
+    root_level = root.level
+    root.addHandler(guard)
+    root.setLevel(logging.ERROR)
+    try:
+        with tempfile.TemporaryDirectory(prefix="percepiano-int8-") as tmp:
+            out = Path(tmp) / "int8.onnx"
+            quantize_dynamic(
+                prepared,
+                out,
+                op_types_to_quantize=["MatMul"],
+                per_channel=per_channel,
+                reduce_range=reduce_range,
+                weight_type=QuantType.QInt8,
+                extra_options={"MatMulConstBOnly": True},
+            )
+            return onnx.load(str(out))
+    finally:
+        root.setLevel(root_level)
+        root.removeHandler(guard)
+
+
+def head_nodes(proto) -> list[str]:
+    """Names of the nodes after the mean over patches (ReduceSum/ReduceMean): the regression head."""
+    consumers: dict[str, list] = {}
+    for node in proto.graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    frontier = [o for n in proto.graph.node if n.op_type in ("ReduceSum", "ReduceMean") for o in n.output]
+    seen: dict[str, None] = {}
+    while frontier:
+        for node in consumers.get(frontier.pop(), []):
+            if node.name not in seen:
+                seen[node.name] = None
+                frontier.extend(node.output)
+    return list(seen)
+
+
+def to_fp16(proto, keep_fp32: tuple[str, ...] = FP16_KEEP_FP32):
+    """float16 weights and compute, float32 inputs and outputs.
+
+    `keep_fp32` operator types stay float32, and so does the regression head after the mean over patches:
+    (B, D) vectors, nothing to gain from half precision, while rounding the 19 scores to float16 alone would
+    cost up to 2.4e-4 near 0.5.
+    """
+    from onnxruntime.transformers.onnx_model import OnnxModel
+
+    model = OnnxModel(_copy(proto))
+    model.convert_float_to_float16(keep_io_types=True, op_block_list=list(keep_fp32), node_block_list=head_nodes(proto))
+    model.topological_sort()  # the converter appends its input Cast at the end
+    del model.model.graph.value_info[:]  # stale: some claim float16 for initializers that stayed float32
+    return model.model
+
+
+def make_variant(
+    fp32,
+    precision: str,
+    config: ModelConfig,
+    *,
+    optimized: bool = False,
+    per_channel: bool = False,
+    reduce_range: bool = False,
+) -> Variant:
+    """The `precision` variant of a gated fp32 model (metadata is left to the caller)."""
+    if precision not in VARIANTS:
+        raise ValueError(f"unknown precision {precision!r}; choose one of {VARIANTS}")
+    build: dict = {"optimized": optimized}
+    if optimized:
+        proto, build["fused_ops"] = optimize(fp32, config)
+    else:
+        proto = prepare(fp32) if precision != "fp32" else _copy(fp32)
+    if precision == "int8":
+        proto = quantize_int8(proto, per_channel=per_channel, reduce_range=reduce_range)
+        quantized = op_counts(proto).get("MatMulInteger", 0)
+        build["quantization"] = {
+            "method": "onnxruntime dynamic",
+            "weights": "int8 (signed)",
+            "activations": "uint8",
+            "per_channel": per_channel,
+            "reduce_range": reduce_range,
+            "quantized_matmuls": quantized,
+            "linear_layers": linear_layers(config),
+        }
+        if quantized < linear_layers(config):
+            raise ExportError(f"int8: only {quantized} of {linear_layers(config)} linear layers were quantized")
+    elif precision == "fp16":
+        proto = to_fp16(proto)
+        build["float16"] = {"io": "float32", "kept_float32": [*FP16_KEEP_FP32, "regression head"]}
+    build["nodes"] = op_counts(proto)
+    return Variant(precision, proto, build)

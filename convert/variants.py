@@ -1,0 +1,171 @@
+"""Publishing variants: which precisions an export makes, their parity gates, metadata and files."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from convert.checkpoint import load_checkpoint
+from convert.errors import ExportError, ParityError
+from convert.export import build_forward, describe, set_metadata, write_atomic
+from convert.parity import Tolerance, clip_references, run_gate, shipped_clips
+from convert.quantize import QUANTIZE_CHOICES, VARIANTS, Variant, make_variant, op_counts
+from runtime.model import OnnxModel, parse_metadata
+
+log = logging.getLogger(__name__)
+
+
+def plan(quantize: str) -> tuple[str, ...]:
+    """The precisions an export with `--quantize quantize` produces."""
+    if quantize not in QUANTIZE_CHOICES:
+        raise ValueError(f"unknown --quantize {quantize!r}; choose one of {QUANTIZE_CHOICES}")
+    return {"none": ("fp32",), "auto": VARIANTS}.get(quantize, (quantize,))
+
+
+def recommend(reports: dict[str, dict]) -> dict[str, str]:
+    """Variant to deploy per device among those that passed: int8 on CPU, fp16 on GPU, else fp32."""
+    passed = {p for p, r in reports.items() if r.get("passed")}
+    return {"cpu": "int8" if "int8" in passed else "fp32", "gpu": "fp16" if "fp16" in passed else "fp32"}
+
+
+def variant_paths(out: Path, precisions: tuple[str, ...], main: str) -> dict[str, Path]:
+    """`out` for the main variant; MODEL.<precision>.onnx beside it for the others."""
+    return {p: out if p == main else out.with_name(f"{out.stem}.{p}{out.suffix}") for p in precisions}
+
+
+def gate_summary(report: dict) -> dict:
+    """The gate's headline figures, recorded in every variant's metadata."""
+    clips = [c for c in report["checks"] if c["name"].startswith("clip:")]
+    return {
+        "passed": report["passed"],
+        "atol": report["tolerance"]["model"],
+        "max_abs": report["max_abs"],
+        "mean_abs_clips": float(np.mean([c["mean_abs"] for c in clips])) if clips else None,
+        "threshold_flips": report["threshold_flips"],
+    }
+
+
+def gate_variant(variant: Variant, forward, sections: dict, references, atol: float | None, seed: int) -> dict:
+    """Run the fp32 parity gate on a variant, through the runtime's own loader (CPU). Raises ParityError."""
+    set_metadata(variant.proto, sections)
+    model = OnnxModel(variant.proto.SerializeToString(), device="cpu")
+    return run_gate(forward, model, tolerance=Tolerance.for_precision(variant.precision, atol), seed=seed,
+                    references=references)
+
+
+def variants_doc(
+    this: str,
+    made: dict[str, Variant],
+    reports: dict[str, dict],
+    paths: dict[str, Path],
+    recommended: dict[str, str] | None,
+) -> dict:
+    """The `variants` metadata section: this file's build, every gate run, sibling files, recommendations."""
+    doc = {
+        "this": this,
+        "build": made[this].build,
+        "files": {p: paths[p].name for p in made},
+        "gates": {p: gate_summary(r) for p, r in reports.items()},
+    }
+    if recommended:
+        doc["recommended"] = recommended
+    return doc
+
+
+def publish_variants(
+    fp32,
+    ckpt,
+    forward,
+    out: Path,
+    quantize: str,
+    *,
+    fp32_report: dict,
+    references=None,
+    clips=None,
+    seed: int = 0,
+    atol: dict[str, float | None] | None = None,
+    per_channel: bool = False,
+    reduce_range: bool = False,
+    optimized: bool = False,
+) -> tuple[dict[str, dict], dict[str, Path]]:
+    """Make, gate and write the variants `quantize` asks for from a gated fp32 proto; (reports, written paths).
+
+    A variant asked for by name that fails its gate raises ParityError and nothing is written; with `auto`
+    it is left out, the others are written and the recommendation falls back to fp32.
+    """
+    precisions, atol = plan(quantize), atol or {}
+    if references is None:  # librosa + JAX on the clips, computed once for every variant's gate
+        references = clip_references(forward, list(clips) if clips else shipped_clips())
+    reports, made = {"fp32": fp32_report}, {}
+    for precision in precisions:
+        if precision == "fp32" and not optimized:
+            made[precision] = Variant("fp32", fp32, {"optimized": False, "nodes": op_counts(fp32)})
+            continue
+        log.info("making the %s variant%s", precision, " (optimized graph)" if optimized else "")
+        variant = make_variant(
+            fp32, precision, ckpt.config, optimized=optimized, per_channel=per_channel, reduce_range=reduce_range
+        )
+        try:
+            reports[precision] = gate_variant(
+                variant, forward, describe(ckpt, precision), references, atol.get(precision), seed
+            )
+        except ParityError as exc:
+            if quantize != "auto" or precision == "fp32":
+                raise
+            reports[precision] = exc.report
+            log.warning("%s variant fails its parity gate (%s): not written", precision, exc)
+            stale = variant_paths(Path(out), (precision,), "")[precision]
+            if stale.exists():
+                log.warning("%s is left from an earlier export: not this export's %s variant", stale, precision)
+            continue
+        made[precision] = variant
+    recommended = recommend(reports) if quantize == "auto" else None
+    paths = variant_paths(Path(out), tuple(made), recommended["cpu"] if recommended else precisions[0])
+    for precision, variant in made.items():
+        doc = variants_doc(precision, made, reports, paths, recommended)
+        set_metadata(variant.proto, {**describe(ckpt, precision), "parity": reports[precision], "variants": doc})
+        write_atomic(variant.proto.SerializeToString(), paths[precision])
+        log.info("wrote %s (%s, %.1f MB)", paths[precision], precision, paths[precision].stat().st_size / 1e6)
+    return reports, paths
+
+
+def quantize_file(
+    model: Path,
+    checkpoint: Path,
+    out: Path | None = None,
+    quantize: str = "int8",
+    *,
+    clips=None,
+    seed: int = 0,
+    **options,
+) -> tuple[dict[str, dict], dict[str, Path]]:
+    """Variants of an already exported fp32 model, gated against JAX with the checkpoint it came from.
+
+    `out` defaults to MODEL.<precision>.onnx beside the model; `auto` needs an explicit `out`.
+    `options` are publish_variants' atol, per_channel, reduce_range and optimized.
+    """
+    import onnx
+
+    model = Path(model)
+    if not model.is_file():
+        raise FileNotFoundError(f"model file not found: {model}")
+    if quantize not in ("int8", "fp16", "auto"):
+        raise ExportError(f"cannot quantize to {quantize!r}; choose int8, fp16 or auto")
+    if out is None and quantize == "auto":
+        raise ExportError("quantize auto writes several files: name the main one with --out")
+    proto = onnx.load(str(model))
+    info = parse_metadata({p.key: p.value for p in proto.metadata_props}, str(model))
+    if info.precision != "fp32" or not (info.parity or {}).get("passed"):
+        raise ExportError(f"{model} is not a gated fp32 export ({info.precision}); quantize the fp32 model")
+    ckpt = load_checkpoint(checkpoint)
+    if ckpt.sha256 != info.sha256:
+        raise ExportError(
+            f"{model} was exported from checkpoint {info.sha256[:12]}, but {checkpoint} is "
+            f"{ckpt.sha256[:12]}: pass the checkpoint it was exported from"
+        )
+    out = Path(out) if out else model.with_name(f"{model.stem}.{quantize}{model.suffix}")
+    return publish_variants(
+        proto, ckpt, build_forward(ckpt), out, quantize, fp32_report=info.parity, clips=clips, seed=seed, **options
+    )

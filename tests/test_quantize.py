@@ -1,0 +1,274 @@
+"""int8 and fp16 variants of the tiny preset: graph rewrites, node counts, sizes, the parity gate, the runtime."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+import onnx
+import pytest
+
+from convert import cli
+from convert.checkpoint import load_checkpoint
+from convert.errors import ExportError, ParityError
+from convert.export import build_forward, describe, export, set_metadata
+from convert.parity import DEFAULT_ATOL, random_inputs
+from convert.quantize import FP16_KEEP_FP32, check_fusions, linear_layers, make_variant, op_counts, optimize, prepare
+from convert.variants import gate_variant, publish_variants
+from runtime.analyze import Analyzer
+from runtime.constants import API_KEYS
+from runtime.model import OnnxModel
+
+
+def _ort(proto):
+    import onnxruntime as ort
+
+    return ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+
+
+def _scores(proto, mel):
+    return _ort(proto).run(None, {"mel": mel})[0]
+
+
+def _reuse_trace(monkeypatch, tiny_model):
+    """export() with jax2onnx's trace of the tiny checkpoint taken from the session's fp32 export (saves ~10 s)."""
+    import convert.export as export_mod
+
+    monkeypatch.setattr(export_mod, "to_onnx", lambda forward, opset=23: onnx.load(str(tiny_model)))
+
+
+@pytest.fixture(scope="module")
+def ckpt(tiny_checkpoint):
+    return load_checkpoint(tiny_checkpoint)
+
+
+@pytest.fixture(scope="module")
+def fp32(tiny_model):
+    return onnx.load(str(tiny_model))
+
+
+@pytest.fixture(scope="module")
+def forward(ckpt):
+    return build_forward(ckpt)
+
+
+@pytest.fixture(scope="module")
+def auto(tiny_model, tiny_checkpoint, tmp_path_factory):
+    """`export(quantize="auto")` of the tiny preset: fp32, int8 and fp16, each through its parity gate."""
+    with pytest.MonkeyPatch.context() as mp:
+        _reuse_trace(mp, tiny_model)
+        return export(tiny_checkpoint, tmp_path_factory.mktemp("auto") / "model.onnx", quantize="auto")
+
+
+def test_prepare_is_exact_and_makes_every_dense_layer_a_matmul(fp32, ckpt):
+    prepared = prepare(fp32)
+    inits = {i.name for i in prepared.graph.initializer}
+    ops = op_counts(prepared)
+    assert ops.get("Gemm", 0) == 0
+    weights = [n for n in prepared.graph.node if n.op_type == "MatMul" and n.input[1] in inits]
+    assert len(weights) == linear_layers(ckpt.config) == 15
+    mel = random_inputs(4, seed=1)
+    np.testing.assert_allclose(_scores(prepared, mel), _scores(fp32, mel), atol=1e-6, rtol=0)
+
+
+def test_int8_quantizes_every_linear_layer_and_only_those(auto, ckpt):
+    proto = onnx.load(str(auto.written["int8"]))
+    ops = op_counts(proto)
+    inits = {i.name: i for i in proto.graph.initializer}
+    assert ops["MatMulInteger"] == linear_layers(ckpt.config)
+    assert ops.get("Gemm", 0) == 0
+    assert ops["MatMul"] == 2 * ckpt.config.num_layers  # q.k^T and attn.v: activations on both sides stay float
+    quantized = [inits[n.input[1]] for n in proto.graph.node if n.op_type == "MatMulInteger"]
+    assert all(w.data_type == onnx.TensorProto.INT8 for w in quantized)  # signed int8 weights
+    build = OnnxModel(auto.written["int8"], device="cpu").info.variants["build"]
+    assert build["quantization"]["quantized_matmuls"] == 15 and not build["quantization"]["reduce_range"]
+
+
+def test_fp16_is_half_inside_float32_at_the_edges(auto):
+    proto = onnx.load(str(auto.written["fp16"]))
+    graph = onnx.shape_inference.infer_shapes(proto).graph
+    types = {v.name: v.type.tensor_type.elem_type for v in [*graph.value_info, *graph.input, *graph.output]}
+    types |= {i.name: i.data_type for i in graph.initializer}
+    assert graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+    assert graph.output[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+    matmul_weights = [types[n.input[1]] for n in graph.node if n.op_type == "MatMul" and n.input[1] in types]
+    assert Counter(matmul_weights)[onnx.TensorProto.FLOAT16] >= 13  # the transformer's dense layers
+    kept = [n for n in graph.node if n.op_type in FP16_KEEP_FP32]
+    assert {n.op_type for n in kept} == {"LayerNormalization", "Softmax", "ReduceSum"}
+    assert all(types[n.input[0]] == onnx.TensorProto.FLOAT for n in kept)
+
+
+def test_variant_sizes(auto):
+    size = {p: path.stat().st_size for p, path in auto.written.items()}
+    assert size["int8"] < 0.4 * size["fp32"]
+    assert size["fp16"] < 0.7 * size["fp32"]
+
+
+def test_every_variant_passes_the_same_gate(auto):
+    for precision in ("fp32", "int8", "fp16"):
+        report = auto.reports[precision]
+        assert report["passed"] and report["precision"] == precision
+        assert report["max_abs"] <= DEFAULT_ATOL[precision]
+        assert report["threshold_flips"] == 0
+        names = {c["name"].split(":")[0] for c in report["checks"]}
+        assert names == {"clip", "random", "end-to-end"}
+        for check in report["checks"]:
+            assert set(check["per_dimension"]) == set(API_KEYS)
+            assert all({"max_abs", "mean_abs"} <= set(d) for d in check["per_dimension"].values())
+    assert auto.reports["fp16"]["max_abs"] < auto.reports["int8"]["max_abs"]
+
+
+def test_auto_writes_recommended_cpu_variant_at_out_and_records_it(auto):
+    out = auto.path
+    assert auto.written == {
+        "fp32": out.with_name("model.fp32.onnx"),
+        "int8": out,
+        "fp16": out.with_name("model.fp16.onnx"),
+    }
+    for precision, path in auto.written.items():
+        info = OnnxModel(path, device="cpu").info
+        assert info.precision == precision and info.parity["passed"]
+        assert info.variants["this"] == precision
+        assert info.variants["recommended"] == {"cpu": "int8", "gpu": "fp16"}
+        assert info.variants["files"] == {p: q.name for p, q in auto.written.items()}
+        assert all(g["passed"] for g in info.variants["gates"].values())
+
+
+def test_runtime_runs_every_variant_end_to_end_on_a_real_clip(auto, piano_clips):
+    clip = piano_clips[0]
+    results = {}
+    for precision, path in auto.written.items():
+        model = OnnxModel(path, device="cpu")
+        assert model.run(random_inputs(2, seed=3)).dtype == np.float32
+        scores = Analyzer(model).analyze_file(clip).scores
+        results[precision] = np.array([scores[k] for k in API_KEYS])
+    for precision in ("int8", "fp16"):
+        assert np.abs(results[precision] - results["fp32"]).max() <= DEFAULT_ATOL[precision]
+
+
+@pytest.mark.parametrize("precision", ["int8", "fp16"])
+def test_gate_refuses_a_variant_under_an_impossible_tolerance(precision, fp32, ckpt, forward, tiny_export, tmp_path):
+    with pytest.raises(ParityError) as err:
+        publish_variants(
+            fp32,
+            ckpt,
+            forward,
+            tmp_path / "m.onnx",
+            precision,
+            fp32_report=tiny_export.reports["fp32"],
+            atol={precision: 1e-9},
+        )
+    assert not err.value.report["passed"] and err.value.report["precision"] == precision
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_auto_leaves_out_a_failing_variant_and_falls_back_to_fp32(fp32, ckpt, forward, tiny_export, tmp_path):
+    reports, written = publish_variants(
+        fp32, ckpt, forward, tmp_path / "m.onnx", "auto", fp32_report=tiny_export.reports["fp32"], atol={"int8": 1e-9}
+    )
+    assert not reports["int8"]["passed"]
+    assert written == {"fp32": tmp_path / "m.onnx", "fp16": tmp_path / "m.fp16.onnx"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.fp16.onnx", "m.onnx"]
+    variants = OnnxModel(tmp_path / "m.onnx", device="cpu").info.variants
+    assert variants["recommended"] == {"cpu": "fp32", "gpu": "fp16"} and not variants["gates"]["int8"]["passed"]
+
+
+def test_cli_exits_nonzero_with_the_report_when_the_asked_variant_fails(
+    tiny_model, tiny_checkpoint, tmp_path, monkeypatch, capsys
+):
+    _reuse_trace(monkeypatch, tiny_model)
+    out = tmp_path / "model.onnx"
+    argv = [
+        "-q",
+        "export",
+        "--checkpoint",
+        str(tiny_checkpoint),
+        "--out",
+        str(out),
+        "--quantize",
+        "int8",
+        "--int8-atol",
+        "1e-9",
+    ]
+    code = cli.main(argv)
+    err = capsys.readouterr().err
+    assert code == 1
+    assert "parity (int8): FAILED" in err and "FAIL" in err and "Traceback" not in err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_per_channel_int8_passes_the_gate(fp32, ckpt, forward):
+    variant = make_variant(fp32, "int8", ckpt.config, per_channel=True)
+    assert variant.build["quantization"]["per_channel"]
+    report = gate_variant(variant, forward, describe(ckpt, "int8"), None, None, 0)
+    assert report["passed"] and report["max_abs"] <= DEFAULT_ATOL["int8"]
+
+
+def test_optimizer_fuses_layernorm_and_gelu_keeping_epsilon_and_tanh(fp32, ckpt):
+    proto, fused = optimize(fp32, ckpt.config)
+    layers = ckpt.config.num_layers
+    assert fused["SkipLayerNormalization"] == 2 * layers and fused["LayerNormalization"] == 1
+    assert fused["FastGelu"] == layers + 1 and fused["BiasGelu"] == 0 and fused["Gelu"] == 0
+    for node in proto.graph.node:
+        if "LayerNormalization" in node.op_type:
+            eps = next(a.f for a in node.attribute if a.name == "epsilon")
+            assert eps == pytest.approx(1e-6)
+    mel = random_inputs(3, seed=5)
+    np.testing.assert_allclose(_scores(proto, mel), _scores(fp32, mel), atol=1e-5, rtol=0)
+
+
+def test_check_fusions_catches_onnxruntimes_exact_gelu_fusion_and_a_wrong_epsilon(fp32, ckpt):
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    # Left alone, onnxruntime's BiasGelu fusion turns the model's tanh GELU into the exact (erf) one.
+    naive = optimize_model(
+        prepare(fp32), model_type="vit", num_heads=ckpt.config.num_heads, hidden_size=ckpt.config.embed_dim, opt_level=0
+    ).model
+    assert op_counts(naive).get("com.microsoft:BiasGelu", 0) >= 1
+    with pytest.raises(ExportError, match="erf"):
+        check_fusions(naive)
+    wrong = prepare(fp32)
+    norm = next(n for n in wrong.graph.node if n.op_type == "LayerNormalization")
+    next(a for a in norm.attribute if a.name == "epsilon").f = 1e-5
+    with pytest.raises(ExportError, match="epsilon"):
+        check_fusions(wrong)
+
+
+def test_optimized_variant_goes_through_the_gate(fp32, ckpt, forward):
+    variant = make_variant(fp32, "fp16", ckpt.config, optimized=True)
+    assert variant.build["fused_ops"]["SkipLayerNormalization"] == 2 * ckpt.config.num_layers
+    set_metadata(variant.proto, describe(ckpt, "fp16"))
+    report = gate_variant(variant, forward, describe(ckpt, "fp16"), None, None, 0)
+    assert report["passed"]
+
+
+def test_cli_quantize_makes_a_gated_variant_of_an_exported_model(auto, tiny_checkpoint, tmp_path, capsys):
+    out = tmp_path / "gpu.onnx"
+    fp32_model = auto.written["fp32"]
+    code = cli.main(
+        [
+            "-q",
+            "quantize",
+            str(fp32_model),
+            "--checkpoint",
+            str(tiny_checkpoint),
+            "--quantize",
+            "fp16",
+            "--out",
+            str(out),
+        ]
+    )
+    assert code == 0 and "parity (fp16): PASSED" in capsys.readouterr().out
+    assert OnnxModel(out, device="cpu").info.precision == "fp16"
+    code = cli.main(["-q", "quantize", str(auto.written["int8"]), "--checkpoint", str(tiny_checkpoint)])
+    err = capsys.readouterr().err
+    assert code == 1 and "not a gated fp32 export" in err and len(err.strip().splitlines()) == 1
+
+
+def test_runtime_info_reports_the_variant(auto, capsys):
+    from runtime import cli as runtime_cli
+
+    assert runtime_cli.main(["info", str(auto.written["int8"])]) == 0
+    out = capsys.readouterr().out
+    assert "precision   int8" in out
+    assert "'cpu': 'int8'" in out and "int8 passed" in out and "fp16 passed" in out
