@@ -1,0 +1,1 @@
+"""Benchmarks: the runtime against native JAX (`python -m benchmarks.run`)."""

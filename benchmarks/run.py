@@ -1,0 +1,193 @@
+"""`python -m benchmarks.run`: the runtime against native JAX, side by side, on this machine.
+
+Every variant gets the same 30 s clip of real piano (15 windows) and the same CPUs. Cold start is
+measured in fresh processes from process start to the 19 scores; warm latency after warm-up in the
+same process; parity in score units against JAX. Writes results.json, summary.md, latency.png and
+cold_start.png to --out, and prints the tables.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+from benchmarks.errors import BenchmarkError
+from benchmarks.progress import Display
+
+log = logging.getLogger(__name__)
+
+VARIANTS = {
+    "jax": "native JAX as the original served it: pickle.load -> Flax -> jit -> run; librosa features",
+    "jax-cached": "native JAX with its persistent compilation cache (filled by a first run, also reported)",
+    "ort-fp32": "the runtime: onnxruntime, fp32 model; numpy features; no JAX",
+    "ort-int8": "the runtime: onnxruntime, int8 (dynamic quantization) model, on the CPU",
+    "ort-fp16": "the runtime: onnxruntime, fp16 model, on a CUDA device only",
+}
+BASELINE = "jax"
+GEMM_REPEATS = 7
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.splitlines()[0])
+    parser.add_argument("--checkpoint", type=Path, help="original pickled checkpoint (default: a demo one)")
+    parser.add_argument("--preset", choices=("production", "tiny"), default="production",
+                        help="size of the demo checkpoint when --checkpoint is not given")
+    parser.add_argument("--model", type=Path, help="an fp32 ONNX export of --checkpoint to measure (default: export)")
+    parser.add_argument("--audio", type=Path, help="audio file to loop/cut to 30 s (default: the shared piano clips)")
+    parser.add_argument("--quick", action="store_true", help="tiny preset: a smoke test in seconds")
+    parser.add_argument("--out", type=Path, default=Path("bench-results"),
+                        help="output directory (default %(default)s); artifacts in it are reused")
+    parser.add_argument("--threads", type=int, help="CPUs for every variant (default: all this process may use)")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                        help="auto: CUDA for JAX and ORT fp32/fp16 where available, else the CPU")
+    parser.add_argument("--batches", default="1,15,32", help="warm batch sizes (default %(default)s)")
+    parser.add_argument("--runs", type=int, default=20, help="timed warm runs per batch size (default %(default)s)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed runs before them (default %(default)s)")
+    parser.add_argument("--cold-runs", type=int, help="cold starts per variant, the median reported (default 3; "
+                        "1 with --quick)")
+    parser.add_argument("--gemm-size", type=int, default=2048, help="square float32 matmul for the GEMM rate")
+    parser.add_argument("--no-plots", action="store_true", help="skip the PNG plots (no matplotlib needed)")
+    return parser
+
+
+def ort_devices(device: str) -> dict[str, str | None]:
+    """The device of each ORT variant, or None where it cannot run here."""
+    import onnxruntime as ort
+
+    has_cuda = "CUDAExecutionProvider" in ort.get_available_providers()
+    if device == "cuda" and not has_cuda:
+        raise BenchmarkError("--device cuda: onnxruntime has no CUDAExecutionProvider here; install the 'gpu' extra")
+    gpu = has_cuda and device != "cpu"
+    return {"fp32": "cuda" if gpu else "cpu", "int8": "cpu", "fp16": "cuda" if gpu else None}
+
+
+def run_variants(art, args, cpus: list[int], devices: dict[str, str | None], display: Display) -> dict[str, dict]:
+    """Every measuring process, one after another; returns each variant's raw worker output or why it is missing."""
+    from benchmarks.artifacts import clear_cache
+    from benchmarks.workers import WorkerError, median_cold, run_module
+
+    common = ["--audio", str(art.audio), "--cpus", ",".join(map(str, cpus))]
+    warm = ["--mel", str(art.mel), "--batches", args.batches, "--runs", str(args.runs), "--warmup", str(args.warmup)]
+    jax = ["jax", "--checkpoint", str(art.checkpoint), *common]
+    cache = args.out / "jax-cache"
+    raw: dict[str, dict] = {}
+
+    def measure(name: str, label: str, argv: list[str], warm_argv: list[str], times: int) -> dict | None:
+        """`times` cold starts (the first one also measures warm latency); None if one fails."""
+        runs = []
+        for i in range(times):
+            display.step(f"{label}: cold start{' + warm' if i == 0 and warm_argv else ''}"
+                         + (f" ({i + 1}/{times})" if times > 1 else ""))
+            try:
+                runs.append(run_module("benchmarks.cold", [*argv, *(warm_argv if i == 0 else [])], cpus,
+                                       args.device, display.note))
+            except WorkerError as exc:
+                log.error("%s", exc)
+                raw[name] = {"failed": str(exc)}
+                return None
+        return median_cold(runs)
+
+    if (out := measure("jax", "JAX native", jax, warm, args.cold_runs)) is not None:
+        raw["jax"] = out
+    clear_cache(cache)
+    cached = [*jax, "--cache-dir", str(cache)]
+    if (populate := measure("jax-cached", "JAX cached, first run (fills the cache)", cached, [], 1)) and (
+            out := measure("jax-cached", "JAX cached", cached, [], args.cold_runs)):
+        raw["jax-cached"] = out | {"populate": populate, "cache_bytes": dir_bytes(cache)}
+    for precision, device in devices.items():
+        name, model = f"ort-{precision}", art.models[precision]
+        if device is None:
+            raw[name] = {"unavailable": "needs a CUDA device (onnxruntime here has no CUDAExecutionProvider)"}
+        elif not model.available:
+            raw[name] = {"unavailable": model.reason}
+        elif out := measure(name, f"ORT {precision} ({device})",
+                            ["ort", "--model", str(model.path), "--device", device, *common], warm, args.cold_runs):
+            raw[name] = out
+    return raw
+
+
+def dir_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def benchmark(args: argparse.Namespace, cpus: list[int]) -> dict:
+    """Prepare, measure, assemble: the whole run; returns the results document."""
+    from benchmarks.artifacts import prepare
+    from benchmarks.environment import machine, threads_note, versions
+    from benchmarks.results import assemble
+    from benchmarks.roofline import best_gemm
+    from benchmarks.workers import gemm
+
+    started, clock = datetime.now(UTC), time.monotonic()
+    preset = "tiny" if args.quick else args.preset
+    env = {"machine": machine(cpus), "versions": versions(), "threads": {"count": len(cpus), "cpus": cpus,
+                                                                         "how": threads_note(cpus)}}
+    with Display(steps=2) as display:
+        display.step("preparing artifacts")
+        devices = ort_devices(args.device)
+        art = prepare(args.out, args.checkpoint, preset, args.audio, args.model, {p for p, d in devices.items() if d},
+                      display.note)
+        ort_runs = sum(1 for p, d in devices.items() if d and art.models[p].available)
+        display.set_total(1 + 2 + 1 + args.cold_runs * (2 + ort_runs))  # prepare, GEMM x2, JAX first run, cold starts
+        display.step("GEMM rate (before the variants)")
+        before = gemm(cpus, args.gemm_size, GEMM_REPEATS, display.note)
+        raw = run_variants(art, args, cpus, devices, display)
+        display.step("GEMM rate (after the variants)")
+        gemm_rate = best_gemm([before, gemm(cpus, args.gemm_size, GEMM_REPEATS, display.note)])
+    settings = {"preset": preset if art.demo else None, "quick": args.quick, "runs": args.runs,
+                "cold_runs": args.cold_runs,
+                "warmup": args.warmup, "batches": [int(b) for b in args.batches.split(",")], "device": args.device}
+    return assemble(art, raw, gemm_rate, env, settings, VARIANTS, BASELINE, started, time.monotonic() - clock)
+
+
+def check_args(args: argparse.Namespace) -> None:
+    if args.cold_runs is None:
+        args.cold_runs = 1 if args.quick else 3
+    if args.runs < 1 or args.warmup < 0 or args.cold_runs < 1:
+        raise BenchmarkError(f"--runs and --cold-runs must be >= 1 and --warmup >= 0 "
+                             f"(got {args.runs}, {args.cold_runs}, {args.warmup})")
+    try:
+        batches = [int(b) for b in args.batches.split(",")]
+    except ValueError:
+        raise BenchmarkError(f"--batches {args.batches!r}: expected integers such as 1,15,32") from None
+    if not batches or min(batches) < 1:
+        raise BenchmarkError(f"--batches {args.batches!r}: batch sizes must be positive")
+    if args.runs < 20:
+        log.warning("--runs %d: fewer than 20 timed runs make p99 little more than the maximum", args.runs)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
+    for name in ("benchmarks", "convert", "runtime"):
+        logging.getLogger(name).setLevel(logging.INFO)
+    from benchmarks.environment import pick_cpus
+    from benchmarks.report import write_outputs
+    from convert.errors import CheckpointError, ExportError, ParityError
+    from runtime.errors import AudioError, ModelError
+
+    USER_ERRORS = (BenchmarkError, CheckpointError, ExportError, ParityError, AudioError, ModelError, FileNotFoundError)
+
+    try:
+        check_args(args)
+        cpus = pick_cpus(args.threads)
+        args.out.mkdir(parents=True, exist_ok=True)
+        results = benchmark(args, cpus)
+    except USER_ERRORS as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    results["command"] = " ".join(["python -m benchmarks.run", *(argv if argv is not None else sys.argv[1:])])
+    write_outputs(results, args.out, plots=not args.no_plots)
+    failed = [n for n, v in results["variants"].items() if v.get("failed")]
+    if failed:
+        print(f"error: variant(s) failed: {', '.join(failed)}; see results.json", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,166 @@
+"""Smoke test of `python -m benchmarks.run --quick`: the outputs exist and their figures are sane and consistent.
+
+No test asserts a speed: benchmarks measure, tests check that what they write is correct.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from benchmarks.roofline import flops_per_chunk
+from convert.config import PRESETS
+
+REPO = Path(__file__).resolve().parents[1]
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory, tiny_checkpoint, tiny_model):
+    """One quick benchmark of the tiny preset, on the session's tiny checkpoint and its export."""
+    out = tmp_path_factory.mktemp("bench")
+    cmd = [sys.executable, "-m", "benchmarks.run", "--quick", "--out", str(out),
+           "--checkpoint", str(tiny_checkpoint), "--model", str(tiny_model)]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return out, proc
+
+
+@pytest.fixture(scope="module")
+def results(quick_run) -> dict:
+    return json.loads((quick_run[0] / "results.json").read_text())
+
+
+def get(record: dict, dotted: str) -> float:
+    """record['warm']['15']['p50_s'] for 'warm.15.p50_s'."""
+    value = record
+    for part in dotted.split("."):
+        value = value[part]
+    return value
+
+
+def test_writes_every_output(quick_run):
+    out, proc = quick_run
+    for name in ("latency.png", "cold_start.png"):
+        assert (out / name).read_bytes()[:8] == PNG_MAGIC
+    summary = (out / "summary.md").read_text()
+    for heading in ("Cold start", "Warm latency", "Parity against JAX"):
+        assert heading in summary and heading in proc.stdout
+    for variant in ("jax", "jax-cached", "ort-fp32", "ort-int8", "ort-fp16"):
+        assert f"| {variant}" in summary
+
+
+def test_describes_machine_input_and_threads(results):
+    assert results["input"]["chunks"] == 15 and results["input"]["seconds"] == 30
+    assert results["threads"]["count"] == len(results["threads"]["cpus"]) >= 1
+    assert results["machine"]["cpu"] and results["versions"]["onnxruntime"]
+    assert results["checkpoint"]["config"]["embed_dim"] == PRESETS["tiny"].embed_dim
+    assert results["gemm"]["gflops"] > 0
+    assert results["flops_per_chunk"]["total"] == flops_per_chunk(PRESETS["tiny"])["total"]
+
+
+def test_variants_measured_or_cleanly_unavailable(results):
+    variants = results["variants"]
+    for name in ("jax", "jax-cached", "ort-fp32"):
+        assert variants[name]["available"] and "cold" in variants[name], name
+    assert "cold_first_run" in variants["jax-cached"]
+    for name, rec in variants.items():
+        assert not rec.get("failed"), f"{name}: {rec.get('failed')}"
+        if not rec["available"]:
+            assert rec["reason"] and "cold" not in rec and "warm" not in rec
+    if variants["ort-fp32"]["device"] == "cpu":
+        assert not variants["ort-fp16"]["available"]
+    assert variants["ort-fp32"]["heavy_modules_imported"] == []  # the runtime path loads no JAX or librosa
+
+
+def test_cold_start_phases_are_consistent(results):
+    for name, rec in results["variants"].items():
+        for section in ("cold", "cold_first_run"):
+            if section not in rec:
+                continue
+            cold = rec[section]
+            assert cold["total_s"] > 0 and cold["peak_rss_bytes"] > 10e6, name
+            assert all(v >= 0 for v in cold["phases"].values()), name
+            assert sum(cold["phases"].values()) <= cold["total_s"] + 1e-6, name
+            phases = cold["phases"]
+            ready = phases["session"] if "session" in phases else phases["load"] + phases["compile"]
+            assert cold["model_ready_s"] == pytest.approx(ready)
+
+
+def test_warm_figures_are_sane(results):
+    flops, gemm = results["flops_per_chunk"]["total"], results["gemm"]["gflops"]
+    measured = [rec for rec in results["variants"].values() if "warm" in rec]
+    assert len(measured) >= 2
+    for rec in measured:
+        assert sorted(map(int, rec["warm"])) == [1, 15, 32]
+        for batch, w in rec["warm"].items():
+            assert w["runs"] >= 20 and w["batch"] == int(batch) and w["output_finite"]
+            assert w["cores_busy"] is None or w["cores_busy"] > 0
+            assert 0 < w["min_s"] <= w["p50_s"] <= w["p90_s"] <= w["p99_s"] <= w["max_s"]
+            assert w["chunks_per_s"] == pytest.approx(int(batch) / w["p50_s"], rel=1e-9)
+            assert w["gflops"] == pytest.approx(flops * w["chunks_per_s"] / 1e9, rel=1e-9)
+            if w["gemm_share"] is not None:
+                assert w["gemm_share"] == pytest.approx(w["gflops"] / gemm, rel=1e-9)
+
+
+def test_ratios_are_quotients_of_the_figures(results):
+    variants, base = results["variants"], results["variants"][results["baseline"]]
+    checked = 0
+    for name, rec in variants.items():
+        for key, ratio in rec.get("vs_jax", {}).items():
+            base_key = "cold." + key.removeprefix("cold_first_run.") if key.startswith("cold_first_run.") else key
+            assert ratio == pytest.approx(get(rec, key) / get(base, base_key), rel=1e-9), (name, key)
+            checked += 1
+    fp32 = variants["ort-fp32"]["vs_jax"]
+    expected = {"cold.total_s", "cold.peak_rss_bytes", "warm.15.p50_s", "warm.32.chunks_per_s", "artifact.bytes"}
+    assert expected <= fp32.keys()
+    assert checked > 20
+
+
+def test_parity_against_jax(results):
+    fp32 = results["variants"]["ort-fp32"]["parity"]
+    assert fp32["model"]["max_abs"] < 1e-4 and fp32["model"]["rows"] == 15
+    assert fp32["end_to_end"]["max_abs"] < 1e-4 and fp32["end_to_end"]["passed"]
+    assert results["variants"]["jax-cached"]["parity"]["end_to_end"]["max_abs"] < 1e-6
+    int8 = results["variants"]["ort-int8"]
+    if int8["available"]:
+        assert int8["parity"]["model"]["passed"], int8["parity"]["model"]["max_abs"]
+
+
+def test_median_cold_keeps_the_first_runs_warm_figures():
+    from benchmarks.workers import median_cold
+
+    runs = [{"total_s": t, "phases": {"import": t / 2}, "peak_rss_bytes": int(t * 1e6), "warm": {"1": i}}
+            for i, t in enumerate((3.0, 1.0, 2.0, 5.0))]
+    merged = median_cold(runs)
+    assert merged["total_s"] == 2.0 and merged["phases"] == {"import": 1.0} and merged["peak_rss_bytes"] == 2_000_000
+    assert merged["warm"] == {"1": 0} and merged["cold_totals_s"] == [3.0, 1.0, 2.0, 5.0]
+
+
+def test_flops_per_chunk_of_the_production_model():
+    flops = flops_per_chunk(PRESETS["production"])
+    assert flops["total"] == sum(v for k, v in flops.items() if k != "total")
+    # about 2 FLOPs per weight per patch (85.7M weights, 64 patches), plus attention's activation products
+    assert 10.9e9 < flops["total"] < 11.2e9
+    assert math.isclose(flops["attention_scores"], 12 * 2 * 64 * 64 * 768)
+
+
+def test_imports_nothing_heavy():
+    code = ("import sys, benchmarks.run, benchmarks.cold, benchmarks.workers, benchmarks.report, benchmarks.plots; "
+            "print(sorted(m for m in ('jax', 'flax', 'onnxruntime', 'librosa', 'sklearn', 'matplotlib', 'onnx') "
+            "if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_bad_thread_count_is_one_line_error(tmp_path, capsys):
+    from benchmarks.run import main
+
+    assert main(["--quick", "--threads", "4096", "--out", str(tmp_path)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: --threads 4096") and "\n" not in err
