@@ -79,7 +79,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     if args.report:
         args.report.write_text(json.dumps(result.reports, indent=2))
     for precision, path in result.written.items():
-        print(f"wrote {path} ({precision}, {path.stat().st_size / 1e6:.1f} MB) in {result.seconds:.1f} s")
+        print(f"wrote {path} ({precision}, {path.stat().st_size / 1e6:.1f} MB)")
+    print(f"export took {result.seconds:.1f} s")
     for precision in sorted(set(result.reports) - set(result.written) - {"fp32"}):
         print(f"not written: the {precision} variant failed its parity gate (report above)")
     return 0

@@ -136,18 +136,24 @@ def test_not_a_model_is_refused(tmp_path):
 def test_cli_analyze_json_keeps_going_after_a_bad_file(tiny_model, piano_clips, tmp_path, capsys):
     bad = tmp_path / "broken.flac"
     bad.write_bytes(piano_clips[0].read_bytes()[:500])
-    code = cli.main(["analyze", str(piano_clips[0]), str(bad), str(piano_clips[1]), "--model", str(tiny_model),
-                     "--json", "--device", "cpu", "--batch-size", "4"])
+    noise = tmp_path / "noise.wav"
+    noise.write_bytes(np.random.default_rng(0).bytes(4096))
+    empty = tmp_path / "empty.flac"
+    empty.write_bytes(b"")
+    bad_ones = [bad, tmp_path, tmp_path / "missing.wav", noise, empty]
+    code = cli.main(["analyze", str(piano_clips[0]), *map(str, bad_ones), str(piano_clips[1]),
+                     "--model", str(tiny_model), "--json", "--device", "cpu", "--batch-size", "4"])
     out = capsys.readouterr()
     doc = json.loads(out.out)
     assert code != 0
     assert doc["model"]["precision"] == "fp32" and len(doc["model"]["sha256"]) == 64
-    good, broken, good2 = doc["results"]
-    assert broken["error"] and broken["scores"] is None and "broken.flac" in broken["file"]
+    good, *broken, good2 = doc["results"]
+    assert [b["file"] for b in broken] == list(map(str, bad_ones))
+    assert all(b["error"] and b["scores"] is None for b in broken)
     for res in (good, good2):
         assert res["error"] is None and list(res["scores"]) == list(API_KEYS)
         assert res["timeline"][0]["start_seconds"] == 0.0 and len(res["timeline"][0]["scores"]) == 19
-    assert "1 of 3 file(s) failed" in out.err
+    assert "5 of 7 file(s) failed" in out.err
 
 
 def test_cli_table_and_info(tiny_model, piano_clips, capsys):
