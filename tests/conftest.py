@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+pytest_plugins = ("serving",)  # the HTTP service's fixtures (tests/serving.py)
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED_PIANO = REPO.parent / "shared" / "data" / "piano"
 
