@@ -189,3 +189,15 @@ def test_features_constants_are_the_spec():
     assert (FEATURES.sample_rate, FEATURES.n_fft, FEATURES.hop_length, FEATURES.n_mels) == (22050, 2048, 512, 128)
     assert (FEATURES.fmin, FEATURES.fmax, FEATURES.top_db) == (20.0, 11025.0, 80.0)
     assert (FEATURES.chunk_samples, FEATURES.hop_samples) == (66150, 44100)
+
+
+def test_cuda_asked_for_without_a_gpu_is_a_clear_error(tiny_model):
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.skip("this machine has CUDA")
+    with pytest.raises(ModelError, match="install the 'gpu' extra"):
+        OnnxModel(tiny_model, device="cuda")
+    assert OnnxModel(tiny_model, device="auto").device == "cpu"
+    with pytest.raises(ModelError, match="unknown device"):
+        OnnxModel(tiny_model, device="tpu")
