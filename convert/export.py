@@ -47,10 +47,17 @@ def build_forward(ckpt: Checkpoint) -> Forward:
     mean = jnp.asarray(ckpt.scaler_mean, jnp.float32)
     scale = jnp.asarray(ckpt.scaler_scale, jnp.float32)
 
-    def forward(mel):
+    @jax.jit
+    def apply(variables, mean, scale, mel):
         return model.apply(variables, mel) * scale + mean  # StandardScaler.inverse_transform, in the graph
 
-    return jax.jit(forward)
+    def forward(mel):
+        # The weights are arguments of the jitted function, not closed-over constants: XLA would otherwise
+        # copy all 343 MB into every executable it compiles (one per batch size the parity gate uses).
+        # jax2onnx, tracing `forward`, still sees them as concrete arrays and writes them as initializers.
+        return apply(variables, mean, scale, mel)
+
+    return forward
 
 
 def package_versions() -> dict[str, str]:
