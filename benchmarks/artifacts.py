@@ -18,12 +18,12 @@ import numpy as np
 
 from benchmarks.errors import BenchmarkError
 from convert.config import ModelConfig
+from runtime.model import PRECISIONS
 
 log = logging.getLogger(__name__)
 
 SHARED_PIANO = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "piano"
 CLIP_SECONDS = 30.0  # the original's cap: 15 windows of 3 s at a 2 s hop
-PRECISIONS = ("fp32", "int8", "fp16")
 Progress = Callable[[str], None]
 
 

@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
 import pickle
-import secrets
 from pathlib import Path
 
 import numpy as np
 
 from convert.config import PRESETS, ModelConfig
+from convert.files import write_atomic
 from runtime.constants import NUM_DIMENSIONS
 
 log = logging.getLogger(__name__)
@@ -60,7 +59,7 @@ def make_demo_checkpoint(path: str | Path, preset: str = "production", seed: int
         "label_scaler": scaler,
         "training_complete": True,
     }
-    _write_atomic(path, ckpt)
+    write_atomic(path, lambda fh: pickle.dump(ckpt, fh, protocol=PICKLE_PROTOCOL))
     log.info("wrote %s (%.1f MB)", path, path.stat().st_size / 1e6)
     return path
 
@@ -73,18 +72,3 @@ def _jitted_init(config: ModelConfig):
     from convert.model import ProductionASTForRegression
 
     return jax.jit(ProductionASTForRegression(config).init)
-
-
-def _write_atomic(path: Path, obj: object) -> None:
-    """pickle.dump into a temporary file beside `path`, then rename it over `path`."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    try:
-        with open(tmp, "xb") as f:  # open(), not mkstemp: the file gets the umask's mode, as pickle.dump's would
-            pickle.dump(obj, f, protocol=PICKLE_PROTOCOL)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from convert.checkpoint import Checkpoint, load_checkpoint
 from convert.errors import ExportError
+from convert.files import write_atomic
 from convert.parity import Forward, Tolerance, clip_references, run_gate, shipped_clips
 from convert.quantize import QUANTIZE_CHOICES
 from runtime.constants import DIMENSIONS, FEATURES, INPUT_NAME, OUTPUT_NAME
@@ -112,26 +113,6 @@ def to_onnx(forward: Forward, opset: int = DEFAULT_OPSET):
         raise ExportError(f"jax2onnx could not export the model at opset {opset}: {exc}") from exc
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def write_atomic(data: bytes, path: Path) -> None:
-    """Write bytes to path via a temporary file in the same folder and a rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; a published model is as readable as any new file
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def export(
     checkpoint: str | os.PathLike | None,
     out: str | os.PathLike,
@@ -176,7 +157,7 @@ def export(
                           references=references)
         set_metadata(proto, {**describe(ckpt, "fp32"), "parity": report})
         if quantize == "none" and not optimize:
-            write_atomic(proto.SerializeToString(), out)
+            write_atomic(out, lambda fh: fh.write(proto.SerializeToString()))
             log.info("wrote %s (%.1f MB)", out, out.stat().st_size / 1e6)
             reports, written = {"fp32": report}, {"fp32": out}
         else:  # each variant is made from the gated fp32 graph and passes the same gate before it is written

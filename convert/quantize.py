@@ -18,11 +18,11 @@ import numpy as np
 
 from convert.config import ModelConfig
 from convert.errors import ExportError
+from runtime.model import PRECISIONS
 
 log = logging.getLogger(__name__)
 
 QUANTIZE_CHOICES = ("none", "int8", "fp16", "auto")
-VARIANTS = ("fp32", "int8", "fp16")
 LN_EPSILON = 1e-6  # SPEC §1; a fusion that changed it would be a silent parity bug
 # Kept in float32 in the fp16 variant: normalisation statistics, softmax and the mean over patches.
 FP16_KEEP_FP32 = ("LayerNormalization", "SkipLayerNormalization", "Softmax", "ReduceSum", "ReduceMean")
@@ -288,8 +288,8 @@ def make_variant(
     reduce_range: bool = False,
 ) -> Variant:
     """The `precision` variant of a gated fp32 model (metadata is left to the caller)."""
-    if precision not in VARIANTS:
-        raise ValueError(f"unknown precision {precision!r}; choose one of {VARIANTS}")
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}; choose one of {PRECISIONS}")
     build: dict = {"optimized": optimized}
     if optimized:
         proto, build["fused_ops"] = optimize(fp32, config)

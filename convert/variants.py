@@ -9,10 +9,11 @@ import numpy as np
 
 from convert.checkpoint import load_checkpoint
 from convert.errors import ExportError, ParityError
-from convert.export import build_forward, describe, set_metadata, write_atomic
+from convert.export import build_forward, describe, set_metadata
+from convert.files import write_atomic
 from convert.parity import Tolerance, clip_references, run_gate, shipped_clips
-from convert.quantize import QUANTIZE_CHOICES, VARIANTS, Variant, make_variant, op_counts
-from runtime.model import OnnxModel, parse_metadata
+from convert.quantize import QUANTIZE_CHOICES, Variant, make_variant, op_counts
+from runtime.model import PRECISIONS, OnnxModel, parse_metadata
 
 log = logging.getLogger(__name__)
 
@@ -21,7 +22,7 @@ def plan(quantize: str) -> tuple[str, ...]:
     """The precisions an export with `--quantize quantize` produces."""
     if quantize not in QUANTIZE_CHOICES:
         raise ValueError(f"unknown --quantize {quantize!r}; choose one of {QUANTIZE_CHOICES}")
-    return {"none": ("fp32",), "auto": VARIANTS}.get(quantize, (quantize,))
+    return {"none": ("fp32",), "auto": PRECISIONS}.get(quantize, (quantize,))
 
 
 def recommend(reports: dict[str, dict]) -> dict[str, str]:
@@ -126,7 +127,7 @@ def publish_variants(
     for precision, variant in made.items():
         doc = variants_doc(precision, made, reports, paths, recommended)
         set_metadata(variant.proto, {**describe(ckpt, precision), "parity": reports[precision], "variants": doc})
-        write_atomic(variant.proto.SerializeToString(), paths[precision])
+        write_atomic(paths[precision], lambda fh, v=variant: fh.write(v.proto.SerializeToString()))
         log.info("wrote %s (%s, %.1f MB)", paths[precision], precision, paths[precision].stat().st_size / 1e6)
     return reports, paths
 
