@@ -1,7 +1,8 @@
 """Precomputed log-mel spectrograms from callers: the edge worker's binary blob and the original JSON form.
 
 Both parse to a float32 ``[time, n_mels]`` array in dB, checked against the model's feature parameters;
-anything else raises ``InputError`` naming the bad value. Plain numpy, no web framework.
+anything else raises ``InputError`` naming the bad value. The values themselves (finite) are checked where
+every spectrogram goes: ``runtime.analyze.windows_from_mel``. Plain numpy, no web framework.
 
 Binary blob (SPEC §5): a 16-byte little-endian header of four u32 (n_mels, n_frames, sample_rate, hop),
 then ``n_mels * n_frames`` little-endian float32 values, mel-major (all frames of mel bin 0, then bin 1, ...).
@@ -47,7 +48,7 @@ def parse_blob(data: bytes, params: FeatureParams = FEATURES, *, max_frames: int
         raise InputError(f"mel blob is {len(data)} bytes, but its header ({n_mels} mels x {n_frames} frames) "
                          f"implies {expected}")
     values = np.frombuffer(data, dtype="<f4", offset=HEADER.size).reshape(n_mels, n_frames)
-    return check_values(values.T.astype(np.float32))  # mel-major -> [time, mel]
+    return values.T.astype(np.float32)  # mel-major -> [time, mel]; values are checked by windows_from_mel
 
 
 def parse_json(doc: Any, params: FeatureParams = FEATURES, *, max_frames: int | None = None) -> np.ndarray:
@@ -70,7 +71,7 @@ def parse_json(doc: Any, params: FeatureParams = FEATURES, *, max_frames: int | 
         raise InputError("mel_spectrogram rows differ in length; every frame needs 128 values") from None
     if arr.ndim != 2 or arr.dtype.kind not in "iuf":
         raise InputError(f"mel_spectrogram must be a [time][mel] array of numbers, got {arr.ndim}-d of {arr.dtype}")
-    return check_values(arr.astype(np.float32))
+    return arr.astype(np.float32)
 
 
 def check_frames(n_frames: int, max_frames: int | None) -> None:
@@ -79,14 +80,6 @@ def check_frames(n_frames: int, max_frames: int | None) -> None:
         raise InputError("the spectrogram has no frames")
     if max_frames is not None and n_frames > max_frames:
         raise InputTooLarge(f"the spectrogram has {n_frames} frames, over the limit of {max_frames}")
-
-
-def check_values(mel: np.ndarray) -> np.ndarray:
-    """Finite values only; the array itself is returned."""
-    if not np.isfinite(mel).all():
-        bad = int((~np.isfinite(mel)).sum())
-        raise InputError(f"the spectrogram contains {bad} NaN or infinite value(s)")
-    return mel
 
 
 def max_frames_for(seconds: float | None, params: FeatureParams = FEATURES) -> int | None:

@@ -58,9 +58,7 @@ DRAIN_LIMIT = 16 * 1024 * 1024  # an oversized body up to this much is read and 
 RAW_AUDIO_TYPES = ("application/octet-stream",)  # besides audio/*
 
 
-
 ERROR_RESPONSES = {code: {"model": ErrorResponse} for code in (401, 413, 415, 422, 503)}
-
 
 
 class ServiceError(Exception):
@@ -232,7 +230,6 @@ class Service:
                 "processing_seconds": round(seconds, 6)}
 
 
-
 def media_type(request: Request) -> str:
     return request.headers.get("content-type", "").split(";")[0].strip().lower()
 
@@ -329,7 +326,6 @@ MEL_BODY = {"requestBody": {"required": True, "content": {
     "application/octet-stream": {"schema": {**_BINARY, "description": (
         "16-byte little-endian u32 header (n_mels, n_frames, sample_rate, hop), then float32 values, mel-major")}},
 }}}
-
 
 
 def create_app(source: Source, *, settings: Settings | None = None) -> FastAPI:
