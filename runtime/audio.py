@@ -170,6 +170,12 @@ class DecodePlan:
         self.stopped = self.seconds >= self.cap + CAP_MARGIN_SECONDS
         return self.stopped
 
+    def frames_wanted(self, rate: int, most: int) -> int:
+        """Frames to decode next at ``rate``: ``most``, or fewer where the cap needs fewer."""
+        if self.cap is None:
+            return most
+        return max(1, min(most, math.ceil((self.cap + CAP_MARGIN_SECONDS - self.seconds) * rate)))
+
     def _close_current(self) -> None:
         if self.current is not None:
             self.done.append(self.current.finish())
@@ -258,7 +264,7 @@ def _read_blocks(f: sf.SoundFile, channels: int, plan: DecodePlan, rate: int) ->
     buffer = np.empty((max(1024, _BLOCK_SAMPLES // channels), channels), dtype=np.float32)
     total = 0
     while True:
-        data = f.read(out=buffer)  # (frames, channels), a view of buffer
+        data = f.read(plan.frames_wanted(rate, len(buffer)), out=buffer)  # (frames, channels), a view of buffer
         if data.shape[0] == 0:
             return total
         total += data.shape[0]
