@@ -167,14 +167,20 @@ class DecodePlan:
         if self.cap is None:
             self._check(self.seconds, at_least=True)
             return False
-        self.stopped = self.seconds >= self.cap + CAP_MARGIN_SECONDS
+        self.stopped = self._cap_frames_left(rate) <= 0
         return self.stopped
 
     def frames_wanted(self, rate: int, most: int) -> int:
         """Frames to decode next at ``rate``: ``most``, or fewer where the cap needs fewer."""
         if self.cap is None:
             return most
-        return max(1, min(most, math.ceil((self.cap + CAP_MARGIN_SECONDS - self.seconds) * rate)))
+        return max(1, min(most, self._cap_frames_left(rate)))
+
+    def _cap_frames_left(self, rate: int) -> int:
+        """Frames at ``rate`` still to decode before the cap (and its margin) is covered."""
+        assert self.cap is not None
+        fed = self.current.frames_in if self.current is not None and self.current.native_rate == rate else 0
+        return math.ceil((self.cap + CAP_MARGIN_SECONDS - self.done_seconds) * rate) - fed
 
     def _close_current(self) -> None:
         if self.current is not None:
