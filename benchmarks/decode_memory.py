@@ -26,7 +26,22 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 SHARED_PIANO = REPO.parent / "shared" / "data" / "piano"
 RATES = (384_000, 22_050)
-LOAD_ONLY = "import sys; from runtime.audio import load_audio; load_audio(sys.argv[1])"
+# Runs in the measured process and writes its own VmHWM (peak RSS since exec) at exit: the rusage of a child
+# is no good here, since Linux carries the parent's peak at fork time into it.
+MEASURED = """
+import atexit, os, runpy, sys
+def report():
+    hwm = [line.split()[1] for line in open('/proc/self/status') if line.startswith('VmHWM:')][0]
+    with open(os.environ['PEAK_RSS_FILE'], 'w') as f:
+        f.write(hwm)
+atexit.register(report)
+if sys.argv[1] == 'analyze':
+    sys.argv = ['runtime', *sys.argv[1:]]
+    runpy.run_module('runtime', run_name='__main__', alter_sys=True)
+else:
+    from runtime.audio import load_audio
+    load_audio(sys.argv[2])
+"""
 
 
 def piano_minute(seconds: float) -> np.ndarray:
@@ -58,26 +73,23 @@ def write_inputs(folder: Path, seconds: float) -> dict[int, Path]:
     return paths
 
 
-def peak_rss_mb(argv: list[str], tree: Path) -> float:
-    """Run argv with ``tree`` first on PYTHONPATH; its peak resident set size in MB (fails loudly on error)."""
-    env = {**os.environ, "PYTHONPATH": str(tree)}
-    proc = subprocess.Popen(argv, cwd=tree, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(proc.pid, 0)
-    err = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
-    proc.stderr.close()
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    if proc.returncode != 0:
-        raise RuntimeError(f"{' '.join(argv)} failed ({proc.returncode}): {err.strip()[-500:]}")
-    return usage.ru_maxrss / 1024  # Linux reports kilobytes
+def peak_rss_mb(args: list[str], tree: Path) -> float:
+    """Run MEASURED with ``args`` and ``tree`` first on PYTHONPATH; its peak resident set size in MB."""
+    with tempfile.NamedTemporaryFile(suffix=".peak") as peak:
+        env = {**os.environ, "PYTHONPATH": str(tree), "PEAK_RSS_FILE": peak.name}
+        proc = subprocess.run([sys.executable, "-c", MEASURED, *args], cwd=tree, env=env, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"{' '.join(args)} failed ({proc.returncode}): {proc.stderr.strip()[-500:]}")
+        return int(Path(peak.name).read_text()) / 1024  # kB -> MB
 
 
 def measure(trees: dict[str, Path], model: Path, paths: dict[int, Path]) -> list[dict]:
     rows = []
     for label, tree in trees.items():
         for rate, path in paths.items():
-            analyze = [sys.executable, "-m", "runtime", "analyze", str(path), "--model", str(model), "--json",
-                       "--device", "cpu", "--threads", "1"]
-            load = [sys.executable, "-c", LOAD_ONLY, str(path)]
+            analyze = ["analyze", str(path), "--model", str(model), "--json", "--device", "cpu", "--threads", "1"]
+            load = ["load_audio", str(path)]
             row = {"code": label, "tree": str(tree), "rate": rate, "file_mb": round(path.stat().st_size / 1e6, 2),
                    "analyze_peak_rss_mb": round(peak_rss_mb(analyze, tree), 1),
                    "load_audio_peak_rss_mb": round(peak_rss_mb(load, tree), 1)}
