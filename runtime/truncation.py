@@ -97,7 +97,7 @@ def _mp3(f: BinaryIO, size: int) -> str | None:
     if not flags & 0x2:
         return None
     declared = struct.unpack(">I", fields[8:12])[0] if flags & 0x1 else first
-    held = size - offset
+    held = size  # encoders differ on whether the count includes an ID3v2 tag: compare with the whole file
     if declared > held:
         return f"truncated: the Xing/Info header declares {declared} bytes of MPEG audio but the file holds only {held}"
     return None

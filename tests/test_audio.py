@@ -334,6 +334,16 @@ def test_wav_of_unknown_length_is_not_called_truncated() -> None:
     assert len(load_audio(bytes(data))) == SR
 
 
+def test_mp3_behind_an_id3_tag_is_checked_from_its_first_frame() -> None:
+    from runtime.errors import AudioDecodeError
+
+    tag = b"ID3\x04\x00\x00" + bytes([0, 0, 8, 0]) + bytes(1024)  # an ID3v2.4 tag of 1024 bytes of padding
+    whole = tag + _encoded("mp3")
+    assert abs(len(load_audio(whole)) / SR - 3.0) < 0.1
+    with pytest.raises(AudioDecodeError, match="truncated"):
+        load_audio(whole[: len(whole) * 2 // 3])
+
+
 # --- PyAV: the sample rate of the decoded frames, not the stream's declared one -------------------------------
 
 
