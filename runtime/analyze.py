@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from runtime.audio import load_audio
+from runtime.audio import check_cap, load_audio, prepare_audio
 from runtime.constants import API_KEYS, FEATURES
 from runtime.errors import InputError
 from runtime.features import chunk_starts, features_from_audio
@@ -54,32 +54,46 @@ def build_analysis(chunk_scores: np.ndarray, duration_seconds: float) -> Analysi
 
 
 class Analyzer:
-    """Runs the whole pipeline with one loaded model; safe to share between threads."""
+    """Runs the whole pipeline with one loaded model; safe to share between threads.
 
-    def __init__(self, model: OnnxModel, *, batch_size: int = 16, max_seconds: float | None = None):
+    ``cap_seconds`` analyses only the first N seconds (the original's 30 s cap: cut after resampling to
+    22,050 Hz); ``max_seconds`` refuses longer audio with ``AudioTooLongError``. Both apply to every call.
+    """
+
+    def __init__(self, model: OnnxModel, *, batch_size: int = 16, cap_seconds: float | None = None,
+                 max_seconds: float | None = None):
         if batch_size < 1:
             raise InputError(f"batch size must be at least 1, got {batch_size}")
         self.model = model
         self.batch_size = batch_size
+        self.cap_seconds = check_cap(cap_seconds, max_seconds)
         self.max_seconds = max_seconds
 
     @classmethod
     def from_path(cls, path: str | os.PathLike, *, device: str = "auto", threads: int | None = None,
-                  batch_size: int = 16, max_seconds: float | None = None) -> Analyzer:
-        return cls(OnnxModel(path, device=device, threads=threads), batch_size=batch_size, max_seconds=max_seconds)
+                  batch_size: int = 16, cap_seconds: float | None = None,
+                  max_seconds: float | None = None) -> Analyzer:
+        check_cap(cap_seconds, max_seconds)  # a bad limit is refused before the model loads
+        return cls(OnnxModel(path, device=device, threads=threads), batch_size=batch_size, cap_seconds=cap_seconds,
+                   max_seconds=max_seconds)
 
     def chunk_scores(self, mel: np.ndarray) -> np.ndarray:
         """(n, 128, 128) log-mel windows -> (n, 19) label-unit scores."""
         return self.model.predict(mel, self.batch_size)
 
-    def analyze_audio(self, y: np.ndarray) -> Analysis:
-        """Mono float32 audio at 22,050 Hz -> Analysis."""
-        mel = features_from_audio(y)
-        return build_analysis(self.chunk_scores(mel), len(y) / FEATURES.sample_rate)
+    def analyze_audio(self, y: np.ndarray, sample_rate: int) -> Analysis:
+        """Mono float audio at ``sample_rate`` Hz -> Analysis (resampled to 22,050 Hz as load_audio does)."""
+        y = prepare_audio(y, sample_rate, cap_seconds=self.cap_seconds, max_seconds=self.max_seconds)
+        return self._analyze(y)
 
     def analyze_file(self, source: str | os.PathLike | bytes) -> Analysis:
         """A path or the bytes of an audio file -> Analysis."""
-        return self.analyze_audio(load_audio(source, max_seconds=self.max_seconds))
+        return self._analyze(load_audio(source, cap_seconds=self.cap_seconds, max_seconds=self.max_seconds))
+
+    def _analyze(self, y: np.ndarray) -> Analysis:
+        """Mono float32 audio at 22,050 Hz -> Analysis."""
+        mel = features_from_audio(y)
+        return build_analysis(self.chunk_scores(mel), len(y) / FEATURES.sample_rate)
 
     def analyze_mel(self, mel: np.ndarray) -> Analysis:
         """A precomputed [time, mel] log-mel spectrogram, cut into 128-frame windows at the audio path's hop."""

@@ -27,8 +27,11 @@ def build_parser() -> argparse.ArgumentParser:
     an.add_argument("--batch-size", type=int, default=16, help="chunks per inference batch (default 16)")
     an.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     an.add_argument("--threads", type=int, help="onnxruntime intra-op threads (default: all cores)")
-    an.add_argument("--max-seconds", type=float, nargs="?", const=ORIGINAL_MAX_SECONDS,
-                    help=f"refuse longer audio (bare flag: the original's {ORIGINAL_MAX_SECONDS:.0f} s)")
+    an.add_argument("--max-seconds", type=float, nargs="?", const=ORIGINAL_MAX_SECONDS, metavar="N",
+                    help=f"the original's cap: analyse only the first N s, cut after resampling as the original "
+                         f"did (bare flag: {ORIGINAL_MAX_SECONDS:.0f} s); longer files are not refused")
+    an.add_argument("--refuse-over", type=float, metavar="SECONDS",
+                    help="refuse (per-file error) audio longer than this (default: only the 1 h hard limit)")
 
     info = sub.add_parser("info", help="print an exported model's metadata")
     info.add_argument("model", type=Path)
@@ -89,7 +92,8 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     from runtime.analyze import Analyzer
 
     analyzer = Analyzer.from_path(args.model, device=args.device, threads=args.threads,
-                                  batch_size=args.batch_size, max_seconds=args.max_seconds)
+                                  batch_size=args.batch_size, cap_seconds=args.max_seconds,
+                                  max_seconds=args.refuse_over)
     results = analyze_files(analyzer, args.files, progress=len(args.files) > 1 and sys.stderr.isatty())
     if args.json:
         model = {**analyzer.model.info.summary(), "device": analyzer.model.device}

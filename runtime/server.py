@@ -27,7 +27,7 @@ import numpy as np
 
 try:
     import pydantic  # noqa: F401  (runtime.schemas needs it)
-    from fastapi import Depends, FastAPI, Request
+    from fastapi import Depends, FastAPI, Query, Request
     from fastapi.exceptions import RequestValidationError
     from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
     from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -36,9 +36,9 @@ except ImportError as exc:  # pragma: no cover - depends on the installed extras
                       "pip install 'percepiano-onnx[serve]'") from exc
 
 from runtime.analyze import Analysis, Analyzer
-from runtime.audio import load_audio
+from runtime.audio import check_cap, load_audio
 from runtime.constants import FEATURES
-from runtime.errors import AudioError, InputError
+from runtime.errors import AudioError, ConfigError, InputError
 from runtime.http_io import (
     AUDIO_BODY,
     MEL_BODY,
@@ -96,7 +96,7 @@ def warm_up(analyzer: Analyzer) -> None:
     analyzer.model.warmup(analyzer.batch_size)
     rng = np.random.default_rng(0)
     analyzer.analyze_audio((0.01 * rng.standard_normal(int(FEATURES.chunk_seconds * FEATURES.sample_rate)))
-                           .astype(np.float32))
+                           .astype(np.float32), FEATURES.sample_rate)
 
 
 class Service:
@@ -174,12 +174,14 @@ class Service:
             self._admitted -= 1
 
     # --- the jobs (run in the pool)
-    def analyze_audio(self, data: bytes) -> tuple[Analysis, float]:
+    def analyze_audio(self, data: bytes, cap_seconds: float | None = None) -> tuple[Analysis, float]:
+        """Decode and score; ``cap_seconds`` (the request's, else the setting's) analyses only the first N s."""
         analyzer = self.require_analyzer()
         t0 = time.perf_counter()
         try:
-            y = load_audio(data, max_seconds=self.settings.max_seconds)
-            return analyzer.analyze_audio(y), time.perf_counter() - t0
+            cap = self.settings.cap_seconds if cap_seconds is None else cap_seconds
+            y = load_audio(data, cap_seconds=cap, max_seconds=self.settings.max_seconds)
+            return analyzer.analyze_audio(y, FEATURES.sample_rate), time.perf_counter() - t0
         except AudioError as exc:
             raise audio_error(exc) from None
         except InputError as exc:
@@ -207,6 +209,9 @@ class Service:
                 "processing_seconds": round(seconds, 6)}
 
 
+CAP_QUERY = Query(gt=0, allow_inf_nan=False, description=(
+    "analyse only the first N seconds, cut after resampling to 22,050 Hz as the original's 30 s cap did; "
+    "longer audio is then not refused (default: PERCEPIANO_CAP_SECONDS, else the whole recording)"))
 BEARER = HTTPBearer(auto_error=False, description="PERCEPIANO_API_TOKEN, when the service has one")
 
 
@@ -265,11 +270,15 @@ def create_app(source: Source, *, settings: Settings | None = None) -> FastAPI:
 
     @app.post("/v1/analyze", response_model=AnalyzeResponse, dependencies=auth, responses=ERROR_RESPONSES,
               openapi_extra=AUDIO_BODY, tags=["analysis"])
-    async def analyze(request: Request):
-        """Score an audio file (wav, flac, ogg, mp3, m4a/AAC, ...)."""
+    async def analyze(request: Request, cap_seconds: Annotated[float | None, CAP_QUERY] = None):
+        """Score an audio file (wav, flac, ogg, mp3, m4a/AAC, ...), optionally only its first cap_seconds."""
         service.require_analyzer()
+        try:
+            check_cap(cap_seconds, settings.max_seconds)
+        except ConfigError as exc:
+            raise ServiceError(422, "invalid_request", f"cap_seconds: {exc}") from None
         data = await audio_from_request(request, settings.max_bytes)
-        analysis, seconds = await service.run(lambda: service.analyze_audio(data))
+        analysis, seconds = await service.run(lambda: service.analyze_audio(data, cap_seconds))
         return service.result(analysis, seconds)
 
     @app.post("/v1/analyze/mel", response_model=AnalyzeResponse, dependencies=auth, responses=ERROR_RESPONSES,

@@ -9,19 +9,24 @@ from typing import Any
 
 from runtime.errors import ConfigError
 
+LEGACY_ALIASES = {"PERCEPIANO_MAX_SECONDS": "PERCEPIANO_REFUSE_OVER_SECONDS"}  # old name -> new name
+
 
 @dataclass(frozen=True)
 class Settings:
     """Limits and auth of one service; `from_env` reads the PERCEPIANO_* overrides."""
 
     max_bytes: int = 50_000_000  # request body limit (PERCEPIANO_MAX_BYTES)
-    max_seconds: float | None = 600.0  # audio duration limit, also applied to spectrograms (PERCEPIANO_MAX_SECONDS)
+    # refusal limit: longer audio or spectrograms get 413 (PERCEPIANO_REFUSE_OVER_SECONDS, alias PERCEPIANO_MAX_SECONDS)
+    max_seconds: float | None = 600.0
+    cap_seconds: float | None = None  # analyse only the first N s, as the original's 30 s cap (PERCEPIANO_CAP_SECONDS)
     api_token: str | None = None  # bearer token; None = no auth (PERCEPIANO_API_TOKEN)
     max_concurrency: int = 2  # analyses running at once (PERCEPIANO_MAX_CONCURRENCY)
     max_queue: int = 32  # requests waiting for a slot beyond that; more get 503 at once (PERCEPIANO_MAX_QUEUE)
     queue_timeout: float = 30.0  # seconds a request may wait for a slot before 503 (PERCEPIANO_QUEUE_TIMEOUT)
 
-    ENV = {"max_bytes": ("PERCEPIANO_MAX_BYTES", int), "max_seconds": ("PERCEPIANO_MAX_SECONDS", float),
+    ENV = {"max_bytes": ("PERCEPIANO_MAX_BYTES", int), "max_seconds": ("PERCEPIANO_REFUSE_OVER_SECONDS", float),
+           "cap_seconds": ("PERCEPIANO_CAP_SECONDS", float),
            "api_token": ("PERCEPIANO_API_TOKEN", str), "max_concurrency": ("PERCEPIANO_MAX_CONCURRENCY", int),
            "max_queue": ("PERCEPIANO_MAX_QUEUE", int), "queue_timeout": ("PERCEPIANO_QUEUE_TIMEOUT", float)}
 
@@ -30,17 +35,21 @@ class Settings:
             raise ConfigError(f"invalid service limits: {self}")
         if self.max_seconds is not None and self.max_seconds <= 0:
             raise ConfigError(f"max_seconds must be positive or None, got {self.max_seconds}")
+        from runtime.audio import check_cap  # lazy: reading settings needs no decoder
+
+        check_cap(self.cap_seconds, self.max_seconds)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, *, require_token: bool = False, **overrides) -> Settings:
         """Defaults, then PERCEPIANO_* variables, then keyword overrides; require_token refuses to run without one."""
         env = os.environ if env is None else env
         values: dict[str, Any] = {}
+        env = _with_alias(env, LEGACY_ALIASES)
         for name, (var, kind) in cls.ENV.items():
             raw = env.get(var, "").strip()
             if not raw:
                 continue
-            if name == "max_seconds" and raw.lower() in ("none", "0"):
+            if name in ("max_seconds", "cap_seconds") and raw.lower() in ("none", "0"):
                 values[name] = None
                 continue
             try:
@@ -56,3 +65,14 @@ class Settings:
         """The limits a client may see (no token)."""
         out = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "api_token"}
         return {**out, "auth": bool(self.api_token)}
+
+
+def _with_alias(env: Mapping[str, str], aliases: Mapping[str, str]) -> Mapping[str, str]:
+    """The environment with each old variable name read as its new one; both set and different is an error."""
+    out = dict(env)
+    for old, new in aliases.items():
+        if env.get(old, "").strip():
+            if env.get(new, "").strip() and env[new].strip() != env[old].strip():
+                raise ConfigError(f"{old}={env[old]!r} and {new}={env[new]!r} disagree: set only {new}")
+            out[new] = env[old]
+    return out

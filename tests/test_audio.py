@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import subprocess
 import sys
 from pathlib import Path
@@ -192,3 +193,214 @@ def test_runtime_imports_stay_light() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
     assert out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
+# --- streaming resampling (soxr.ResampleStream) against librosa.load's whole-signal soxr HQ ------------------
+
+
+@pytest.fixture(scope="module")
+def resampled_clips(tmp_path_factory) -> list[Path]:
+    """Every shared clip (22,050 Hz mono) brought to other native rates and channel counts, as files."""
+    import soxr
+
+    if not CLIPS:
+        pytest.skip(f"no real piano clips in {CLIP_DIR}")
+    out = tmp_path_factory.mktemp("rates")
+    paths = []
+    for i, clip in enumerate(CLIPS):
+        y = sf.read(clip, dtype="float32")[0]
+        rate = (44100, 48000, 96000, 16000)[i % 4]
+        x = soxr.resample(y, SR, rate, quality="VHQ").astype(np.float32)
+        stereo = np.stack([x, 0.6 * x + 0.01 * np.roll(x, 7)], axis=1) if i % 2 else x[:, None]
+        paths.append(out / f"{clip.stem}_{rate}.flac" if i % 3 else out / f"{clip.stem}_{rate}.wav")
+        sf.write(paths[-1], stereo, rate, subtype="PCM_24" if paths[-1].suffix == ".flac" else "FLOAT")
+    return paths
+
+
+def test_streaming_resampler_matches_librosa_on_real_clips_at_other_rates(resampled_clips, capsys) -> None:
+    from convert.reference import reference_load
+
+    worst = 0.0
+    for path in resampled_clips:
+        ours, theirs = load_audio(path), reference_load(path)
+        assert ours.dtype == np.float32 and ours.shape == theirs.shape, path.name
+        worst = max(worst, float(np.abs(ours - theirs).max()))
+    with capsys.disabled():
+        print(f"\n[audio] worst |load_audio - librosa.load| over {len(resampled_clips)} resampled clips "
+              f"(16-96 kHz, mono and stereo): {worst:.2e}")
+    assert worst <= RESAMPLE_TOLERANCE
+
+
+def test_decoding_memory_follows_the_output_not_the_native_rate(tmp_path: Path) -> None:
+    import tracemalloc
+
+    seconds, rate = 20.0, 384_000
+    path = tmp_path / "quiet_384k.flac"
+    t = np.arange(int(seconds * rate)) / rate
+    sf.write(path, np.stack([1e-3 * np.sin(2 * np.pi * 440 * t)] * 2, axis=1).astype(np.float32), rate,
+             subtype="PCM_16")
+    del t
+    native_bytes = int(seconds * rate) * 4  # one float32 mono copy at 384 kHz: 30.7 MB
+    output_bytes = int(seconds * SR) * 4  # 1.8 MB
+    tracemalloc.start()
+    try:
+        y = load_audio(path)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert len(y) == int(seconds * SR)
+    # the reused read buffer (4 MB) and its mono mix, the output and one copy of it while joining: about 8 MB;
+    # holding the native signal (as before: the whole mono mix and a concatenated copy) is 61 MB
+    assert peak < 6e6 + 2 * output_bytes + native_bytes / 8, f"peak {peak / 1e6:.1f} MB"
+
+
+def test_resample_is_librosa_resample() -> None:
+    from runtime.resample import resample
+
+    librosa = pytest.importorskip("librosa")
+    x = _music(44100, 3.3)[:, 0]
+    np.testing.assert_array_equal(resample(x, 44100, SR), librosa.resample(x, orig_sr=44100, target_sr=SR))
+    np.testing.assert_array_equal(resample(x, 44100, 44100), x)
+
+
+# --- truncated files: a header that declares more audio than the file holds ---------------------------------
+
+
+def _encoded(fmt: str, seconds: float = 3.0) -> bytes:
+    """A mono chord in ``fmt`` (wav, aiff, ogg, opus, mp3, flac or m4a), as bytes."""
+    rate = 48000 if fmt == "opus" else 44100
+    source = _music(rate, seconds)
+    if fmt == "m4a":
+        return _m4a_faststart(source, rate)
+    kind = {"wav": ("WAV", "PCM_16"), "aiff": ("AIFF", "PCM_16"), "ogg": ("OGG", "VORBIS"),
+            "opus": ("OGG", "OPUS"), "mp3": ("MP3", "MPEG_LAYER_III"), "flac": ("FLAC", "PCM_16")}[fmt]
+    buf = io.BytesIO()
+    sf.write(buf, source, rate, format=kind[0], subtype=kind[1])
+    return buf.getvalue()
+
+
+def _m4a_faststart(audio: np.ndarray, rate: int) -> bytes:
+    """AAC in MP4 with the index (moov) first, as streaming-friendly encoders write it; cut at a packet end."""
+    import tempfile
+
+    av = pytest.importorskip("av")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "a.m4a"
+        planar = np.ascontiguousarray(audio.T)
+        with av.open(str(path), "w", format="mp4", options={"movflags": "faststart"}) as container:
+            stream = container.add_stream("aac", rate=rate, layout="mono")
+            for start in range(0, planar.shape[1], 1024):
+                frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(planar[:, start : start + 1024]),
+                                                   format="fltp", layout="mono")
+                frame.sample_rate, frame.pts = rate, start
+                container.mux(stream.encode(frame))
+            container.mux(stream.encode(None))
+        return path.read_bytes()
+
+
+def _cut(fmt: str, data: bytes) -> bytes:
+    """The first half of the file; for MP4 exactly at a packet boundary (no partial packet to trip over)."""
+    if fmt != "m4a":
+        return data[: len(data) // 2]
+    import av
+
+    with av.open(io.BytesIO(data)) as container:
+        ends = [p.pos + p.size for p in container.demux(container.streams.audio[0]) if p.size]
+    return data[: ends[len(ends) // 2]]
+
+
+TRUNCATABLE = ["wav", "aiff", "ogg", "opus", "mp3", "flac", "m4a"]
+
+
+@pytest.mark.parametrize("fmt", TRUNCATABLE)
+def test_truncated_file_is_an_error_in_every_container(tmp_path: Path, fmt: str) -> None:
+    from runtime.errors import AudioDecodeError
+
+    whole = _encoded(fmt)
+    assert abs(len(load_audio(whole)) / SR - 3.0) < 0.1  # the complete file decodes
+    cut = _cut(fmt, whole)
+    path = tmp_path / f"cut.{fmt}"
+    path.write_bytes(cut)
+    for source in (path, cut):
+        with pytest.raises(AudioDecodeError, match=r"(corrupt|truncated)"):
+            load_audio(source)
+
+
+def test_wav_of_unknown_length_is_not_called_truncated() -> None:
+    data = bytearray(_encoded("wav", seconds=1.0))
+    at = data.find(b"data")
+    data[at + 4 : at + 8] = (0xFFFFFFFF).to_bytes(4, "little")  # what an encoder writing to a pipe puts there
+    data[4:8] = (0xFFFFFFFF).to_bytes(4, "little")
+    assert len(load_audio(bytes(data))) == SR
+
+
+def test_mp3_behind_an_id3_tag_is_checked_from_its_first_frame() -> None:
+    from runtime.errors import AudioDecodeError
+
+    tag = b"ID3\x04\x00\x00" + bytes([0, 0, 8, 0]) + bytes(1024)  # an ID3v2.4 tag of 1024 bytes of padding
+    whole = tag + _encoded("mp3")
+    assert abs(len(load_audio(whole)) / SR - 3.0) < 0.1
+    with pytest.raises(AudioDecodeError, match="truncated"):
+        load_audio(whole[: len(whole) * 2 // 3])
+
+
+# --- PyAV: the sample rate of the decoded frames, not the stream's declared one -------------------------------
+
+
+def _adts(rate: int, seconds: float) -> bytes:
+    av = pytest.importorskip("av")
+    planar = np.ascontiguousarray(_music(rate, seconds).T)
+    buf = io.BytesIO()
+    with av.open(buf, "w", format="adts") as container:
+        stream = container.add_stream("aac", rate=rate, layout="mono")
+        for start in range(0, planar.shape[1], 1024):
+            frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(planar[:, start : start + 1024]),
+                                               format="fltp", layout="mono")
+            frame.sample_rate, frame.pts = rate, start
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode(None))
+    return buf.getvalue()
+
+
+def test_pyav_uses_the_rate_of_the_decoded_frames() -> None:
+    """An AAC stream whose frames change rate (22,050 Hz, then 44,100 Hz): the stream declares the first."""
+    av = pytest.importorskip("av")
+    data = _adts(22050, 1.0) + _adts(44100, 2.0)
+    with av.open(io.BytesIO(data)) as container:
+        stream = container.streams.audio[0]
+        declared = stream.codec_context.sample_rate
+        samples: dict[int, int] = {}
+        for frame in container.decode(stream):
+            samples[frame.sample_rate] = samples.get(frame.sample_rate, 0) + frame.samples
+    assert declared == 22050 and set(samples) == {22050, 44100}  # the file is what the test needs
+    want = sum(n / rate for rate, n in samples.items())  # 3.11 s; read at the declared rate it would be 5.15 s
+    y = load_audio(data)
+    assert abs(len(y) / SR - want) < 2 / SR
+    second = load_audio(_adts(44100, 2.0))
+    tail = y[-len(second) :]
+    assert np.corrcoef(tail[SR // 10 : -SR // 10], second[SR // 10 : -SR // 10])[0, 1] > 0.99
+
+
+def test_pyav_rate_declared_at_half_the_frames_rate_as_he_aac_does(tmp_path: Path, monkeypatch) -> None:
+    """HE-AAC with implicit SBR declares half its real rate; no encoder at hand writes it, so the declaration
+    of a real 44.1 kHz AAC stream is made to say 22,050 Hz while the frames stay as decoded."""
+    av = pytest.importorskip("av")
+    if "libfdk_aac" in av.codecs_available:
+        pytest.skip("libfdk_aac is available: write a real HE-AAC file instead")
+    path = tmp_path / "clip.m4a"
+    _write_m4a(path, _music(44100, 2.0), 44100)
+    truth = load_audio(path)
+    real_open = av.open
+
+    def open_declaring_half(*args, **kwargs):
+        container = real_open(*args, **kwargs)
+        for stream in container.streams.audio:
+            stream.codec_context.sample_rate = 22050  # what the stream header of an implicit-SBR file says
+        return container
+
+    monkeypatch.setattr(av, "open", open_declaring_half)
+    with real_open(str(path)) as probe:
+        probe.streams.audio[0].codec_context.sample_rate = 22050
+        assert probe.streams.audio[0].codec_context.sample_rate == 22050
+        assert {f.sample_rate for f in probe.decode(probe.streams.audio[0])} == {44100}
+    np.testing.assert_array_equal(load_audio(path), truth)

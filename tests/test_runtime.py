@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import onnx
 import pytest
+import soundfile as sf
 
 from runtime import cli
 from runtime.analyze import Analyzer, aggregate, windows_from_mel
@@ -16,6 +19,7 @@ from runtime.constants import API_KEYS, FEATURES
 from runtime.errors import InputError, ModelError
 from runtime.model import METADATA_KEY, OnnxModel
 
+REPO = Path(__file__).resolve().parents[1]
 FORBIDDEN = ("jax", "jaxlib", "flax", "tensorflow", "sklearn", "librosa", "convert", "benchmarks", "torch")
 
 BLOCKER = """
@@ -140,7 +144,10 @@ def test_cli_analyze_json_keeps_going_after_a_bad_file(tiny_model, piano_clips, 
     noise.write_bytes(np.random.default_rng(0).bytes(4096))
     empty = tmp_path / "empty.flac"
     empty.write_bytes(b"")
-    bad_ones = [bad, tmp_path, tmp_path / "missing.wav", noise, empty]
+    cut_wav = tmp_path / "interrupted.wav"  # the header declares 3 s, the file holds 1.5 s
+    sf.write(cut_wav, np.zeros(3 * FEATURES.sample_rate, np.float32), FEATURES.sample_rate, subtype="PCM_16")
+    cut_wav.write_bytes(cut_wav.read_bytes()[: 44 + 3 * FEATURES.sample_rate])
+    bad_ones = [bad, tmp_path, tmp_path / "missing.wav", noise, empty, cut_wav]
     code = cli.main(["analyze", str(piano_clips[0]), *map(str, bad_ones), str(piano_clips[1]),
                      "--model", str(tiny_model), "--json", "--device", "cpu", "--batch-size", "4"])
     out = capsys.readouterr()
@@ -150,10 +157,11 @@ def test_cli_analyze_json_keeps_going_after_a_bad_file(tiny_model, piano_clips, 
     good, *broken, good2 = doc["results"]
     assert [b["file"] for b in broken] == list(map(str, bad_ones))
     assert all(b["error"] and b["scores"] is None for b in broken)
+    assert "truncated" in broken[-1]["error"]
     for res in (good, good2):
         assert res["error"] is None and list(res["scores"]) == list(API_KEYS)
         assert res["timeline"][0]["start_seconds"] == 0.0 and len(res["timeline"][0]["scores"]) == 19
-    assert "5 of 7 file(s) failed" in out.err
+    assert "6 of 8 file(s) failed" in out.err
 
 
 def test_cli_table_and_info(tiny_model, piano_clips, capsys):
@@ -201,3 +209,49 @@ def test_cuda_asked_for_without_a_gpu_is_a_clear_error(tiny_model):
     assert OnnxModel(tiny_model, device="auto").device == "cpu"
     with pytest.raises(ModelError, match="unknown device"):
         OnnxModel(tiny_model, device="tpu")
+
+
+def test_analyze_audio_requires_the_sample_rate_and_resamples(analyzer, piano_clips, tmp_path):
+    import soxr
+
+    y22 = sf.read(piano_clips[0], dtype="float32")[0]
+    y44 = soxr.resample(y22, FEATURES.sample_rate, 44100, quality="VHQ").astype(np.float32)
+    wav = tmp_path / "clip_44100.wav"
+    sf.write(wav, y44, 44100, subtype="FLOAT")
+    with pytest.raises(TypeError):
+        analyzer.analyze_audio(y44)  # type: ignore[call-arg]  # no rate: cannot be scored at a guessed one
+    from_array, from_file = analyzer.analyze_audio(y44, 44100), analyzer.analyze_file(wav)
+    np.testing.assert_array_equal(list(from_array.scores.values()), list(from_file.scores.values()))
+    assert from_array.duration_seconds == pytest.approx(len(y22) / FEATURES.sample_rate, abs=1e-4)
+    wrong = analyzer.analyze_audio(y44, FEATURES.sample_rate)  # what the old API did to a 44.1 kHz array
+    assert wrong.duration_seconds == pytest.approx(2 * from_array.duration_seconds, abs=1e-3)
+    from runtime.errors import AudioError
+
+    for bad_y, bad_rate in ((y44, 0), (y44, 44100.5), (y44, True), ((y44 * 32767).astype(np.int16), 44100),
+                            (np.stack([y44, y44]), 44100), (np.full(100, np.nan, np.float32), 44100)):
+        with pytest.raises(AudioError):
+            analyzer.analyze_audio(bad_y, bad_rate)
+
+
+def _readme_block(heading: str) -> str:
+    text = (REPO / "README.md").read_text()
+    section = text.split(f"## {heading}\n", 1)[1].split("\n## ", 1)[0]
+    return section.split("```python\n", 1)[1].split("```", 1)[0]
+
+
+def test_readme_use_it_from_python_runs(tiny_model, piano_clips, tmp_path):
+    import shutil
+
+    import soxr
+
+    code = _readme_block("Use it from Python")
+    assert "analyze_audio(" in code and "sample_rate=" in code
+    (tmp_path / "artifacts").mkdir()
+    shutil.copy(tiny_model, tmp_path / "artifacts" / "model.onnx")
+    y = soxr.resample(sf.read(piano_clips[0], dtype="float32")[0], FEATURES.sample_rate, 44100)
+    sf.write(tmp_path / "performance.flac", np.stack([y, 0.8 * y], axis=1), 44100, subtype="PCM_24")
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                          env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert "timing" in proc.stdout

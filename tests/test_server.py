@@ -67,7 +67,7 @@ def test_analyze_wav_upload_of_synthetic_audio(client, analyzer):
     sf.write(buf, y, FEATURES.sample_rate, format="WAV", subtype="FLOAT")
     res = client.post("/v1/analyze", content=buf.getvalue(), headers={"content-type": "audio/wav"})
     assert res.status_code == 200, res.json()
-    assert_matches(res.json(), analyzer.analyze_audio(y).to_dict(), analyzer)
+    assert_matches(res.json(), analyzer.analyze_audio(y, FEATURES.sample_rate).to_dict(), analyzer)
     assert len(res.json()["timeline"]) == 2  # 4.5 s: one full chunk and the padded remainder
 
 

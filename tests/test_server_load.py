@@ -70,9 +70,9 @@ def build_cases(model: Path, clips: list[Path]) -> list[Case]:
     octet = "application/octet-stream"
     return [
         Case("audio_multipart_wav", "POST", "/v1/analyze", 200, files={"audio": ("a.wav", wav.getvalue(), "audio/wav")},
-             scores=analyzer.analyze_audio(wav_y).scores),
+             scores=analyzer.analyze_audio(wav_y, 22050).scores),
         Case("audio_raw_flac", "POST", "/v1/analyze", 200, content=short.read_bytes(), content_type="audio/flac",
-             scores=analyzer.analyze_audio(y).scores),
+             scores=analyzer.analyze_audio(y, 22050).scores),
         Case("mel_blob", "POST", "/v1/analyze/mel", 200, content=encode_blob(chunk), content_type=octet,
              scores=analyzer.analyze_mel(chunk).scores),
         Case("mel_json", "POST", "/v1/analyze/mel", 200,
