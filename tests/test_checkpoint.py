@@ -324,11 +324,30 @@ def test_unreadable_files(tiny_ckpt, tmp_path):
 def test_missing_keys_and_bad_config(tiny_raw, tmp_path):
     ckpt = _numpy_copy(tiny_raw)
     partial = {k: ckpt[k] for k in ("params", "model_config")}
-    with pytest.raises(CheckpointError, match=r"lacks the keys \['finetuning_results', 'label_scaler'"):
+    with pytest.raises(CheckpointError, match=r"lacks the keys \['label_scaler', 'training_complete'\]"):
         load_checkpoint(_write(tmp_path / "partial.pkl", partial))
     bad = {**ckpt, "model_config": {**ckpt["model_config"], "num_heads": 7}}
     with pytest.raises(CheckpointError, match="bad model_config.*not divisible"):
         load_checkpoint(_write(tmp_path / "badcfg.pkl", bad))
+    for key, value, message in (
+        ("num_heads", 0, "num_heads is 0; expected 1..8192"),
+        ("num_heads", 128, "embed_dim 64 is not divisible by num_heads 128"),
+        ("num_layers", -1, "num_layers is -1; expected 1..64"),
+        ("num_layers", 10**9, "num_layers is 1000000000; expected 1..64"),
+        ("embed_dim", 2**62, "embed_dim is 4611686018427387904; expected 1..8192"),
+        ("patch_size", 0, "patch_size is 0; expected 1..128"),
+        ("patch_size", 4.0, r"patch_size is 4.0 \(a float\); expected an integer"),
+        ("embed_dim", float("inf"), r"embed_dim is inf \(a float\); expected an integer"),
+        ("num_heads", "4", r"num_heads is '4' \(a str\); expected an integer"),
+        ("num_layers", True, r"num_layers is True \(a bool\); expected an integer"),
+        ("num_outputs", 18, "num_outputs is 18; expected 19"),
+        ("n_frames", 64, "n_frames is 64; expected 128"),
+    ):
+        absurd = {**ckpt, "model_config": {**ckpt["model_config"], key: value}}
+        with pytest.raises(CheckpointError, match="bad model_config .*: " + message):
+            load_checkpoint(_write(tmp_path / "absurd.pkl", absurd))
+    numpy_ints = {**ckpt, "model_config": {k: np.int64(v) for k, v in ckpt["model_config"].items()}}
+    assert load_checkpoint(_write(tmp_path / "np.pkl", numpy_ints)).config == PRESETS["tiny"]
     unknown = {**ckpt, "model_config": {**ckpt["model_config"], "dropout": 0.1}}
     with pytest.raises(CheckpointError, match="unknown model_config keys"):
         load_checkpoint(_write(tmp_path / "unknown.pkl", unknown))
@@ -368,3 +387,67 @@ def test_bad_label_scaler(tiny_raw, tmp_path):
         load_checkpoint(_write(tmp_path / "zero.pkl", {**ckpt, "label_scaler": zero}))
     with pytest.raises(CheckpointError, match="not a fitted sklearn StandardScaler"):
         load_checkpoint(_write(tmp_path / "dict.pkl", {**ckpt, "label_scaler": {"mean_": [0.5] * 19}}))
+
+
+# ---------------------------------------------------------------- finetuning_results and pickle protocols
+
+
+def test_finetuning_results_none_absent_or_json_safe(tiny_raw, tmp_path):
+    import json
+
+    ckpt = _numpy_copy(tiny_raw)
+    none = {**ckpt, "finetuning_results": None}
+    assert load_checkpoint(_write(tmp_path / "none.pkl", none)).finetuning_results is None
+    absent = {k: v for k, v in ckpt.items() if k != "finetuning_results"}
+    assert load_checkpoint(_write(tmp_path / "absent.pkl", absent)).finetuning_results is None
+    results = {
+        "best_val_correlation": np.float32(0.5),
+        "history": {"val_loss": np.array([0.5, 0.25]), "epochs": (1, 2)},
+        "nan": float("nan"),
+        "note": "early stop",
+        "flags": [True, None, np.bool_(False)],
+    }
+    got = load_checkpoint(_write(tmp_path / "rich.pkl", {**ckpt, "finetuning_results": results})).finetuning_results
+    assert got == {
+        "best_val_correlation": 0.5,
+        "history": {"val_loss": [0.5, 0.25], "epochs": [1, 2]},
+        "nan": None,
+        "note": "early stop",
+        "flags": [True, None, False],
+    }
+    assert json.loads(json.dumps(got, allow_nan=False)) == got
+    assert type(got["best_val_correlation"]) is float and type(got["flags"][2]) is bool
+
+
+def test_finetuning_results_that_metadata_cannot_hold_are_refused(tiny_raw, tmp_path):
+    ckpt = _numpy_copy(tiny_raw)
+    for value, message in (
+        ({"raw": b"\x00\x01"}, r"finetuning_results/raw in .* is a bytes; metadata holds only"),
+        ({"z": np.complex64(1j)}, r"finetuning_results/z in .* is a complex"),
+        ({"a": np.zeros(20_000)}, r"finetuning_results/a in .* is a float64 array of 20000 values"),
+        ({"a": list(range(20_000))}, "too big for metadata"),
+        ({"s": "x" * 200_000}, "too big for metadata"),
+        ([1, 2], "is a list, not a dict"),
+    ):
+        with pytest.raises(CheckpointError, match=message):
+            load_checkpoint(_write(tmp_path / "bad.pkl", {**ckpt, "finetuning_results": value}))
+
+
+@pytest.mark.parametrize("protocol", [2, 3, 5])
+def test_pickle_protocols_2_to_5_load_the_same(tiny_raw, tiny_ckpt, tmp_path, protocol):
+    want = load_checkpoint(tiny_ckpt)
+    path = _write(tmp_path / f"p{protocol}.pkl", {**tiny_raw, "extra": b"", "more": np.zeros((0, 3))}, protocol)
+    if protocol == 2:
+        assert b"_codecs" in path.read_bytes()  # bytes go through _codecs.encode at protocol 2
+    got = load_checkpoint(path)
+    assert got.config == want.config and got.finetuning_results == want.finetuning_results
+    np.testing.assert_array_equal(got.scaler_mean, want.scaler_mean)
+    for name in expected_param_shapes(want.config):
+        np.testing.assert_array_equal(_get(got.params, name), _get(want.params, name))
+
+
+@pytest.mark.parametrize("protocol", [0, 1])
+def test_pickle_protocols_0_and_1_are_refused_by_name(tiny_raw, tmp_path, protocol):
+    path = _write(tmp_path / f"p{protocol}.pkl", tiny_raw, protocol)
+    with pytest.raises(CheckpointError, match="protocol 0 or 1 .*reads protocols 2 to 5: re-save"):
+        load_checkpoint(path)
