@@ -229,7 +229,8 @@ def scan(data: bytes) -> None:
             if len(m.stack) != 1 or m.marks:
                 m.refuse("a malformed pickle: STOP with other items still on the stack")
             if pos + 1 != len(data):
-                m.refuse(f"{len(data) - pos - 1:,} bytes after the pickle's STOP opcode (a second pickle?)")
+                m.refuse(f"trailing data after the pickle's STOP opcode ({len(data) - pos - 1:,} bytes: "
+                         "a second pickle?)")
             _check_graph(m, m.stack[0])
             return
         else:
