@@ -135,6 +135,8 @@ def _read(path: Path) -> bytes:
         data = path.read_bytes()
     except OSError as e:
         raise CheckpointError(f"cannot read checkpoint {path}: {e}") from None
+    except MemoryError:
+        raise CheckpointError(f"not enough memory to read {path} ({size / 1e9:.1f} GB)") from None
     if not data:
         raise CheckpointError(f"{path} is empty (0 bytes); re-download or re-create the checkpoint")
     return data
@@ -252,8 +254,10 @@ def _scaler(scaler: Any, path: Path) -> tuple[np.ndarray, np.ndarray]:
         )
     stats = []
     for attr, flag, default in (("mean_", "with_mean", 0.0), ("scale_", "with_std", 1.0)):
-        value = scaler.get(attr)
-        if not scaler.get(flag, True):
+        value, enabled = scaler.get(attr), _plain(scaler.get(flag, True))
+        if not isinstance(enabled, bool):
+            raise CheckpointError(f"label_scaler.{flag} in {path} is {brief(enabled)}, not a bool")
+        if not enabled:
             value = np.full(NUM_DIMENSIONS, default)
         if not isinstance(value, np.ndarray) or value.dtype.kind not in "fiu":
             raise CheckpointError(f"label_scaler.{attr} in {path} is missing or not numeric; is it fitted?")

@@ -385,6 +385,10 @@ def test_bad_label_scaler(tiny_raw, tmp_path):
     zero.scale_[4] = 0.0
     with pytest.raises(CheckpointError, match="non-positive"):
         load_checkpoint(_write(tmp_path / "zero.pkl", {**ckpt, "label_scaler": zero}))
+    odd = StandardScaler().fit(np.random.default_rng(0).random((50, 19)))
+    odd.with_mean = np.ones(3)  # its truth value would raise ValueError
+    with pytest.raises(CheckpointError, match=r"label_scaler.with_mean .* is array\(\[1., 1., 1.\]\), not a bool"):
+        load_checkpoint(_write(tmp_path / "odd.pkl", {**ckpt, "label_scaler": odd}))
     with pytest.raises(CheckpointError, match="not a fitted sklearn StandardScaler"):
         load_checkpoint(_write(tmp_path / "dict.pkl", {**ckpt, "label_scaler": {"mean_": [0.5] * 19}}))
 
