@@ -158,8 +158,12 @@ def _config(model_config: Any, path: Path) -> ModelConfig:
         raise CheckpointError(f"bad model_config {brief(model_config)} in {path}: {e}") from None
 
 
+class _TooManyEntries(Exception):
+    """A params tree with more entries than its config could explain."""
+
+
 def _flatten(tree: dict, budget: int) -> tuple[dict[str, Any], list[str]]:
-    """{'a/b/kernel': leaf} for a nested dict, plus problems found on the way; stops after `budget` entries.
+    """{'a/b/kernel': leaf} for a nested dict, plus problems found on the way; _TooManyEntries past `budget`.
 
     The bound makes a shared subtree (a DAG) cost no more than `budget` paths (nesting is bounded by the unpickler).
     """
@@ -167,21 +171,18 @@ def _flatten(tree: dict, budget: int) -> tuple[dict[str, Any], list[str]]:
     problems: list[str] = []
     visits = 0
 
-    def walk(node: dict, prefix: str) -> bool:
+    def walk(node: dict, prefix: str) -> None:
         nonlocal visits
         for key, value in node.items():
             visits += 1
             if visits > budget:
-                problems.append(f"! more than {budget} entries in the params tree; the rest is not listed")
-                return False
+                raise _TooManyEntries
             if not isinstance(key, str):
                 problems.append(f"! {prefix}{brief(key)}: key is not a string")
             elif isinstance(value, dict):
-                if not walk(value, f"{prefix}{key}/"):
-                    return False
+                walk(value, f"{prefix}{key}/")
             else:
                 flat[prefix + key] = value
-        return True
 
     walk(tree, "")
     return flat, problems
@@ -200,7 +201,14 @@ def _params(variables: Any, config: ModelConfig, path: Path) -> dict:
             f"ckpt['params'] in {path} should be the Flax variables dict {{'params': {{...}}}}; got {got}"
         )
     expected = expected_param_shapes(config)  # the config's ranges are checked: at most ~1,000 entries
-    flat, problems = _flatten(tree, 2 * len(expected) + _MAX_LISTED)  # leaves and the dicts above them
+    budget = 2 * len(expected) + _MAX_LISTED  # leaves and the dicts above them, with room to list extras
+    try:
+        flat, problems = _flatten(tree, budget)
+    except _TooManyEntries:
+        raise CheckpointError(
+            f"params in {path} hold more than {budget} entries; its model_config {config.checkpoint_dict()} "
+            f"has {len(expected)} parameters"
+        ) from None
     for name, shape in expected.items():
         if name not in flat:
             problems.append(f"- {name} {shape}")

@@ -117,6 +117,15 @@ def corpus(base: dict) -> dict[str, tuple[bytes, str]]:
         "DAG as an array's shape": (_in_params(base, _array(_dag(tuple), b"")), tree),
         "DAG through DUP": (p4 + b"]" + b"2\x86" * 60 + stop, tree),
         "one dict copied by 300 FrozenDict calls": (dag_work, "calls whose arguments hold more than"),
+        # ... and DAGs small enough for the pre-scan (2**15 as a tree) meet the validators' own bounds
+        "small DAG in finetuning_results": (_with(base, finetuning_results={"h": _dag(levels=15)}),
+                                            "too big for metadata"),
+        "small DAG of dicts in params": (_in_params(base, _dag_dict(12)),
+                                         r"params in .* hold more than \d+ entries; its model_config .* has 41 par"),
+        "small DAG as training_complete": (_with(base, training_complete=_dag(levels=15)),
+                                           r"training_complete in .* is \[\[\[\[\.\.\.\]"),
+        "small DAG in model_config": (_with(base, model_config={"embed_dim": _dag(tuple, 15)}),
+                                      r"embed_dim is \(\(\(\(\.\.\.\)"),
         # 3. absurd configurations (today: minutes of shape computation, or a traceback)
         "num_layers 1e9": (_with(base, model_config={**base["model_config"], "num_layers": 10**9}), "num_layers"),
         "num_heads 0": (_with(base, model_config={**base["model_config"], "num_heads": 0}), "num_heads is 0"),
@@ -144,6 +153,13 @@ def corpus(base: dict) -> dict[str, tuple[bytes, str]]:
         "protocol 0": (pickle.dumps(base, protocol=0), "protocol 0 or 1"),
         "protocol 1": (pickle.dumps(base, protocol=1), "protocol 0 or 1"),
     }
+
+
+def _dag_dict(levels: int) -> dict:
+    d: dict = {"w": np.zeros(1, np.float32)}
+    for _ in range(levels):
+        d = {"a": d, "b": d}
+    return d
 
 
 def _deep_dict(n: int) -> dict:
