@@ -35,17 +35,19 @@ PROTOCOLS = (2, 3, 4, 5)
 
 # Atoms are negative markers; nodes (containers and call results) are indices >= 0.
 _KEY, _STR, _ATOM, _GLOBAL = -1, -2, -3, -4
-_STRINGS = {"UNICODE", "SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8", "STRING", "BINSTRING", "SHORT_BINSTRING"}
+_STRINGS = {"UNICODE", "SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8"}
 _INTS = {"INT", "BININT", "BININT1", "BININT2", "LONG", "LONG1", "LONG4"}
 _ATOMS = _INTS | {"BINBYTES", "SHORT_BINBYTES", "BINBYTES8", "BYTEARRAY8", "NONE", "NEWTRUE", "NEWFALSE",
                   "FLOAT", "BINFLOAT", "EMPTY_TUPLE"}
 _PUTS, _GETS = {"PUT", "BINPUT", "LONG_BINPUT", "MEMOIZE"}, {"GET", "BINGET", "LONG_BINGET"}
 _TUPLES = {"TUPLE1": 1, "TUPLE2": 2, "TUPLE3": 3}
+_PY2_STR = "a Python 2 str"
 _REFUSED = {
     "EMPTY_SET": "a set", "FROZENSET": "a frozenset", "ADDITEMS": "a set",
     "PERSID": "a persistent id", "BINPERSID": "a persistent id",
     "EXT1": "an extension code", "EXT2": "an extension code", "EXT4": "an extension code",
     "NEXT_BUFFER": "an out-of-band buffer", "READONLY_BUFFER": "an out-of-band buffer",
+    "STRING": _PY2_STR, "BINSTRING": _PY2_STR, "SHORT_BINSTRING": _PY2_STR,
 }
 
 
@@ -233,6 +235,13 @@ def _step_rest(m: _Machine, name: str, arg) -> None:
 
 def scan(data: bytes) -> None:
     """Refuse `data` (ScanRefused, or ValueError from pickletools for a malformed stream) unless it is safe."""
+    try:
+        _scan(data)
+    except AttributeError:  # genops decodes a BINSTRING's payload, which _Reader hands over as a memoryview
+        raise ScanRefused(f"{_PY2_STR} (BINSTRING), which checkpoints never contain") from None
+
+
+def _scan(data: bytes) -> None:
     m, count, ops = _Machine(), 0, pickletools.genops(_Reader(data))
     for op, arg, pos in ops:
         m.pos, count = pos, count + 1

@@ -135,6 +135,8 @@ def corpus(base: dict) -> dict[str, tuple[bytes, str]]:
         # 4. memo and declared-size tricks
         "9-byte file, LONG_BINPUT 2**31": (p4 + b"Nr\xf0\xff\xff\x7f" + stop, "memo index 2147483632 beyond"),
         "PUT 99999999999": (p4 + b"Np99999999999\n" + stop, "memo index 99999999999 beyond"),
+        "Python 2 str": (p4 + b"U\x03abc" + stop, "a Python 2 str"),
+        "Python 2 str of 5 kB": (p4 + b"T" + struct.pack("<i", 5000) + b"a" * 5000 + stop, "a Python 2 str"),
         "BINGET of an unset entry": (p4 + b"h\x05" + stop, "never set"),
         "BINBYTES8 of 2**62 bytes": (p4 + b"\x8e" + struct.pack("<Q", 2**62) + b"xx" + stop, "expected .* bytes"),
         "BINUNICODE8 of 2**62 bytes": (p4 + b"\x8d" + struct.pack("<Q", 2**62) + b"xx" + stop, "expected .* bytes"),
