@@ -24,7 +24,8 @@ from __future__ import annotations
 
 import pickletools
 
-MAX_OPCODES = 200_000  # a production checkpoint has about 1,700; 64 layers and rich metadata stay far below
+MAX_OPCODES = 100_000  # the production checkpoint has 7,337 (~37 per array): 64 layers (~38,000) and 10,000
+# metadata values fit; refusing at the bound takes ~0.1 s of CPU
 MAX_DEPTH = 64  # container nesting; a checkpoint's deepest object (a jax array in the params tree) is ~8
 MAX_MARKS = 2 * MAX_DEPTH  # open MARKs: one per nesting level for batched items, one more for a call's args
 MAX_NODES = 1_000_000  # the result as a tree (what any naive walk, repr or json.dumps of it would visit)
@@ -63,14 +64,15 @@ class _Reader:
     """
 
     def __init__(self, data: bytes):
-        self.data, self.view, self.pos = data, memoryview(data), 0
+        self.data, self.view, self.pos, self.size = data, memoryview(data), 0, len(data)
 
     def tell(self) -> int:
         return self.pos
 
-    def read(self, n: int) -> bytes | memoryview:
-        start, self.pos = self.pos, min(len(self.data), self.pos + max(n, 0))
-        return self.view[start:self.pos] if n >= 4096 else self.data[start:self.pos]
+    def read(self, n: int) -> bytes | memoryview:  # genops never asks for a negative n
+        start = self.pos
+        end = self.pos = start + n if start + n < self.size else self.size
+        return self.data[start:end] if n < 4096 else self.view[start:end]
 
     def readline(self) -> bytes:
         end = self.data.find(b"\n", self.pos)
