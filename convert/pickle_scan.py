@@ -26,7 +26,7 @@ import pickletools
 
 MAX_OPCODES = 100_000  # the production checkpoint has 7,337 (~37 per array): 64 layers (~38,000) and 10,000
 # metadata values fit; refusing at the bound takes ~0.1 s of CPU
-MAX_DEPTH = 64  # container nesting; a checkpoint's deepest object (a jax array in the params tree) is ~8
+MAX_DEPTH = 64  # container nesting; a checkpoint's deepest object (a jax array in the params tree) is 10
 MAX_MARKS = 2 * MAX_DEPTH  # open MARKs: one per nesting level for batched items, one more for a call's args
 MAX_NODES = 1_000_000  # the result as a tree (what any naive walk, repr or json.dumps of it would visit)
 MAX_CALL_WORK = 1_000_000  # summed tree sizes of everything handed to a stand-in call
