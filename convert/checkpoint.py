@@ -1,14 +1,17 @@
 """Load the original `final_finetuned_model.pkl` (SPEC §2) safely, with numpy only, and check it.
 
 The file is unpickled by `convert.safe_pickle` (an allowlist: nothing in the file is imported or run),
-then checked against its own `model_config`: every parameter path and shape, finite weights, and a
-19-dimension label scaler. Every problem is a CheckpointError whose message says what is wrong.
+then checked against its own `model_config` (whose types and ranges are checked first): every parameter
+path and shape, finite weights, and a 19-dimension label scaler; `finetuning_results` (optional) is
+reduced to JSON-safe values. Every problem is a CheckpointError whose one-line message says what is wrong,
+showing untrusted values only through a bounded repr.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,14 +20,19 @@ from typing import Any
 import numpy as np
 
 from convert.config import ModelConfig
-from convert.errors import CheckpointError
+from convert.errors import CheckpointError, brief
 from convert.safe_pickle import ScalerStats, safe_loads
 from runtime.constants import NUM_DIMENSIONS
 
 log = logging.getLogger(__name__)
 
-REQUIRED_KEYS = ("params", "model_config", "finetuning_results", "label_scaler", "training_complete")
-_MAX_LISTED = 30  # mismatch lines shown in one error
+REQUIRED_KEYS = ("params", "model_config", "label_scaler", "training_complete")
+OPTIONAL_KEYS = ("finetuning_results",)  # None or absent in demo checkpoints
+_MAX_LISTED = 30  # mismatch lines (or keys) shown in one error
+# finetuning_results goes into the ONNX metadata as JSON: numbers, strings, bools, None, lists and dicts
+_MAX_RESULT_ITEMS = 10_000  # values, containers and array elements together
+_MAX_RESULT_CHARS = 100_000  # all strings and keys together
+_MAX_RESULT_DEPTH = 16
 
 
 @dataclass
@@ -37,7 +45,7 @@ class Checkpoint:
     params: dict  # the Flax params tree: ckpt["params"]["params"]
     scaler_mean: np.ndarray  # (19,) float64: label = z * scaler_scale + scaler_mean
     scaler_scale: np.ndarray  # (19,) float64
-    finetuning_results: dict
+    finetuning_results: dict | None  # JSON-safe; None when the checkpoint has none
     training_complete: bool
 
     def variables(self) -> dict:
@@ -47,7 +55,7 @@ class Checkpoint:
     @property
     def num_params(self) -> int:
         """Total number of weights."""
-        return sum(a.size for a in _flatten(self.params, "")[0].values())
+        return sum(math.prod(shape) for shape in expected_param_shapes(self.config).values())  # as validated
 
 
 def expected_param_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
@@ -92,16 +100,13 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
         raise CheckpointError(f"{path} holds a {type(ckpt).__name__}, not the checkpoint dict of SPEC §2")
     missing = [k for k in REQUIRED_KEYS if k not in ckpt]
     if missing:
-        raise CheckpointError(f"{path} lacks the keys {missing}; it has {sorted(map(str, ckpt))}")
-    extra = sorted(map(str, set(ckpt) - set(REQUIRED_KEYS)))
+        raise CheckpointError(f"{path} lacks the keys {missing}; it has {_some(ckpt)}")
+    extra = [k for k in ckpt if k not in REQUIRED_KEYS + OPTIONAL_KEYS]
     if extra:
-        log.warning("ignoring unknown checkpoint keys %s", extra)
+        log.warning("ignoring unknown checkpoint keys %s", _some(extra))
     config = _config(ckpt["model_config"], path)
     params = _params(ckpt["params"], config, path)
     mean, scale = _scaler(ckpt["label_scaler"], path)
-    results = ckpt["finetuning_results"]
-    if not isinstance(results, dict):
-        raise CheckpointError(f"finetuning_results in {path} is a {type(results).__name__}, not a dict")
     checkpoint = Checkpoint(
         path=path,
         sha256=sha256,
@@ -109,7 +114,7 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
         params=params,
         scaler_mean=mean,
         scaler_scale=scale,
-        finetuning_results={str(k): _plain(v) for k, v in results.items()},
+        finetuning_results=_results(ckpt.get("finetuning_results"), path),
         training_complete=_flag(ckpt["training_complete"], path),
     )
     if not checkpoint.training_complete:
@@ -130,9 +135,18 @@ def _read(path: Path) -> bytes:
         data = path.read_bytes()
     except OSError as e:
         raise CheckpointError(f"cannot read checkpoint {path}: {e}") from None
+    except MemoryError:
+        raise CheckpointError(f"not enough memory to read {path} ({size / 1e9:.1f} GB)") from None
     if not data:
         raise CheckpointError(f"{path} is empty (0 bytes); re-download or re-create the checkpoint")
     return data
+
+
+def _some(keys) -> str:
+    """At most _MAX_LISTED keys, each briefly."""
+    keys = list(keys)
+    shown = ", ".join(brief(k) for k in keys[:_MAX_LISTED])
+    return f"[{shown}{', ...' if len(keys) > _MAX_LISTED else ''}]"
 
 
 def _config(model_config: Any, path: Path) -> ModelConfig:
@@ -141,23 +155,36 @@ def _config(model_config: Any, path: Path) -> ModelConfig:
     try:
         return ModelConfig.from_checkpoint(model_config)
     except (ValueError, TypeError) as e:
-        raise CheckpointError(f"bad model_config {model_config!r:.200} in {path}: {e}") from None
+        raise CheckpointError(f"bad model_config {brief(model_config)} in {path}: {e}") from None
 
 
-def _flatten(tree: Any, prefix: str) -> tuple[dict[str, Any], list[str]]:
-    """{'a/b/kernel': leaf} for a nested dict, plus problems (non-str keys) found on the way."""
+class _TooManyEntries(Exception):
+    """A params tree with more entries than its config could explain."""
+
+
+def _flatten(tree: dict, budget: int) -> tuple[dict[str, Any], list[str]]:
+    """{'a/b/kernel': leaf} for a nested dict, plus problems found on the way; _TooManyEntries past `budget`.
+
+    The bound makes a shared subtree (a DAG) cost no more than `budget` paths (nesting is bounded by the unpickler).
+    """
     flat: dict[str, Any] = {}
     problems: list[str] = []
-    for key, value in tree.items():
-        if not isinstance(key, str):
-            problems.append(f"! {prefix}{key!r}: key is not a string")
-            continue
-        if isinstance(value, dict):
-            sub, sub_problems = _flatten(value, f"{prefix}{key}/")
-            flat |= sub
-            problems += sub_problems
-        else:
-            flat[prefix + key] = value
+    visits = 0
+
+    def walk(node: dict, prefix: str) -> None:
+        nonlocal visits
+        for key, value in node.items():
+            visits += 1
+            if visits > budget:
+                raise _TooManyEntries
+            if not isinstance(key, str):
+                problems.append(f"! {prefix}{brief(key)}: key is not a string")
+            elif isinstance(value, dict):
+                walk(value, f"{prefix}{key}/")
+            else:
+                flat[prefix + key] = value
+
+    walk(tree, "")
     return flat, problems
 
 
@@ -169,12 +196,19 @@ def _params(variables: Any, config: ModelConfig, path: Path) -> dict:
         log.info("ckpt['params'] is the bare params tree rather than {'params': tree}; accepting it")
         tree = variables
     else:
-        got = sorted(map(str, variables)) if isinstance(variables, dict) else type(variables).__name__
+        got = _some(variables) if isinstance(variables, dict) else type(variables).__name__
         raise CheckpointError(
             f"ckpt['params'] in {path} should be the Flax variables dict {{'params': {{...}}}}; got {got}"
         )
-    flat, problems = _flatten(tree, "")
-    expected = expected_param_shapes(config)
+    expected = expected_param_shapes(config)  # the config's ranges are checked: at most ~1,000 entries
+    budget = 2 * len(expected) + _MAX_LISTED  # leaves and the dicts above them, with room to list extras
+    try:
+        flat, problems = _flatten(tree, budget)
+    except _TooManyEntries:
+        raise CheckpointError(
+            f"params in {path} hold more than {budget} entries; its model_config {config.checkpoint_dict()} "
+            f"has {len(expected)} parameters"
+        ) from None
     for name, shape in expected.items():
         if name not in flat:
             problems.append(f"- {name} {shape}")
@@ -228,8 +262,10 @@ def _scaler(scaler: Any, path: Path) -> tuple[np.ndarray, np.ndarray]:
         )
     stats = []
     for attr, flag, default in (("mean_", "with_mean", 0.0), ("scale_", "with_std", 1.0)):
-        value = scaler.get(attr)
-        if not scaler.get(flag, True):
+        value, enabled = scaler.get(attr), _plain(scaler.get(flag, True))
+        if not isinstance(enabled, bool):
+            raise CheckpointError(f"label_scaler.{flag} in {path} is {brief(enabled)}, not a bool")
+        if not enabled:
             value = np.full(NUM_DIMENSIONS, default)
         if not isinstance(value, np.ndarray) or value.dtype.kind not in "fiu":
             raise CheckpointError(f"label_scaler.{attr} in {path} is missing or not numeric; is it fitted?")
@@ -242,13 +278,59 @@ def _scaler(scaler: Any, path: Path) -> tuple[np.ndarray, np.ndarray]:
     mean, scale = stats
     if not (np.isfinite(mean).all() and np.isfinite(scale).all() and (scale > 0).all()):
         raise CheckpointError(
-            f"label_scaler in {path} has non-finite or non-positive statistics: mean {mean}, scale {scale}"
+            f"label_scaler in {path} has non-finite or non-positive statistics: "
+            f"mean {mean.tolist()}, scale {scale.tolist()}"
         )
     return mean, scale
 
 
+def _results(value: Any, path: Path) -> dict | None:
+    """finetuning_results as JSON-safe values, or None when it is None or absent.
+
+    numpy scalars become Python numbers, numeric arrays lists, tuples lists, non-finite floats None (JSON
+    has no NaN); bytes, complex numbers and anything else are refused, as is more than _MAX_RESULT_ITEMS
+    values, _MAX_RESULT_CHARS characters or _MAX_RESULT_DEPTH levels. Other values are kept as they are.
+    """
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise CheckpointError(f"finetuning_results in {path} is a {type(value).__name__}, not a dict (or None)")
+    budget = {"items": _MAX_RESULT_ITEMS, "chars": _MAX_RESULT_CHARS}
+    return _json_safe(value, "finetuning_results", 0, budget, path)
+
+
+def _json_safe(value: Any, where: str, depth: int, budget: dict[str, int], path: Path) -> Any:
+    """One value of finetuning_results, converted (see _results); `budget` is spent as the walk goes."""
+    value = _plain(value)
+    keys = list(value) if isinstance(value, dict) else []
+    budget["items"] -= 1
+    budget["chars"] -= len(value) if isinstance(value, str) else sum(len(k) for k in keys if isinstance(k, str))
+    if budget["items"] < 0 or budget["chars"] < 0 or depth > _MAX_RESULT_DEPTH:
+        raise CheckpointError(
+            f"finetuning_results in {path} is too big for metadata (more than {_MAX_RESULT_ITEMS:,} values, "
+            f"{_MAX_RESULT_CHARS:,} characters or {_MAX_RESULT_DEPTH} levels, at {where})"
+        )
+    if value is None or isinstance(value, bool | int | str):
+        return value
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            log.warning("%s in %s is %s; kept as null (JSON has no NaN or infinity)", where, path.name, value)
+        return value if math.isfinite(value) else None
+    if isinstance(value, np.ndarray) and value.dtype.kind in "biuf" and value.size <= budget["items"]:
+        value = value.tolist()
+    if isinstance(value, list | tuple):
+        return [_json_safe(v, f"{where}[{i}]", depth + 1, budget, path) for i, v in enumerate(value)]
+    if isinstance(value, dict) and all(isinstance(k, str) for k in keys):
+        return {k: _json_safe(v, f"{where}/{k}", depth + 1, budget, path) for k, v in value.items()}
+    kind = f"{value.dtype} array of {value.size} values" if isinstance(value, np.ndarray) else type(value).__name__
+    raise CheckpointError(
+        f"{where} in {path} is a {kind}; metadata holds only numbers, strings, bools, None, "
+        "lists and dicts with string keys (and numeric arrays within the size bound)"
+    )
+
+
 def _plain(value: Any) -> Any:
-    """numpy scalars and 0-d arrays as Python numbers (for finetuning_results)."""
+    """numpy scalars and 0-d arrays as Python numbers."""
     if isinstance(value, np.generic) or (isinstance(value, np.ndarray) and value.ndim == 0):
         return value.item()
     return value
@@ -257,7 +339,7 @@ def _plain(value: Any) -> Any:
 def _flag(value: Any, path: Path) -> bool:
     value = _plain(value)
     if not isinstance(value, bool | int) or value not in (0, 1):
-        raise CheckpointError(f"training_complete in {path} is {value!r:.40}, not a bool")
+        raise CheckpointError(f"training_complete in {path} is {brief(value)}, not a bool")
     return bool(value)
 
 

@@ -2,9 +2,26 @@
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import asdict, dataclass, fields
 
+from convert.errors import brief
 from runtime.constants import FEATURES, NUM_DIMENSIONS
+
+# What a checkpoint's model_config may say, checked before any shape is computed: (low, high) per key.
+# The bounds are generous for this model family (ViT-Huge is 1280 wide and 32 deep) and small enough
+# that the expected-shape table stays a few thousand entries and no size overflows.
+CONFIG_RANGES: dict[str, tuple[int, int]] = {
+    "embed_dim": (1, 8192),
+    "num_layers": (1, 64),
+    "num_heads": (1, 8192),  # and it must divide embed_dim
+    "patch_size": (1, 128),  # the input is 128 x 128; a size that does not divide it is padded (SPEC 1)
+    "num_outputs": (NUM_DIMENSIONS, NUM_DIMENSIONS),
+    "mlp_ratio": (1, 16),
+    "regression_hidden": (1, 8192),
+    "n_frames": (FEATURES.n_frames, FEATURES.n_frames),  # what the runtime feeds the model
+    "n_mels": (FEATURES.n_mels, FEATURES.n_mels),
+}
 
 
 @dataclass(frozen=True)
@@ -39,17 +56,23 @@ class ModelConfig:
 
     @classmethod
     def from_checkpoint(cls, model_config: dict) -> ModelConfig:
-        """Build from a checkpoint's `model_config` dict; unknown keys are an error."""
-        known = {f.name for f in fields(cls)}
-        unknown = set(model_config) - known
+        """Build from a checkpoint's `model_config` dict: known keys, integers (not bools or floats), in range."""
+        known = [f.name for f in fields(cls)]
+        unknown = [brief(k) for k in model_config if k not in known]
         if unknown:
-            raise ValueError(f"unknown model_config keys {sorted(unknown)}; expected a subset of {sorted(known)}")
-        values = {k: int(v) for k, v in model_config.items()}
+            raise ValueError(f"unknown model_config keys {unknown[:10]}; expected a subset of {sorted(known)}")
+        values = {}
+        for key, value in model_config.items():
+            low, high = CONFIG_RANGES[key]
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+                raise ValueError(f"{key} is {brief(value)} (a {type(value).__name__}); expected an integer")
+            if not low <= value <= high:
+                allowed = str(low) if low == high else f"{low}..{high}"
+                raise ValueError(f"{key} is {brief(value)}; expected {allowed}")
+            values[key] = int(value)
         cfg = cls(**values)
-        if cfg.embed_dim % cfg.num_heads:
+        if cfg.num_heads > cfg.embed_dim or cfg.embed_dim % cfg.num_heads:
             raise ValueError(f"embed_dim {cfg.embed_dim} is not divisible by num_heads {cfg.num_heads}")
-        if cfg.num_outputs != NUM_DIMENSIONS:
-            raise ValueError(f"num_outputs is {cfg.num_outputs}; the PercePiano model has {NUM_DIMENSIONS}")
         return cfg
 
     def checkpoint_dict(self) -> dict:

@@ -55,7 +55,7 @@ def test_demo_checkpoint_loads(tiny_ckpt, tiny_raw):
     assert ck.config == PRESETS["tiny"]
     assert ck.sha256 == hashlib.sha256(tiny_ckpt.read_bytes()).hexdigest()
     assert ck.training_complete is True
-    assert set(ck.finetuning_results) == {"best_val_correlation", "total_epochs", "convergence_achieved"}
+    assert ck.finetuning_results == tiny_raw["finetuning_results"]  # carried over unchanged (the demo's may be None)
     assert ck.variables() == {"params": ck.params}
     raw_params = tiny_raw["params"]["params"]
     shapes = expected_param_shapes(ck.config)
@@ -324,11 +324,30 @@ def test_unreadable_files(tiny_ckpt, tmp_path):
 def test_missing_keys_and_bad_config(tiny_raw, tmp_path):
     ckpt = _numpy_copy(tiny_raw)
     partial = {k: ckpt[k] for k in ("params", "model_config")}
-    with pytest.raises(CheckpointError, match=r"lacks the keys \['finetuning_results', 'label_scaler'"):
+    with pytest.raises(CheckpointError, match=r"lacks the keys \['label_scaler', 'training_complete'\]"):
         load_checkpoint(_write(tmp_path / "partial.pkl", partial))
     bad = {**ckpt, "model_config": {**ckpt["model_config"], "num_heads": 7}}
     with pytest.raises(CheckpointError, match="bad model_config.*not divisible"):
         load_checkpoint(_write(tmp_path / "badcfg.pkl", bad))
+    for key, value, message in (
+        ("num_heads", 0, "num_heads is 0; expected 1..8192"),
+        ("num_heads", 128, "embed_dim 64 is not divisible by num_heads 128"),
+        ("num_layers", -1, "num_layers is -1; expected 1..64"),
+        ("num_layers", 10**9, "num_layers is 1000000000; expected 1..64"),
+        ("embed_dim", 2**62, "embed_dim is 4611686018427387904; expected 1..8192"),
+        ("patch_size", 0, "patch_size is 0; expected 1..128"),
+        ("patch_size", 4.0, r"patch_size is 4.0 \(a float\); expected an integer"),
+        ("embed_dim", float("inf"), r"embed_dim is inf \(a float\); expected an integer"),
+        ("num_heads", "4", r"num_heads is '4' \(a str\); expected an integer"),
+        ("num_layers", True, r"num_layers is True \(a bool\); expected an integer"),
+        ("num_outputs", 18, "num_outputs is 18; expected 19"),
+        ("n_frames", 64, "n_frames is 64; expected 128"),
+    ):
+        absurd = {**ckpt, "model_config": {**ckpt["model_config"], key: value}}
+        with pytest.raises(CheckpointError, match="bad model_config .*: " + message):
+            load_checkpoint(_write(tmp_path / "absurd.pkl", absurd))
+    numpy_ints = {**ckpt, "model_config": {k: np.int64(v) for k, v in ckpt["model_config"].items()}}
+    assert load_checkpoint(_write(tmp_path / "np.pkl", numpy_ints)).config == PRESETS["tiny"]
     unknown = {**ckpt, "model_config": {**ckpt["model_config"], "dropout": 0.1}}
     with pytest.raises(CheckpointError, match="unknown model_config keys"):
         load_checkpoint(_write(tmp_path / "unknown.pkl", unknown))
@@ -366,5 +385,9 @@ def test_bad_label_scaler(tiny_raw, tmp_path):
     zero.scale_[4] = 0.0
     with pytest.raises(CheckpointError, match="non-positive"):
         load_checkpoint(_write(tmp_path / "zero.pkl", {**ckpt, "label_scaler": zero}))
+    odd = StandardScaler().fit(np.random.default_rng(0).random((50, 19)))
+    odd.with_mean = np.ones(3)  # its truth value would raise ValueError
+    with pytest.raises(CheckpointError, match=r"label_scaler.with_mean .* is array\(\[1., 1., 1.\]\), not a bool"):
+        load_checkpoint(_write(tmp_path / "odd.pkl", {**ckpt, "label_scaler": odd}))
     with pytest.raises(CheckpointError, match="not a fitted sklearn StandardScaler"):
         load_checkpoint(_write(tmp_path / "dict.pkl", {**ckpt, "label_scaler": {"mean_": [0.5] * 19}}))
