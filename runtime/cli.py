@@ -95,9 +95,13 @@ def cmd_corpus(args: argparse.Namespace) -> int:
 
     if args.out is None or args.json:
         raise ConfigError("--recursive and --modal need --out REPORT_DIR (and --out does not take --json)")
-    summary = analyze_corpus(args.files, args.out, model=args.model, recursive=args.recursive,
-                             cap_seconds=args.max_seconds, modal=args.modal, batch_size=args.batch_size,
-                             device=args.device, threads=args.threads, progress=sys.stderr.isatty())
+    try:
+        summary = analyze_corpus(args.files, args.out, model=args.model, recursive=args.recursive,
+                                 cap_seconds=args.max_seconds, modal=args.modal, batch_size=args.batch_size,
+                                 device=args.device, threads=args.threads, progress=sys.stderr.isatty())
+    except KeyboardInterrupt:
+        print(f"interrupted: finished files are in {args.out}/journal.jsonl; run again to resume", file=sys.stderr)
+        return 130
     print("\n".join(summary_lines(summary)))
     return 1 if summary.failed else 0
 

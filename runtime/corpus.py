@@ -80,8 +80,11 @@ def find_audio(roots: Sequence[str | os.PathLike], *, recursive: bool = False) -
         else:
             raise InputError(f"{root}: no such file or folder")
         for p in paths:
-            st = p.stat()
-            key = str(p.resolve())
+            try:
+                st, key = p.stat(), str(p.resolve())
+            except OSError as exc:  # gone or unreadable since the folder was listed
+                logger.warning("skipping %s: %s", p, exc)
+                continue
             found.setdefault(key, AudioFile(str(p), key, st.st_size, st.st_mtime_ns))
     return sorted(found.values(), key=lambda f: f.path)
 
