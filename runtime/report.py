@@ -141,6 +141,10 @@ def report_markdown(scored: list[dict], summary: CorpusSummary, plots: dict[str,
     lines = ["# Corpus report", "",
              f"{summary.files} files, {len(scored)} scored ({hours:.3f} h of audio), {summary.failed} failed. "
              f"This run analysed {summary.analysed} and took {summary.from_journal} from the journal.", ""]
+    models = ", ".join(sorted({str(e.get("model")) for e in scored})) or "none"
+    caps = sorted({e.get("cap_seconds") for e in scored}, key=lambda c: (c is not None, c or 0))
+    cap = ", ".join("whole files" if c is None else f"the first {c:g} s of each file" for c in caps) or "-"
+    lines += [f"Model: {models}. Analysed: {cap}.", ""]
     if summary.speed:
         lines += [f"Speed of this run: {summary.speed:.1f} audio hours per hour ({summary.wall_seconds:.1f} s).", ""]
     if skipped:
