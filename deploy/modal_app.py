@@ -6,7 +6,11 @@ artifacts/model.onnx or PERCEPIANO_MODEL pointing at it):
     modal secret create percepiano-api PERCEPIANO_API_TOKEN=$(openssl rand -hex 32)
     modal deploy deploy/modal_app.py
 
-Whole corpora: upload audio to the Volume, then map it over parallel GPU containers:
+Whole corpora, from local folders (`CorpusWorker.analyze_bytes`, resumable, reports written locally):
+
+    python -m runtime analyze ./recordings --recursive --out report --modal
+
+or from the Volume (`CorpusWorker.analyze_file`):
 
     modal volume put percepiano-audio ./recordings recordings
     modal run deploy/modal_app.py --prefix recordings      # writes results/scores.jsonl to the Volume
@@ -36,7 +40,6 @@ MODEL_REMOTE = "/opt/percepiano/model.onnx"
 SECRET_NAME = "percepiano-api"  # holds PERCEPIANO_API_TOKEN
 AUDIO_VOLUME = "percepiano-audio"
 AUDIO_MOUNT = "/audio"
-AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".mp3", ".m4a", ".aac", ".opus")
 WEB_CONCURRENCY = {"max_inputs": 32, "target_inputs": 8}  # requests per container; the app runs 4 at once
 SERVICE_ENV = {
     "PERCEPIANO_MODEL_PATH": MODEL_REMOTE,
@@ -92,15 +95,11 @@ class ModelContainer:
 
         return create_app(self.analyzer, settings=Settings.from_env(require_token=True))
 
-    def analyze_path(self, relpath: str) -> dict[str, Any]:
-        """One file of the audio Volume -> its result; a file that cannot be analysed gets an `error`."""
-        from runtime.errors import AudioError, InputError
+    def analyze_path(self, relpath: str, cap_seconds: float | None = None) -> dict[str, Any]:
+        """One file of the audio Volume -> its result; any failure becomes that file's `error` (never raised)."""
+        from runtime.corpus import analyze_one
 
-        try:
-            result = self.analyzer.analyze_file(Path(AUDIO_MOUNT) / relpath).to_dict()
-            return {"file": relpath, **result, "model": self.analyzer.model.info.summary(), "error": None}
-        except (AudioError, InputError) as exc:
-            return {"file": relpath, "error": str(exc)}
+        return analyze_one(self.analyzer, relpath, Path(AUDIO_MOUNT) / relpath, cap_seconds)
 
 
 @app.cls(image=image, gpu=GPU, enable_memory_snapshot=True, scaledown_window=SCALEDOWN_WINDOW, timeout=300,
@@ -118,43 +117,71 @@ class Service(ModelContainer):
          volumes={AUDIO_MOUNT: audio_volume}, max_containers=20)
 @modal.concurrent(max_inputs=4)  # one container decodes the next files while the GPU runs
 class CorpusWorker(ModelContainer):
-    """Analyses files of the audio Volume; `analyze_corpus` fans out over many of these with `.map`."""
+    """Analyses corpus files; the callers fan out over many of these with `.map` (order_outputs=False).
+
+    Every method returns a result named by its file and never raises for a file (an exception returned by
+    `.map(return_exceptions=True)` would not say which file it belonged to).
+    """
 
     @modal.method()
-    def analyze_file(self, relpath: str) -> dict[str, Any]:
-        return self.analyze_path(relpath)
+    def analyze_file(self, relpath: str, cap_seconds: float | None = None) -> dict[str, Any]:
+        """A file of the audio Volume (path relative to its root)."""
+        return self.analyze_path(relpath, cap_seconds)
+
+    @modal.method()
+    def analyze_bytes(self, name: str, data: bytes, cap_seconds: float | None = None) -> dict[str, Any]:
+        """A file sent by `python -m runtime analyze DIR --out REPORT --modal` (runtime.corpus.modal_results)."""
+        from runtime.corpus import analyze_one
+
+        return analyze_one(self.analyzer, name, data, cap_seconds)
 
 
 def list_audio(root: Path, prefix: str = "") -> list[str]:
     """Audio files under root/prefix, as sorted paths relative to root."""
+    from runtime.corpus import AUDIO_SUFFIXES
+
     base = root / prefix
     files = base.rglob("*") if base.is_dir() else []
     return sorted(str(PurePosixPath(p.relative_to(root))) for p in files
                   if p.is_file() and p.suffix.lower() in AUDIO_SUFFIXES)
 
 
-def run_corpus(root: Path, prefix: str, output: str, analyze_many: Callable[[list[str]], Iterable[dict]]) -> dict:
-    """Analyse every audio file under root/prefix with analyze_many; write JSON lines to root/output."""
+def run_corpus(root: Path, prefix: str, output: str, analyze_many: Callable[[list[str]], Iterable[Any]]) -> dict:
+    """Analyse every audio file under root/prefix with analyze_many; write JSON lines to root/output.
+
+    Every file gets exactly one line: an exception that came back instead of a result names no file, so the
+    files left without a result get a line with an `error` that quotes it.
+    """
     files = list_audio(root, prefix)
+    wanted = set(files)
     out = root / output
     out.parent.mkdir(parents=True, exist_ok=True)
+    seen: set[str] = set()
+    lost: list[str] = []
     failed = 0
     with out.open("w") as fh:
         for result in analyze_many(files):
-            if not isinstance(result, dict):  # an exception returned by map(return_exceptions=True)
-                result = {"file": None, "error": f"{type(result).__name__}: {result}"}
+            if not isinstance(result, dict) or result.get("file") not in wanted or result["file"] in seen:
+                lost.append(f"{type(result).__name__}: {result}"[:300])
+                continue
+            seen.add(result["file"])
             failed += result.get("error") is not None
             fh.write(json.dumps(result) + "\n")
+        why = "; ".join(dict.fromkeys(lost)) or "the map ended without it"
+        for relpath in (f for f in files if f not in seen):
+            failed += 1
+            fh.write(json.dumps({"file": relpath, "error": f"no result from the worker ({why})"}) + "\n")
     return {"files": len(files), "failed": failed, "output": str(PurePosixPath(output))}
 
 
 @app.function(image=image, volumes={AUDIO_MOUNT: audio_volume}, timeout=6 * 3600)
-def analyze_corpus(prefix: str = "", output: str = "results/scores.jsonl") -> dict:
+def analyze_corpus(prefix: str = "", output: str = "results/scores.jsonl", cap_seconds: float | None = None) -> dict:
     """Fan the Volume's files under prefix out over parallel GPU containers; results to output on the Volume."""
     worker = CorpusWorker()
 
     def analyze_many(files: list[str]) -> Iterable[dict]:
-        return worker.analyze_file.map(files, order_outputs=False, return_exceptions=True)
+        return worker.analyze_file.map(files, kwargs={"cap_seconds": cap_seconds}, order_outputs=False,
+                                       return_exceptions=True)
 
     summary = run_corpus(Path(AUDIO_MOUNT), prefix, output, analyze_many)
     audio_volume.commit()
@@ -162,6 +189,6 @@ def analyze_corpus(prefix: str = "", output: str = "results/scores.jsonl") -> di
 
 
 @app.local_entrypoint()
-def main(prefix: str = "", output: str = "results/scores.jsonl") -> None:
-    """`modal run deploy/modal_app.py --prefix DIR`: analyse a corpus on the Volume."""
-    print(json.dumps(analyze_corpus.remote(prefix, output), indent=2))
+def main(prefix: str = "", output: str = "results/scores.jsonl", cap_seconds: float = 0.0) -> None:
+    """`modal run deploy/modal_app.py --prefix DIR [--cap-seconds 30]`: analyse a corpus on the Volume (0: no cap)."""
+    print(json.dumps(analyze_corpus.remote(prefix, output, cap_seconds or None), indent=2))

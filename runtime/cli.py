@@ -20,8 +20,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log what the runtime does")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    an = sub.add_parser("analyze", help="score audio files on the 19 PercePiano dimensions")
-    an.add_argument("files", nargs="+", type=Path)
+    an = sub.add_parser("analyze", help="score audio files (or, with --out, whole folders) on the 19 dimensions")
+    an.add_argument("files", nargs="+", type=Path, metavar="FILE_OR_DIR")
     an.add_argument("--model", type=Path, default=DEFAULT_MODEL, help=f"ONNX model (default {DEFAULT_MODEL})")
     an.add_argument("--json", action="store_true", help="print one JSON document instead of tables")
     an.add_argument("--batch-size", type=int, default=16, help="chunks per inference batch (default 16)")
@@ -32,6 +32,10 @@ def build_parser() -> argparse.ArgumentParser:
                          f"did (bare flag: {ORIGINAL_MAX_SECONDS:.0f} s); longer files are not refused")
     an.add_argument("--refuse-over", type=float, metavar="SECONDS",
                     help="refuse (per-file error) audio longer than this (default: only the 1 h hard limit)")
+    an.add_argument("--out", type=Path, metavar="REPORT_DIR",
+                    help="analyse a corpus: journal, scores.csv, timeline.csv and report.md in REPORT_DIR (resumable)")
+    an.add_argument("--recursive", action="store_true", help="with --out: include files in subfolders")
+    an.add_argument("--modal", action="store_true", help="with --out: analyse on the deployed Modal app")
 
     info = sub.add_parser("info", help="print an exported model's metadata")
     info.add_argument("model", type=Path)
@@ -88,9 +92,28 @@ def print_tables(results: list[dict]) -> None:
             print(f"  {key:42s} {score:6.3f}  {'#' * round(score * 20)}")
 
 
+def cmd_corpus(args: argparse.Namespace) -> int:
+    """`analyze DIR ... --out REPORT_DIR`: the corpus run of runtime.corpus."""
+    from runtime.corpus import analyze_corpus, summary_lines
+
+    if args.out is None or args.json:
+        raise ConfigError("--recursive and --modal need --out REPORT_DIR (and --out does not take --json)")
+    try:
+        summary = analyze_corpus(args.files, args.out, model=args.model, recursive=args.recursive,
+                                 cap_seconds=args.max_seconds, modal=args.modal, batch_size=args.batch_size,
+                                 device=args.device, threads=args.threads, progress=sys.stderr.isatty())
+    except KeyboardInterrupt:
+        print(f"interrupted: finished files are in {args.out}/journal.jsonl; run again to resume", file=sys.stderr)
+        return 130
+    print("\n".join(summary_lines(summary)))
+    return 1 if summary.failed else 0
+
+
 def cmd_analyze(args: argparse.Namespace) -> int:
     from runtime.analyze import Analyzer
 
+    if args.out is not None or args.recursive or args.modal:
+        return cmd_corpus(args)
     analyzer = Analyzer.from_path(args.model, device=args.device, threads=args.threads,
                                   batch_size=args.batch_size, cap_seconds=args.max_seconds,
                                   max_seconds=args.refuse_over)

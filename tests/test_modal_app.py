@@ -101,9 +101,18 @@ def test_modal_configuration(recorded):
     assert options(calls, "enter", "start") == {"snap": False}
     assert ("asgi_app", "web", {}) in calls
     assert ("method", "analyze_file", {}) in calls
+    assert ("method", "analyze_bytes", {}) in calls
     corpus = options(calls, "function", "analyze_corpus")
     assert list(corpus["volumes"].values()) == [m.audio_volume] and "gpu" not in corpus
     assert m.SERVICE_ENV["PERCEPIANO_DEVICE"] == "cuda"
+
+
+def test_runtime_looks_up_the_deployed_corpus_worker_by_its_names(recorded):
+    from runtime import corpus
+
+    m, calls = recorded
+    assert corpus.MODAL_APP == m.APP_NAME
+    assert options(calls, "cls", corpus.MODAL_WORKER)["volumes"]  # the class `--modal` looks up exists
 
 
 def test_only_current_modal_api_names():
@@ -183,3 +192,52 @@ def test_corpus_run_over_a_volume_tree(container, piano_clips, tmp_path, monkeyp
         assert result["error"] is None and result["model"] == obj.analyzer.model.info.summary()
         np.testing.assert_allclose(list(result["scores"].values()),
                                    list(obj.analyzer.analyze_file(clip).scores.values()), atol=1e-6)
+
+
+def user_worker(m):
+    """The CorpusWorker class as written (Modal keeps it; its methods are plain functions)."""
+    get = getattr(m.CorpusWorker, "_get_user_cls", None)
+    if get is None:
+        pytest.skip("this Modal version does not expose the user class")
+    worker = get()()
+    worker.load()
+    worker.start()
+    return worker
+
+
+def test_corpus_worker_names_every_result_and_never_raises(container, piano_clips, monkeypatch):
+    m, obj = container
+    worker = user_worker(m)
+    clip = min(piano_clips, key=lambda p: p.stat().st_size)
+    good = worker.analyze_bytes("set/take.flac", clip.read_bytes(), None)
+    assert good["file"] == "set/take.flac" and good["error"] is None
+    assert good["scores"] == obj.analyzer.analyze_file(clip).scores
+    assert good["model"] == obj.analyzer.model.info.summary()
+    bad = worker.analyze_bytes("set/bad.wav", b"not audio", None)
+    assert bad["file"] == "set/bad.wav" and bad["error"].startswith("set/bad.wav: ") and "retry" not in bad
+
+    def explode(source):
+        raise RuntimeError("CUDA failure")
+
+    monkeypatch.setattr(worker.analyzer, "analyze_file", explode)
+    for result in (worker.analyze_bytes("set/x.flac", clip.read_bytes(), None), worker.analyze_file("set/x.flac")):
+        assert result["file"] == "set/x.flac" and result["scores"] is None
+        assert result["error"] == "set/x.flac: RuntimeError: CUDA failure" and result["retry"] is True
+
+
+def test_volume_corpus_run_never_loses_a_file(container, piano_clips, tmp_path, monkeypatch):
+    m, obj = container
+    monkeypatch.setattr(m, "AUDIO_MOUNT", str(tmp_path))
+    clips = sorted(piano_clips, key=lambda p: p.stat().st_size)[:2]
+    for clip in clips:
+        shutil.copy(clip, tmp_path / clip.name)
+
+    def analyze_many(files):  # the first file's container died: map returned an exception, not a result
+        return [RuntimeError("container exited"), *map(obj.analyze_path, files[1:])]
+
+    summary = m.run_corpus(tmp_path, "", "scores.jsonl", analyze_many)
+    assert summary == {"files": 2, "failed": 1, "output": "scores.jsonl"}
+    lines = [json.loads(line) for line in (tmp_path / "scores.jsonl").read_text().splitlines()]
+    assert sorted(r["file"] for r in lines) == sorted(c.name for c in clips)
+    lost = next(r for r in lines if r["file"] == min(c.name for c in clips))  # list_audio's first file
+    assert lost["error"] == "no result from the worker (RuntimeError: container exited)"

@@ -1,0 +1,371 @@
+"""Analyse a whole corpus: find the audio under folders, journal each file's result durably, resume, write reports.
+
+    from runtime.corpus import analyze_corpus
+    summary = analyze_corpus(["recordings"], "report", model="artifacts/model.onnx", recursive=True)
+
+The journal (``REPORT_DIR/journal.jsonl``) gets one JSON line per analysed file, flushed and fsynced, with the
+file's path, size and modification time, the model and cap used, and the result or the error; a crash loses at
+most the files in progress. A run over the same report folder skips the files whose entry still matches and
+re-analyses changed ones. ``scores.csv``, ``timeline.csv`` and ``report.md`` are rebuilt from the journal at the
+end of every run. With ``modal=True`` the files are sent to the deployed app's ``CorpusWorker`` instead.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from runtime.errors import AudioError, ConfigError, InputError
+
+logger = logging.getLogger(__name__)
+
+AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".mp3", ".m4a", ".aac", ".opus")  # what a folder walk picks up
+JOURNAL_NAME = "journal.jsonl"
+MODAL_APP = "percepiano"  # deploy/modal_app.py APP_NAME (a test keeps them equal)
+MODAL_WORKER = "CorpusWorker"
+DEFAULT_WORKERS = 2  # files in flight locally: one decodes and computes features while another runs the model
+
+Results = Callable[[list["AudioFile"]], Iterable[dict]]
+
+
+@dataclass(frozen=True)
+class AudioFile:
+    """One file of the corpus as found: ``path`` as written under the folder given, ``key`` resolved."""
+
+    path: str
+    key: str
+    size: int
+    mtime_ns: int
+
+
+@dataclass
+class CorpusSummary:
+    """What a run did; ``failures`` lists (path, error) of every file that has no scores."""
+
+    out_dir: Path
+    files: int
+    analysed: int
+    from_journal: int
+    audio_seconds: float  # of all files with scores
+    analysed_seconds: float  # of the files analysed in this run
+    wall_seconds: float
+    failures: list[tuple[str, str]] = field(default_factory=list)
+    plots: bool = False
+
+    @property
+    def failed(self) -> int:
+        return len(self.failures)
+
+    @property
+    def speed(self) -> float | None:
+        """Audio hours per hour of this run's wall time (None if nothing was analysed)."""
+        return self.analysed_seconds / self.wall_seconds if self.analysed and self.wall_seconds > 0 else None
+
+
+def find_audio(roots: Sequence[str | os.PathLike], *, recursive: bool = False) -> list[AudioFile]:
+    """Audio files (by suffix) in the given folders, and the given files themselves, sorted by path."""
+    found: dict[str, AudioFile] = {}
+    for root in map(Path, roots):
+        if root.is_dir():
+            candidates = sorted(root.rglob("*") if recursive else root.iterdir())
+            paths = [p for p in candidates if p.suffix.lower() in AUDIO_SUFFIXES and p.is_file()]
+        elif root.is_file():
+            paths = [root]  # named explicitly: analysed whatever its suffix
+        else:
+            raise InputError(f"{root}: no such file or folder")
+        for p in paths:
+            try:
+                st, key = p.stat(), str(p.resolve())
+            except OSError as exc:  # gone or unreadable since the folder was listed
+                logger.warning("skipping %s: %s", p, exc)
+                continue
+            found.setdefault(key, AudioFile(str(p), key, st.st_size, st.st_mtime_ns))
+    return sorted(found.values(), key=lambda f: f.path)
+
+
+def analyze_one(analyzer, name: str, source: str | os.PathLike | bytes, cap_seconds: float | None = None) -> dict:
+    """One file -> its result dict named ``name``; never raises: every failure becomes ``error``.
+
+    An error that is the file's fault (AudioError, InputError) is final; any other (out of memory, a model
+    failure) is marked ``retry`` so that the next run tries the file again. This is the corpus worker's logic.
+    """
+    try:
+        model = analyzer.model.info.summary()  # inside the try: nothing may escape the worker
+        if cap_seconds is not None:
+            analyzer = _with_cap(analyzer, cap_seconds)
+        return {"file": name, **analyzer.analyze_file(source).to_dict(), "model": model, "error": None}
+    except (AudioError, InputError) as exc:
+        return failure(name, _named(name, str(exc)))
+    except Exception as exc:
+        logger.exception("analysing %s failed", name)
+        return failure(name, _named(name, f"{type(exc).__name__}: {exc}"), retry=True)
+
+
+def _named(name: str, message: str) -> str:
+    """The message, starting with the file's name (errors about bytes only say '<N bytes of audio>')."""
+    return message if message.startswith(name) else f"{name}: {message}"
+
+
+def failure(name: str, error: str, *, retry: bool = False) -> dict:
+    """The result of a file that has no scores."""
+    return {"file": name, "duration_seconds": None, "scores": None, "timeline": None, "error": error,
+            **({"retry": True} if retry else {})}
+
+
+def make_analyzer(model: str | os.PathLike, *, device: str = "auto", threads: int | None = None,
+                  batch_size: int = 16, cap_seconds: float | None = None):
+    """An Analyzer over the ONNX model at ``model`` that analyses the first ``cap_seconds`` of each file."""
+    from runtime.analyze import Analyzer
+    from runtime.model import OnnxModel
+
+    return Analyzer(OnnxModel(model, device=device, threads=threads), batch_size=batch_size, cap_seconds=cap_seconds)
+
+
+def _with_cap(analyzer, cap_seconds: float):
+    from runtime.analyze import Analyzer
+
+    return Analyzer(analyzer.model, batch_size=analyzer.batch_size, cap_seconds=cap_seconds,
+                    max_seconds=analyzer.max_seconds)
+
+
+# --- sources of results: local threads, or the deployed Modal worker ---------------------------------------
+
+
+def local_results(analyzer, workers: int = DEFAULT_WORKERS) -> Results:
+    """Analyse files here, ``workers`` at a time (decoding and features of some overlap the model of others)."""
+
+    def run(files: list[AudioFile]) -> Iterator[dict]:
+        if workers <= 1:
+            yield from (analyze_one(analyzer, f.path, f.path) for f in files)
+            return
+        todo = iter(files)
+        with ThreadPoolExecutor(workers, thread_name_prefix="corpus") as pool:
+            pending = {pool.submit(analyze_one, analyzer, f.path, f.path) for f in _take(todo, workers)}
+            while pending:
+                done, pending = wait(pending, return_when=FIRST_COMPLETED)
+                pending |= {pool.submit(analyze_one, analyzer, f.path, f.path) for f in _take(todo, len(done))}
+                yield from (d.result() for d in done)
+
+    return run
+
+
+def _take(it: Iterator, n: int) -> list:
+    return [x for _, x in zip(range(n), it, strict=False)]
+
+
+def lookup_worker(app_name: str = MODAL_APP, class_name: str = MODAL_WORKER):
+    """An instance handle of the deployed corpus worker (``modal deploy deploy/modal_app.py`` made it)."""
+    try:
+        import modal
+    except ImportError as exc:
+        raise ConfigError("--modal needs the Modal client: pip install 'percepiano-onnx[modal]'") from exc
+    return modal.Cls.from_name(app_name, class_name)()
+
+
+def modal_results(worker, cap_seconds: float | None = None) -> Results:
+    """Send each file's bytes to ``worker.analyze_bytes`` over parallel containers; results stream back.
+
+    The worker names every result; an exception that still comes back (a container that died) names no file,
+    so every file left without a result is reported with it, marked for retry.
+    """
+
+    def run(files: list[AudioFile]) -> Iterator[dict]:
+        names = [f.path for f in files]
+        read_errors: dict[str, str] = {}
+        seen: set[str] = set()
+        lost: list[str] = []
+        outputs = _guard_modal(lambda: worker.analyze_bytes.map(
+            names, _blobs(files, read_errors), kwargs={"cap_seconds": cap_seconds}, order_outputs=False,
+            return_exceptions=True))
+        for out in outputs:
+            if not isinstance(out, dict) or out.get("file") not in names or out["file"] in seen:
+                lost.append(f"{type(out).__name__}: {out}"[:300])
+                continue
+            seen.add(out["file"])
+            yield failure(out["file"], read_errors[out["file"]]) if out["file"] in read_errors else out
+        why = "; ".join(dict.fromkeys(lost)) or "the map ended without it"
+        for f in files:
+            if f.path not in seen:
+                yield failure(f.path, f"no result from the Modal worker ({why})", retry=True)
+
+    return run
+
+
+def _blobs(files: list[AudioFile], read_errors: dict[str, str]) -> Iterator[bytes]:
+    """File bytes, read only as Modal asks for the next input; an unreadable file is sent empty."""
+    for f in files:
+        try:
+            yield Path(f.path).read_bytes()
+        except OSError as exc:
+            read_errors[f.path] = f"{f.path}: cannot read: {exc.strerror or exc}"
+            yield b""
+
+
+def _guard_modal(start_map: Callable[[], Iterable]) -> Iterator:
+    """Start and iterate a Modal map; Modal's own errors (not deployed, not logged in) become one ConfigError."""
+    try:
+        yield from start_map()
+    except Exception as exc:
+        if type(exc).__module__.startswith("modal"):
+            raise ConfigError(f"Modal: {exc} (deploy with `modal deploy deploy/modal_app.py`, log in with "
+                              "`modal setup`; finished files are in the journal, run again to resume)") from exc
+        raise
+
+
+# --- the journal ----------------------------------------------------------------------------------------------
+
+
+class Journal:
+    """Append-only JSON lines, one per analysed file, each flushed and fsynced before the next file."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._fh = None
+
+    def load(self) -> dict[str, dict]:
+        """The latest entry per file key; a torn last line (a crash while writing) is ignored."""
+        entries: dict[str, dict] = {}
+        if not self.path.exists():
+            return entries
+        for n, line in enumerate(self.path.read_text(encoding="utf-8").splitlines(), 1):
+            try:
+                entry = json.loads(line)
+                entries[entry["key"]] = entry
+            except (ValueError, KeyError, TypeError):
+                logger.warning("%s line %d is not a journal entry (a crash while writing?): ignored", self.path, n)
+        return entries
+
+    def __enter__(self) -> Journal:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        torn = self.path.exists() and self.path.stat().st_size > 0 and not self.path.read_bytes().endswith(b"\n")
+        self._fh = self.path.open("a", encoding="utf-8")
+        if torn:
+            self._fh.write("\n")  # end the torn line so the next entry starts on its own
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._fh.close()
+
+    def append(self, entry: dict) -> None:
+        self._fh.write(json.dumps(entry, separators=(",", ":")) + "\n")
+        self._fh.flush()
+        os.fsync(self._fh.fileno())
+
+
+def journal_entry(f: AudioFile, result: dict, model: str | None, cap_seconds: float | None) -> dict:
+    """The journal line of one file: what it was (path, size, mtime), how it was analysed, and the outcome."""
+    keep = ("duration_seconds", "scores", "timeline")
+    return {"path": f.path, "key": f.key, "size": f.size, "mtime_ns": f.mtime_ns,
+            "model": (result.get("model") or {}).get("version") or model, "cap_seconds": cap_seconds,
+            "result": None if result.get("error") else {k: result[k] for k in keep},
+            "error": result.get("error"), "retry": bool(result.get("retry"))}
+
+
+def is_current(entry: dict | None, f: AudioFile, model: str | None, cap_seconds: float | None) -> bool:
+    """Whether a journal entry still stands for ``f``: same size, mtime, cap and (if known) model; no retry."""
+    if entry is None or entry.get("retry"):
+        return False
+    same_file = (entry.get("size"), entry.get("mtime_ns")) == (f.size, f.mtime_ns)
+    same_model = model is None or entry.get("model") == model
+    return same_file and same_model and entry.get("cap_seconds") == cap_seconds
+
+
+# --- the run ---------------------------------------------------------------------------------------------------
+
+
+def analyze_corpus(roots: Sequence[str | os.PathLike], out_dir: str | os.PathLike, *,
+                   model: str | os.PathLike = "artifacts/model.onnx", recursive: bool = False,
+                   cap_seconds: float | None = None, modal: bool = False, batch_size: int = 16, device: str = "auto",
+                   threads: int | None = None, workers: int = DEFAULT_WORKERS, progress: bool = False,
+                   plots: bool = True) -> CorpusSummary:
+    """Analyse every audio file under ``roots`` (here, or with ``modal=True`` on the deployed app) into ``out_dir``."""
+    files = find_audio(roots, recursive=recursive)
+    if modal:
+        return run_corpus(files, out_dir, modal_results(lookup_worker(), cap_seconds), model=None,
+                          cap_seconds=cap_seconds, progress=progress, plots=plots)
+    analyzer = make_analyzer(model, device=device, threads=threads, batch_size=batch_size, cap_seconds=cap_seconds)
+    return run_corpus(files, out_dir, local_results(analyzer, workers), model=analyzer.model.info.version,
+                      cap_seconds=cap_seconds, progress=progress, plots=plots)
+
+
+def run_corpus(files: list[AudioFile], out_dir: str | os.PathLike, results: Results, *, model: str | None,
+               cap_seconds: float | None = None, progress: bool = False, plots: bool = True) -> CorpusSummary:
+    """Journal the results of the files whose journal entry is not current, then write the outputs.
+
+    ``model`` is the version string results will carry (None: whatever the remote worker runs).
+    """
+    from runtime.report import write_outputs
+
+    out = Path(out_dir)
+    journal = Journal(out / JOURNAL_NAME)
+    entries = journal.load()
+    todo = [f for f in files if not is_current(entries.get(f.key), f, model, cap_seconds)]
+    by_path = {f.path: f for f in todo}
+    start, seconds = time.perf_counter(), 0.0
+    logger.info("%d files: %d to analyse, %d from the journal", len(files), len(todo), len(files) - len(todo))
+    with journal, _Progress(todo, progress) as bar:
+        for result in results(todo):
+            f = by_path[result["file"]]
+            entry = journal_entry(f, result, model, cap_seconds)
+            journal.append(entry)
+            entries[f.key] = entry
+            seconds += (entry["result"] or {}).get("duration_seconds") or 0.0
+            bar.advance(f, seconds)
+    rows = [entries[f.key] for f in files]
+    summary = CorpusSummary(out, len(files), len(todo), len(files) - len(todo),
+                            sum(r["result"]["duration_seconds"] for r in rows if r["result"]), seconds,
+                            time.perf_counter() - start, [(r["path"], r["error"]) for r in rows if r["error"]])
+    summary.plots = write_outputs(out, rows, summary, plots=plots)
+    return summary
+
+
+class _Progress:
+    """A rich progress bar on stderr (files, audio hours, ETA from bytes), or nothing."""
+
+    def __init__(self, files: list[AudioFile], enabled: bool) -> None:
+        self.total_files = len(files)
+        self.total_bytes = sum(f.size for f in files) or 1
+        self.done = 0
+        self.bar = self.task = None
+        if enabled and files:
+            from rich.console import Console
+            from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+            self.bar = Progress(TextColumn("analysing"), BarColumn(), TextColumn("{task.fields[files]} files"),
+                                TextColumn("{task.fields[hours]:.2f} h audio"), TimeRemainingColumn(),
+                                console=Console(stderr=True))
+            self.task = self.bar.add_task("corpus", total=self.total_bytes, files=f"0/{self.total_files}", hours=0.0)
+
+    def __enter__(self) -> _Progress:
+        if self.bar:
+            self.bar.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.bar:
+            self.bar.stop()
+
+    def advance(self, f: AudioFile, audio_seconds: float) -> None:
+        self.done += 1
+        if self.bar:
+            self.bar.update(self.task, advance=f.size, files=f"{self.done}/{self.total_files}",
+                            hours=audio_seconds / 3600)
+
+
+def summary_lines(summary: CorpusSummary, limit: int = 20) -> list[str]:
+    """A few readable lines: counts, audio hours, speed, and why files failed."""
+    speed = f", {summary.speed:.1f} audio hours per hour" if summary.speed else ""
+    lines = [f"{summary.files} files: {summary.analysed} analysed now, {summary.from_journal} from the journal, "
+             f"{summary.failed} failed; {summary.audio_seconds / 3600:.3f} h of audio scored{speed}",
+             f"outputs in {summary.out_dir}: scores.csv, timeline.csv, report.md"
+             + ("" if summary.plots else " (without plots: see report.md)")]
+    lines += [f"  failed: {path}: {error.removeprefix(path + ': ')}" for path, error in summary.failures[:limit]]
+    if summary.failed > limit:
+        lines.append(f"  ... and {summary.failed - limit} more (see report.md)")
+    return lines
