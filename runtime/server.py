@@ -282,6 +282,12 @@ def create_app(source: Source, *, settings: Settings | None = None) -> FastAPI:
         analysis, seconds = await service.run(lambda: service.analyze_mel(data, kind))
         return service.result(analysis, seconds)
 
+    from fastapi.responses import FileResponse  # the page (runtime/static): no auth, its API calls carry the token
+    from fastapi.staticfiles import StaticFiles
+
+    static = Path(__file__).with_name("static")
+    app.mount("/static", StaticFiles(directory=static), name="static")
+    app.add_api_route("/", lambda: FileResponse(static / "index.html"), include_in_schema=False)
     return app
 
 
