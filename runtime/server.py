@@ -286,8 +286,11 @@ def create_app(source: Source, *, settings: Settings | None = None) -> FastAPI:
     from fastapi.staticfiles import StaticFiles
 
     static = Path(__file__).with_name("static")
-    app.mount("/static", StaticFiles(directory=static), name="static")
-    app.add_api_route("/", lambda: FileResponse(static / "index.html"), include_in_schema=False)
+    if (static / "index.html").is_file():
+        app.mount("/static", StaticFiles(directory=static), name="static")
+        app.add_api_route("/", lambda: FileResponse(static / "index.html"), include_in_schema=False)
+    else:  # an install that copied only .py files: the API still serves
+        log.warning("the page's files are missing from %s: / is not served", static)
     return app
 
 
