@@ -7,6 +7,7 @@ Screenshots go to $PERCEPIANO_TEST_ARTIFACTS or tests/artifacts/.
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import socket
@@ -156,6 +157,19 @@ def upload(page, slot: str, clip: Path) -> None:
     page.wait_for_selector(f"#take-{slot} .status-text.done", timeout=60_000)
 
 
+def drop(page, slot: str, clip: Path) -> None:
+    """Drop a file on a take's drop zone, as a drag from the desktop does."""
+    page.evaluate("""([slot, name, data]) => {
+        const file = new File([Uint8Array.from(atob(data), (c) => c.charCodeAt(0))], name, {type: "audio/flac"});
+        const transfer = new DataTransfer();
+        transfer.items.add(file);
+        const zone = document.querySelector(`#take-${slot} .drop`);
+        zone.dispatchEvent(new DragEvent("dragover", {dataTransfer: transfer, bubbles: true, cancelable: true}));
+        zone.dispatchEvent(new DragEvent("drop", {dataTransfer: transfer, bubbles: true, cancelable: true}));
+    }""", [slot, clip.name, base64.b64encode(clip.read_bytes()).decode()])
+    page.wait_for_selector(f"#take-{slot} .status-text.done", timeout=60_000)
+
+
 def table(page, slot: str) -> dict[str, tuple[str, str]]:
     """{key: (shown number, colour class)} of one take's column."""
     rows = page.eval_on_selector_all("#score-table tbody tr[data-key]", """(rows, slot) => rows.map((r) => {
@@ -218,7 +232,7 @@ def test_garbage_gets_a_readable_error(page, server):
 def test_second_take_overlays_the_first_and_screenshots(page, server, clips, api):
     open_page(page, server)
     upload(page, "a", clips[0])
-    upload(page, "b", clips[1])
+    drop(page, "b", clips[1])
     page.wait_for_selector("#radar svg polygon.b")
     assert page.locator("#radar polygon.a").count() == 1
     assert table(page, "a") == expected(api[0])
