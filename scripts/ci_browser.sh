@@ -17,7 +17,7 @@ if [ ${#missing[@]} -gt 0 ]; then
     [ "$(id -u)" = 0 ] || fail "${missing[*]} missing, and only root can apt-get install them"
     echo "ci_browser: installing ${missing[*]} (apt-get)" >&2
     export DEBIAN_FRONTEND=noninteractive
-    { apt-get update -qq && apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null; } \
+    { apt-get update -qq && apt-get install -y -qq "${missing[@]}" >/dev/null; } \
         || fail "apt-get install ${missing[*]} failed"
 fi
 python -c "import playwright" 2>/dev/null || python -m pip install --quiet "playwright>=1.40" \
