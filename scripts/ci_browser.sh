@@ -22,4 +22,4 @@ if [ ${#missing[@]} -gt 0 ]; then
 fi
 python -c "import playwright" 2>/dev/null || python -m pip install --quiet "playwright>=1.40" \
     || fail "the playwright package is missing and pip could not install it"
-echo "ci_browser: $(chromium --version 2>/dev/null | head -1); $(firefox-esr --version 2>/dev/null || firefox --version)" >&2
+echo "ci_browser: $(chromium --version 2>/dev/null | head -1); $(firefox-esr --version 2>/dev/null || firefox --version 2>/dev/null || echo 'no firefox')" >&2
