@@ -197,6 +197,7 @@ def test_page_shows_the_api_scores_of_a_real_clip(page, server, clips, api):
     for part in (model["version"], model["precision"], model["device"]):
         assert part in identity
     assert page.is_visible("#demo-banner") == (model["source"].get("demo") is True)
+    assert f"up to {model['limits']['max_bytes'] / 1e6:.0f} MB" in page.text_content("#limits")
     assert not page.is_visible("#results")
 
     upload(page, "a", clips[0])

@@ -74,7 +74,7 @@ async function connect() {
   }
   if (res.status === 401) return askToken(state.token !== null);
   if (res.status === 503) {
-    const wait = Number(res.headers.get("Retry-After")) || 2;
+    const wait = body && body.error_type === "model_failed" ? 30 : Number(res.headers.get("Retry-After")) || 2;
     return notice(`${describeError(503, body)} Retrying in ${wait} s…`, wait);
   }
   if (!res.ok || !body || !Array.isArray(body.dimensions)) {
@@ -113,11 +113,11 @@ function setModel(model) {
   $("#model").textContent = `Model ${model.version} · ${model.precision} · ${model.device}${where}`;
   const src = model.source && typeof model.source === "object" ? model.source : {};
   show($("#demo-banner"), src.demo === true);
-  const limits = model.limits || {};
-  const parts = ["wav, flac, ogg, mp3, m4a or webm"];
-  if (limits.max_bytes) parts.push(`up to ${(limits.max_bytes / 1e6).toFixed(0)} MB`);
-  if (limits.max_seconds) parts.push(`${Math.round(limits.max_seconds)} s of audio`);
-  for (const card of document.querySelectorAll(".take")) card.title = parts.join(", ");
+  const limits = model.limits || {}, bounds = [];
+  if (limits.max_bytes) bounds.push(`${(limits.max_bytes / 1e6).toFixed(0)} MB`);
+  if (limits.max_seconds) bounds.push(`${Math.round(limits.max_seconds / 6) / 10} minutes of audio`);
+  const upTo = bounds.length ? `, up to ${bounds.join(" and ")}` : "";
+  $("#limits").textContent = `wav, flac, ogg, mp3, m4a or webm${upTo}.`;
   fillPicker();
   show($("#app"), true);
   render();
@@ -149,7 +149,9 @@ function analyze(slot, blob, name) {
   xhr.upload.onload = () => {
     bar.removeAttribute("value");  // indeterminate while the server works
     const t0 = performance.now();
-    const tick = () => { status.textContent = `Analysing ${name}… ${((performance.now() - t0) / 1000).toFixed(0)} s`; };
+    const tick = () => {
+      status.textContent = `Analysing ${name}… ${((performance.now() - t0) / 1000).toFixed(0)} s`;
+    };
     tick();
     ticker = setInterval(tick, 500);
   };

@@ -50,9 +50,11 @@ const PercePianoCharts = (() => {
       const [lx, ly] = at((g.start + g.end) / 2, R + 34);
       const anchor = lx < cx - 20 ? "end" : lx > cx + 20 ? "start" : "middle";
       // Long names on two lines ("Emotion &" / "mood"), so they fit beside the chart on a phone.
-      const words = g.family.split(" "), cut = words.length > 1 && g.family.length > 8 ? words.length - 1 : words.length;
+      const words = g.family.split(" ");
+      const cut = words.length > 1 && g.family.length > 8 ? words.length - 1 : words.length;
       const lines = [words.slice(0, cut).join(" "), words.slice(cut).join(" ")].filter(Boolean);
-      const label = text(svg, lx, ly + 4 - 7 * (lines.length - 1), "", { class: "family-label", "text-anchor": anchor });
+      const label = text(svg, lx, ly + 4 - 7 * (lines.length - 1), "",
+        { class: "family-label", "text-anchor": anchor });
       lines.forEach((line, li) => {
         el("tspan", { x: lx.toFixed(1), dy: li ? "1.15em" : 0 }, label).textContent = line;
       });
