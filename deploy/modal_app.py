@@ -56,7 +56,7 @@ image = (
     .pip_install_from_pyproject(str(REPO / "pyproject.toml"), optional_dependencies=["gpu", "serve"])
     .env(SERVICE_ENV)
     .add_local_file(MODEL_LOCAL, MODEL_REMOTE, copy=True)  # baked: see the module docstring
-    .add_local_python_source("runtime")
+    .add_local_python_source("runtime", ignore=["**/__pycache__/**"])  # with the page's files (runtime/static)
 )
 audio_volume = modal.Volume.from_name(AUDIO_VOLUME, create_if_missing=True)
 api_secret = modal.Secret.from_name(SECRET_NAME, required_keys=["PERCEPIANO_API_TOKEN"])

@@ -291,6 +291,15 @@ def create_app(source: Source, *, settings: Settings | None = None) -> FastAPI:
         analysis, seconds = await service.run(lambda: service.analyze_mel(data, kind))
         return service.result(analysis, seconds)
 
+    from fastapi.responses import FileResponse  # the page (runtime/static): no auth, its API calls carry the token
+    from fastapi.staticfiles import StaticFiles
+
+    static = Path(__file__).with_name("static")
+    if (static / "index.html").is_file():
+        app.mount("/static", StaticFiles(directory=static), name="static")
+        app.add_api_route("/", lambda: FileResponse(static / "index.html"), include_in_schema=False)
+    else:  # an install that copied only .py files: the API still serves
+        log.warning("the page's files are missing from %s: / is not served", static)
     return app
 
 

@@ -2,5 +2,6 @@
 # The test suite: installs the dev extras into .venv, lints, and runs pytest.
 EXTRAS=dev
 source "$(dirname "${BASH_SOURCE[0]}")/_venv.sh"
+if [ "${CI:-}" = true ] || ! command -v chromium >/dev/null; then bash scripts/ci_browser.sh; fi  # page tests
 ruff check .
 python -m pytest -q "$@"
