@@ -67,6 +67,24 @@ def test_scores_are_clipped_means_in_unit_range(analyzer, piano_clips):
     assert res.duration_seconds == pytest.approx(sf_duration(piano_clips[0]), abs=1e-3)
 
 
+def test_build_analysis_means_then_clips_out_of_range_chunk_scores():
+    """Scores outside [0, 1] (the tiny model's never are): the mean is taken first, then clipped (SPEC §3)."""
+    from runtime.analyze import build_analysis
+
+    chunks = np.zeros((3, len(API_KEYS)))
+    chunks[:, 0] = [1.4, 0.2, 0.8]  # mean 0.8; clipping each chunk first would give 0.667
+    chunks[:, 1] = [1.5, 1.2, 0.9]  # mean 1.2 -> 1.0
+    chunks[:, 2] = [-0.3, 0.1, -0.1]  # mean -0.1 -> 0.0
+    chunks[:, 3] = [0.3, 0.4, 0.5]  # in range: unchanged
+    res = build_analysis(chunks, duration_seconds=7.0)
+    assert res.scores[API_KEYS[0]] == pytest.approx(0.8)
+    assert res.scores[API_KEYS[1]] == 1.0 and res.scores[API_KEYS[2]] == 0.0
+    assert res.scores[API_KEYS[3]] == pytest.approx(0.4)
+    assert [c.scores[API_KEYS[0]] for c in res.timeline] == [1.0, pytest.approx(0.2), pytest.approx(0.8)]
+    assert [c.scores[API_KEYS[2]] for c in res.timeline] == [0.0, pytest.approx(0.1), 0.0]
+    assert [c.start_seconds for c in res.timeline] == [0.0, 2.0, 4.0] and res.duration_seconds == 7.0
+
+
 def sf_duration(path) -> float:
     import soundfile as sf
 
