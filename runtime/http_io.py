@@ -156,11 +156,11 @@ async def read_body(request: Request, limit: int, held: Reservation, timeout: fl
                         held.grow(len(chunk))
                     chunks.append(chunk)
     except TimeoutError:
-        log.info("request body cut off after %.3g s: %d of %s bytes arrived", timeout, size, declared or "?")
+        log.warning("request body cut off after %.3g s: %d of %s bytes arrived", timeout, size, declared or "?")
         raise ServiceError(408, "request_timeout", f"the request body did not arrive within {timeout:g} s",
                            {"Connection": "close"}) from None
     except ClientDisconnect:
-        log.info("client disconnected after %d of %s bytes of the request body", size, declared or "?")
+        log.warning("client disconnected after %d of %s bytes of the request body", size, declared or "?")
         raise ServiceError(400, "client_disconnected", "the client disconnected before sending the body") from None
     if size > limit:
         raise too_large
