@@ -1,10 +1,11 @@
 """HTTP service over the Analyzer: one FastAPI app factory, used by `python -m runtime serve` and by Modal.
 
 Endpoints: POST /v1/analyze (audio), POST /v1/analyze/mel (precomputed log-mel), GET /v1/model,
-GET /healthz, GET /readyz; OpenAPI at /docs. Decoding, features and inference run in a small thread pool
-off the event loop; admission is bounded (running + waiting), and a request that cannot get a slot in
-time gets 503, so overload never takes the process down. Every error is
-``{"status": "error", "error": message, "error_type": kind}`` with its HTTP status.
+GET /healthz, GET /readyz; OpenAPI at /docs. The event loop only reads bodies (under a size limit, a
+deadline and a shared byte budget reserved before reading: runtime.http_io); multipart unpacking, JSON
+parsing, decoding, features and inference run in a small thread pool. Admission is bounded (running +
+waiting), and a request that cannot get a slot in time gets 503, so overload never takes the process down.
+Every error is ``{"status": "error", "error": message, "error_type": kind}`` with its HTTP status.
 """
 
 from __future__ import annotations
@@ -55,6 +56,7 @@ from runtime.http_io import (
     mel_kind,
     multipart_audio,
     read_body,
+    return_large_buffers_to_the_os,
 )
 from runtime.mel_input import max_frames_for, parse_blob, parse_json_bytes
 from runtime.schemas import (
@@ -254,6 +256,7 @@ class TokenCheck:
 def create_app(source: Source, *, settings: Settings | None = None) -> FastAPI:
     """The FastAPI app: `source` is an ONNX model path, a loaded Analyzer, or a function returning one."""
     settings = settings or Settings.from_env()
+    return_large_buffers_to_the_os()
     service = Service(source, settings)
 
     @asynccontextmanager
