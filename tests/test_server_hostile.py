@@ -204,3 +204,44 @@ def test_after_the_abuse_a_real_request_succeeds(server, clip):
     assert res.status_code == 200, res.json()
     assert np.isfinite(list(res.json()["scores"].values())).all()
     assert wait_released(server)["body_bytes_budget"] == 2 * MAX_BYTES + 100_000
+
+
+# ---------------------------------------------------------------------------------------------- in-process
+
+
+def test_multipart_is_unpacked_in_the_pool_not_on_the_event_loop(client, clip, monkeypatch):
+    import threading
+
+    import runtime.server as server_module
+
+    threads, unpack = [], server_module.multipart_audio
+
+    def recording(*args, **kwargs):
+        threads.append(threading.current_thread().name)
+        return unpack(*args, **kwargs)
+
+    monkeypatch.setattr(server_module, "multipart_audio", recording)
+    res = client.post("/v1/analyze", files={"audio": ("a.flac", clip.read_bytes(), "audio/flac")})
+    assert res.status_code == 200, res.json()
+    assert len(threads) == 1 and threads[0].startswith("percepiano"), threads  # the analysis pool's threads
+
+
+def test_malformed_multipart_is_a_400(client):
+    res = client.post("/v1/analyze", content=b"--x\r\nno headers end", headers={
+        "content-type": "multipart/form-data; boundary=x"})
+    assert res.status_code in (400, 422), res.json()
+    assert_error(client.post("/v1/analyze", content=b"x", headers={"content-type": "multipart/form-data"}),
+                 400, "bad_request")  # no boundary
+    many = b"".join(b'--x\r\nContent-Disposition: form-data; name="f%d"\r\n\r\nv\r\n' % i for i in range(40))
+    assert_error(client.post("/v1/analyze", content=many + b"--x--\r\n",
+                             headers={"content-type": "multipart/form-data; boundary=x"}), 413, "too_large")
+
+
+def test_body_budget_follows_the_admission_bounds():
+    from runtime.server import Settings
+
+    assert Settings(max_bytes=10, max_concurrency=2, max_queue=3).body_budget() == 50  # (2 + 3) x 10
+    assert Settings(max_bytes=10, max_concurrency=2, max_queue=3, max_body_memory=25).body_budget() == 25  # capped
+    assert Settings(max_bytes=100, max_body_memory=25).body_budget(slack=5) == 105  # never below one largest body
+    with pytest.raises(ValueError):
+        Settings(body_timeout=0)

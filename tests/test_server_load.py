@@ -207,6 +207,8 @@ def test_real_server_overload_answers_503_and_recovers(tiny_model, piano_clips):
         assert outcomes.count("busy") >= 1 and outcomes.count("ok") >= 2, outcomes
         res = httpx.post(server.url + "/v1/analyze", content=cases[0].content, headers={"content-type": "audio/flac"})
         assert check(cases[0], res) is None  # capacity released: a lone request succeeds again
+        admission = httpx.get(server.url + "/v1/model", timeout=5).json()["admission"]
+        assert admission["admitted"] == 0 and admission["body_bytes_held"] == 0, admission
     finally:
         server.stop()
     assert "Traceback" not in server.output()
