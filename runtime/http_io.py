@@ -1,22 +1,35 @@
 """HTTP request bodies: media types, bounded body reading, multipart, the typed errors and the OpenAPI bodies.
 
-Plain functions over a Starlette Request used by runtime.server; the service logic lives there.
+Plain functions over a Starlette Request used by runtime.server; the service logic lives there. Every body is
+read under three bounds: its size (413), a deadline for the whole body (408), and a byte budget shared by all
+requests, reserved before the bytes are read (503 busy). Multipart is unpacked by the job in the thread pool,
+not on the event loop.
 """
 
 from __future__ import annotations
 
-from starlette.datastructures import UploadFile
-from starlette.requests import Request
+import ctypes
+import logging
+import sys
+import threading
+
+import anyio
+from python_multipart.exceptions import MultipartParseError
+from python_multipart.multipart import MultipartParser, parse_options_header
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse
 
-from runtime.constants import FEATURES
 from runtime.errors import AudioDecodeError, AudioError, AudioTooLongError, InputError
-from runtime.mel_input import BLOB_CONTENT_TYPES, InputTooLarge
+from runtime.mel_input import BLOB_CONTENT_TYPES, InputTooLarge, JsonSyntaxError
 from runtime.schemas import ErrorResponse
 
+log = logging.getLogger(__name__)
+
 MULTIPART_SLACK = 64 * 1024  # multipart framing allowed on top of max_bytes
+MULTIPART_MAX_PARTS = 16
 DRAIN_LIMIT = 16 * 1024 * 1024  # an oversized body up to this much is read and dropped, so the client sees the 413
 RAW_AUDIO_TYPES = ("application/octet-stream",)  # besides audio/*
+BUSY_HEADERS = {"Retry-After": "1"}
 
 
 class ServiceError(Exception):
@@ -39,6 +52,8 @@ def audio_error(exc: AudioError) -> ServiceError:
 def input_error(exc: InputError) -> ServiceError:
     if isinstance(exc, InputTooLarge):
         return ServiceError(413, "too_large", str(exc))
+    if isinstance(exc, JsonSyntaxError):
+        return ServiceError(400, "bad_request", str(exc))
     return ServiceError(422, "invalid_input", str(exc))
 
 
@@ -51,49 +66,128 @@ def media_type(request: Request) -> str:
     return request.headers.get("content-type", "").split(";")[0].strip().lower()
 
 
-async def read_body(request: Request, limit: int) -> bytes:
-    """The request body, refused with 413 past `limit` bytes (read no further than DRAIN_LIMIT past it)."""
+# ---------------------------------------------------------------------------------------------- the byte budget
+
+
+class ByteBudget:
+    """Bytes of request bodies in memory, all requests together; a reservation past `limit` is 503 busy."""
+
+    def __init__(self, limit: int):
+        self.limit, self.held = limit, 0
+        self._lock = threading.Lock()  # released from pool threads too
+
+    def reservation(self) -> Reservation:
+        return Reservation(self)
+
+    def _take(self, n: int) -> None:
+        with self._lock:
+            if self.held + n > self.limit:
+                raise ServiceError(503, "busy", f"the server holds {self.held} bytes of request bodies and cannot take "
+                                   f"{n} more within its budget of {self.limit}; retry shortly", BUSY_HEADERS)
+            self.held += n
+
+    def _give(self, n: int) -> None:
+        with self._lock:
+            self.held -= n
+
+
+class Reservation:
+    """One request's share of the budget: grows before bytes are read; released once, when the request ends.
+
+    As a context manager it releases on exit unless `hand_off` passed it to a job, whose end releases it.
+    """
+
+    def __init__(self, budget: ByteBudget):
+        self.budget, self.size, self.handed_off = budget, 0, False
+        self._lock = threading.Lock()
+
+    def grow(self, n: int) -> None:
+        if n > 0:
+            self.budget._take(n)
+            with self._lock:
+                self.size += n
+
+    def release(self, *_: object) -> None:
+        with self._lock:
+            size, self.size = self.size, 0
+        self.budget._give(size)
+
+    def hand_off(self) -> None:
+        self.handed_off = True
+
+    def __enter__(self) -> Reservation:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        if not self.handed_off:
+            self.release()
+
+
+def return_large_buffers_to_the_os(threshold: int = 1 << 20) -> bool:
+    """glibc only: serve every allocation of `threshold` bytes or more from mmap, so freeing a body or a decoded
+    signal gives its pages back. (glibc otherwise raises that threshold to the largest block freed so far, up to
+    32 MB, and keeps such blocks in its heaps: RSS then stays high after a burst of large uploads.)"""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        return ctypes.CDLL("libc.so.6").mallopt(-3, threshold) == 1  # M_MMAP_THRESHOLD (fixed: no dynamic raise)
+    except (OSError, AttributeError):  # not glibc (e.g. musl)
+        return False
+
+
+# ---------------------------------------------------------------------------------------------- reading a body
+
+
+def declared_length(request: Request) -> int | None:
+    declared = request.headers.get("content-length")
+    if declared is None:
+        return None
+    if not declared.strip().isdigit():
+        raise ServiceError(400, "bad_request", "Content-Length must be a non-negative integer")
+    return int(declared)
+
+
+async def read_body(request: Request, limit: int, held: Reservation, timeout: float) -> bytes:
+    """The body, its bytes reserved in `held` before they are read (from Content-Length, else chunk by chunk).
+
+    413 past `limit` (an oversized body is read no further than DRAIN_LIMIT past it, and never kept), 408 when the
+    whole body has not arrived within `timeout` seconds; a client that leaves mid-body is logged in one line.
+    """
     too_large = ServiceError(413, "too_large", f"the request body is over the limit of {limit} bytes")
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > limit + DRAIN_LIMIT:
+    declared = declared_length(request)
+    if declared is not None and declared > limit + DRAIN_LIMIT:
         raise too_large
+    held.grow(min(declared, limit) if declared is not None else 0)
     chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit + DRAIN_LIMIT:
-            raise too_large
-        if size <= limit:
-            chunks.append(chunk)
+    try:
+        with anyio.fail_after(timeout):
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit + DRAIN_LIMIT:
+                    raise too_large
+                if size <= limit:
+                    if declared is None:
+                        held.grow(len(chunk))
+                    chunks.append(chunk)
+    except TimeoutError:
+        log.warning("request body cut off after %.3g s: %d of %s bytes arrived", timeout, size, declared or "?")
+        raise ServiceError(408, "request_timeout", f"the request body did not arrive within {timeout:g} s",
+                           {"Connection": "close"}) from None
+    except ClientDisconnect:
+        log.warning("client disconnected after %d of %s bytes of the request body", size, declared or "?")
+        raise ServiceError(400, "client_disconnected", "the client disconnected before sending the body") from None
     if size > limit:
         raise too_large
     return b"".join(chunks)
 
 
-async def audio_from_request(request: Request, max_bytes: int) -> bytes:
-    """The uploaded audio: multipart field `audio`, or a raw body with an audio/* (or octet-stream) type."""
+def audio_kind(request: Request) -> str:
+    """'multipart' (file field `audio`) or 'raw' (the file as the body, audio/* or octet-stream); else 415."""
     kind = media_type(request)
     if kind == "multipart/form-data":
-        body = await read_body(request, max_bytes + MULTIPART_SLACK)
-        sent = False
-
-        async def replay() -> dict:
-            nonlocal sent
-            if sent:
-                return {"type": "http.disconnect"}
-            sent = True
-            return {"type": "http.request", "body": body, "more_body": False}
-
-        form = await Request(request.scope, replay).form(max_files=4, max_fields=16)
-        upload = form.get("audio")
-        if not isinstance(upload, UploadFile):
-            raise ServiceError(422, "missing_field", 'multipart upload needs a file field named "audio"')
-        data = await upload.read()
-        await form.close()
-        if len(data) > max_bytes:
-            raise ServiceError(413, "too_large", f"the audio file is over the limit of {max_bytes} bytes")
-        return data
+        return "multipart"
     if kind.startswith("audio/") or kind in RAW_AUDIO_TYPES:
-        return await read_body(request, max_bytes)
+        return "raw"
     raise ServiceError(415, "unsupported_media_type",
                        f"content type {kind or '(none)'!r}: send multipart/form-data with a file field 'audio', "
                        "or the file as the body with an audio/* content type")
@@ -110,19 +204,117 @@ def mel_kind(request: Request) -> str:
                        f"or the binary blob as one of {', '.join(BLOB_CONTENT_TYPES)}")
 
 
+# ---------------------------------------------------------------------------------------------- multipart
+
+
+class _AudioPart:
+    """Callbacks of python-multipart's parser that keep the first file part named `audio` and nothing else."""
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes, self.parts, self.found, self.size = max_bytes, 0, False, 0
+        self.keep, self.chunks, self.headers = False, [], {}
+        self.field = self.value = b""
+
+    def on_part_begin(self) -> None:
+        self.parts += 1
+        if self.parts > MULTIPART_MAX_PARTS:
+            raise ServiceError(413, "too_large", f"the multipart body has more than {MULTIPART_MAX_PARTS} parts")
+        self.headers, self.keep = {}, False
+
+    def on_header_field(self, data: bytes, start: int, end: int) -> None:
+        self.field += data[start:end]
+
+    def on_header_value(self, data: bytes, start: int, end: int) -> None:
+        self.value += data[start:end]
+
+    def on_header_end(self) -> None:
+        self.headers[self.field.lower()] = self.value
+        self.field = self.value = b""
+
+    def on_headers_finished(self) -> None:
+        kind, options = parse_options_header(self.headers.get(b"content-disposition", b"").decode("latin-1"))
+        is_file = kind == b"form-data" and options.get(b"name") == b"audio" and b"filename" in options
+        self.keep = is_file and not self.found
+        self.found = self.found or self.keep
+
+    def on_part_data(self, data: bytes, start: int, end: int) -> None:
+        if self.keep:
+            self.size += end - start
+            if self.size > self.max_bytes:
+                raise ServiceError(413, "too_large", f"the audio file is over the limit of {self.max_bytes} bytes")
+            self.chunks.append(data[start:end])
+
+
+def multipart_audio(body: bytes, content_type: str, max_bytes: int) -> bytes:
+    """The file field `audio` of a multipart/form-data body (runs in the pool: parsing is CPU work)."""
+    _, options = parse_options_header(content_type)
+    boundary = options.get(b"boundary")
+    if not boundary:
+        raise ServiceError(400, "bad_request", "the multipart/form-data content type has no boundary")
+    part = _AudioPart(max_bytes)
+    callbacks = {name: getattr(part, name) for name in ("on_part_begin", "on_header_field", "on_header_value",
+                                                        "on_header_end", "on_headers_finished", "on_part_data")}
+    parser = MultipartParser(boundary, callbacks)  # type: ignore[arg-type]
+    try:
+        parser.write(body)
+        parser.finalize()
+    except MultipartParseError as exc:
+        raise ServiceError(400, "bad_request", f"the multipart body is malformed ({exc})") from None
+    if not part.found:
+        raise ServiceError(422, "missing_field", 'multipart upload needs a file field named "audio"')
+    return b"".join(part.chunks)
+
+
+# ---------------------------------------------------------------------------------------------- OpenAPI
+
+ERROR_DESCRIPTIONS = {
+    400: "the body is not valid JSON or multipart, or Content-Length is malformed (`bad_request`)",
+    401: "missing or wrong bearer token (`unauthorized`)",
+    408: "the request body did not arrive within the body timeout (`request_timeout`)",
+    413: "the body, the audio or the spectrogram is over a limit (`too_large`, `audio_too_long`)",
+    415: "a content type the route does not take, or audio that cannot be decoded "
+         "(`unsupported_media_type`, `unsupported_audio`)",
+    422: "a body that parses but cannot be analysed (`invalid_audio`, `invalid_input`, `missing_field`)",
+    503: "not ready, the model failed to load, or at capacity (`not_ready`, `model_failed`, `busy`)",
+}
+_RETRY = {"Retry-After": {"description": "seconds to wait before retrying", "schema": {"type": "integer"}}}
+
+
+def error_responses(*codes: int) -> dict[int | str, dict]:
+    """The `responses` of a route: each status it can answer with the error body, and what it means."""
+    out: dict[int | str, dict] = {}
+    for code in sorted(codes):
+        out[code] = {"model": ErrorResponse, "description": ERROR_DESCRIPTIONS[code]}
+        if code == 503:
+            out[code]["headers"] = _RETRY
+    return out
+
+
 _BINARY = {"type": "string", "format": "binary"}
-AUDIO_BODY = {"requestBody": {"required": True, "content": {
-    "multipart/form-data": {"schema": {"type": "object", "required": ["audio"],
-                                       "properties": {"audio": {**_BINARY, "description": "the audio file"}}}},
-    "audio/*": {"schema": _BINARY},
-    "application/octet-stream": {"schema": _BINARY},
-}}}
-MEL_BODY = {"requestBody": {"required": True, "content": {
-    "application/json": {"schema": {"type": "object", "required": ["mel_spectrogram"], "properties": {
-        "mel_spectrogram": {"type": "array", "description": "[time][128 mel] log-mel in dB",
-                            "items": {"type": "array", "items": {"type": "number"}}},
-        "sample_rate": {"type": "integer", "default": FEATURES.sample_rate},
-        "hop_length": {"type": "integer", "default": FEATURES.hop_length}}}},
-    "application/octet-stream": {"schema": {**_BINARY, "description": (
-        "16-byte little-endian u32 header (n_mels, n_frames, sample_rate, hop), then float32 values, mel-major")}},
-}}}
+_FLOAT32_MAX = 3.4028234663852886e38  # larger magnitudes are not float32 (they would become infinite)
+
+
+def audio_body() -> dict:
+    return {"requestBody": {"required": True, "content": {
+        "multipart/form-data": {"schema": {"type": "object", "required": ["audio"],
+                                           "properties": {"audio": {**_BINARY, "description": "the audio file"}}}},
+        "audio/*": {"schema": _BINARY},
+        "application/octet-stream": {"schema": _BINARY},
+    }}}
+
+
+def mel_body(n_mels: int, sample_rate: int, hop_length: int, max_frames: int | None) -> dict:
+    """The spectrogram bodies; `max_frames` is the frame limit of the service's duration limit (None: none)."""
+    value = {"type": "number", "minimum": -_FLOAT32_MAX, "maximum": _FLOAT32_MAX}
+    frames = {"type": "array", "minItems": 1, "description": f"[time][{n_mels} mel] log-mel in dB",
+              "items": {"type": "array", "minItems": n_mels, "maxItems": n_mels, "items": value}}
+    if max_frames is not None:
+        frames["maxItems"] = max_frames
+    return {"requestBody": {"required": True, "content": {
+        "application/json": {"schema": {"type": "object", "required": ["mel_spectrogram"], "properties": {
+            "mel_spectrogram": frames,
+            "sample_rate": {"type": "integer", "enum": [sample_rate], "default": sample_rate},
+            "hop_length": {"type": "integer", "enum": [hop_length], "default": hop_length}}}},
+        "application/octet-stream": {"schema": {**_BINARY, "description": (
+            "16-byte little-endian u32 header (n_mels, n_frames, sample_rate, hop), then float32 values, mel-major")}},
+    }}}

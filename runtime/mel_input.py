@@ -4,12 +4,19 @@ Both parse to a float32 ``[time, n_mels]`` array in dB, checked against the mode
 anything else raises ``InputError`` naming the bad value. The values themselves (finite) are checked where
 every spectrogram goes: ``runtime.analyze.windows_from_mel``. Plain numpy, no web framework.
 
+JSON is parsed with bounds checked on the raw bytes first (`check_json_bounds`): nesting depth, the length of
+each number token and, under a frame limit, the count of values, so that a hostile document can neither
+recurse the parser, make Python convert a thousand-digit integer, nor build more Python objects than the
+longest spectrogram the limit allows.
+
 Binary blob (SPEC §5): a 16-byte little-endian header of four u32 (n_mels, n_frames, sample_rate, hop),
 then ``n_mels * n_frames`` little-endian float32 values, mel-major (all frames of mel bin 0, then bin 1, ...).
 """
 
 from __future__ import annotations
 
+import itertools
+import json
 import math
 import struct
 from typing import Any
@@ -23,8 +30,23 @@ HEADER = struct.Struct("<4I")  # n_mels, n_frames, sample_rate, hop_length
 BLOB_CONTENT_TYPES = ("application/octet-stream", "application/x-percepiano-mel")
 
 
+MAX_JSON_DEPTH = 16  # the document is 3 deep ({"mel_spectrogram": [[...]]}); room for extra fields
+MAX_NUMBER_CHARS = 64  # a float64 repr is at most 24 characters; 64 leaves room for any sane formatting
+EXTRA_JSON_VALUES = 64  # commas allowed beyond the values of the longest spectrogram (other fields)
+MAX_JSON_STRINGS = 64  # keys and string values: the document has three keys
+_BRACKETS = b"[]{}"
+_NOT_BRACKETS = bytes(c for c in range(256) if c not in _BRACKETS)
+_NUMBER_CHARS = b"-+0123456789.eE"
+_NUMBERS_AS_ONES = bytes(ord("1") if c in _NUMBER_CHARS else ord(" ") for c in range(256))
+_BLOCK = 1 << 20
+
+
 class InputTooLarge(InputError):
     """A spectrogram longer than the server's duration limit (HTTP 413)."""
+
+
+class JsonSyntaxError(InputError):
+    """A body that is not JSON (HTTP 400)."""
 
 
 def encode_blob(mel: np.ndarray, params: FeatureParams = FEATURES) -> bytes:
@@ -51,6 +73,44 @@ def parse_blob(data: bytes, params: FeatureParams = FEATURES, *, max_frames: int
     return values.T.astype(np.float32)  # mel-major -> [time, mel]; values are checked by windows_from_mel
 
 
+def check_json_bounds(data: bytes, *, max_values: int | None = None) -> None:
+    """Refuse, before any parsing, JSON with more than MAX_JSON_STRINGS strings, nested deeper than
+    MAX_JSON_DEPTH, with a number token longer than MAX_NUMBER_CHARS, or (given `max_values`) more
+    comma-separated values than that.
+
+    Only what lies outside strings counts: escapes are dropped first (a backslash pair, then an escaped quote,
+    left to right as JSON pairs them), so every quote left opens or closes a string. Linear time in C-speed
+    passes (bytes methods, numpy over the brackets only); memory a copy or two of the body.
+    """
+    unescaped = data.replace(b"\\\\", b"").replace(b'\\"', b"")
+    if unescaped.count(b'"') > 2 * MAX_JSON_STRINGS:
+        raise InputError(f"the JSON has more than {MAX_JSON_STRINGS} strings; a spectrogram document has a few keys")
+    bare = b"".join(unescaped.split(b'"')[0::2])  # outside strings
+    if b"1" * (MAX_NUMBER_CHARS + 1) in bare.translate(_NUMBERS_AS_ONES):
+        raise InputError(f"a number in the JSON is more than {MAX_NUMBER_CHARS} characters long")
+    if max_values is not None and bare.count(b",") > max_values + EXTRA_JSON_VALUES:
+        raise InputTooLarge(f"the JSON holds more than {max_values} values, over the spectrogram limit")
+    brackets, depth = np.frombuffer(bare.translate(None, _NOT_BRACKETS), np.uint8), 0
+    for start in range(0, len(brackets), _BLOCK):
+        block = brackets[start : start + _BLOCK]
+        levels = depth + np.cumsum((block == ord("[")) | (block == ord("{")), dtype=np.int64) \
+            - np.cumsum((block == ord("]")) | (block == ord("}")), dtype=np.int64)
+        if levels.max() > MAX_JSON_DEPTH:
+            raise InputError(f"the JSON is nested more than {MAX_JSON_DEPTH} levels deep; "
+                             'a spectrogram is {"mel_spectrogram": [[...], ...]}')
+        depth = int(levels[-1])
+
+
+def parse_json_bytes(data: bytes, params: FeatureParams = FEATURES, *, max_frames: int | None = None) -> np.ndarray:
+    """A JSON body -> float32 ``[time, n_mels]``, its bounds checked before it is parsed."""
+    check_json_bounds(data, max_values=None if max_frames is None else max_frames * params.n_mels)
+    try:
+        doc = json.loads(data)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise JsonSyntaxError(f"the body is not valid JSON ({exc})") from None
+    return parse_json(doc, params, max_frames=max_frames)
+
+
 def parse_json(doc: Any, params: FeatureParams = FEATURES, *, max_frames: int | None = None) -> np.ndarray:
     """``{"mel_spectrogram": [[...], ...]}`` ([time][mel], as the original function took) -> float32 ``[time, n_mels]``.
 
@@ -65,13 +125,18 @@ def parse_json(doc: Any, params: FeatureParams = FEATURES, *, max_frames: int | 
         raise InputError("mel_spectrogram must be a non-empty list of frames, each a list of mel values")
     _check_params(len(rows[0]), sample_rate, hop, params)
     check_frames(len(rows), max_frames)
+    if any(len(r) != params.n_mels for r in rows):
+        raise InputError(f"mel_spectrogram rows differ in length; every frame needs {params.n_mels} values")
+    kinds = set(map(type, itertools.chain.from_iterable(rows)))
+    if not kinds <= {int, float}:  # bool is not a number here, nor a nested list or a string
+        names = ", ".join(sorted(k.__name__ for k in kinds - {int, float}))
+        raise InputError(f"mel_spectrogram must be a [time][mel] array of numbers; it holds {names}")
     try:
-        arr = np.array(rows)
-    except ValueError:  # ragged nesting
-        raise InputError("mel_spectrogram rows differ in length; every frame needs 128 values") from None
-    if arr.ndim != 2 or arr.dtype.kind not in "iuf":
-        raise InputError(f"mel_spectrogram must be a [time][mel] array of numbers, got {arr.ndim}-d of {arr.dtype}")
-    return arr.astype(np.float32)
+        arr = np.array(rows, dtype=np.float64)
+    except OverflowError:  # an integer beyond float64
+        raise InputError("mel_spectrogram holds a number too large for a float") from None
+    with np.errstate(over="ignore"):  # values beyond float32 become infinite: windows_from_mel refuses them
+        return arr.astype(np.float32)
 
 
 def check_frames(n_frames: int, max_frames: int | None) -> None:

@@ -62,3 +62,4 @@ class ModelResponse(BaseModel):
     source: dict[str, Any]
     parity: dict[str, Any] | None
     limits: dict[str, Any]
+    admission: dict[str, int] = Field(description="analyses admitted and request-body bytes held, with their bounds")

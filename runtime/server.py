@@ -1,10 +1,11 @@
 """HTTP service over the Analyzer: one FastAPI app factory, used by `python -m runtime serve` and by Modal.
 
 Endpoints: POST /v1/analyze (audio), POST /v1/analyze/mel (precomputed log-mel), GET /v1/model,
-GET /healthz, GET /readyz; OpenAPI at /docs. Decoding, features and inference run in a small thread pool
-off the event loop; admission is bounded (running + waiting), and a request that cannot get a slot in
-time gets 503, so overload never takes the process down. Every error is
-``{"status": "error", "error": message, "error_type": kind}`` with its HTTP status.
+GET /healthz, GET /readyz; OpenAPI at /docs. The event loop only reads bodies (under a size limit, a
+deadline and a shared byte budget reserved before reading: runtime.http_io); multipart unpacking, JSON
+parsing, decoding, features and inference run in a small thread pool. Admission is bounded (running +
+waiting), and a request that cannot get a slot in time gets 503, so overload never takes the process down.
+Every error is ``{"status": "error", "error": message, "error_type": kind}`` with its HTTP status.
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import hmac
-import json
 import logging
 import os
 import threading
@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import asynccontextmanager
+from functools import partial
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -40,17 +41,24 @@ from runtime.audio import check_cap, load_audio
 from runtime.constants import FEATURES
 from runtime.errors import AudioError, ConfigError, InputError
 from runtime.http_io import (
-    AUDIO_BODY,
-    MEL_BODY,
+    BUSY_HEADERS,
+    MULTIPART_SLACK,
+    ByteBudget,
+    Reservation,
     ServiceError,
+    audio_body,
     audio_error,
-    audio_from_request,
+    audio_kind,
     error_response,
+    error_responses,
     input_error,
+    mel_body,
     mel_kind,
+    multipart_audio,
     read_body,
+    return_large_buffers_to_the_os,
 )
-from runtime.mel_input import max_frames_for, parse_blob, parse_json
+from runtime.mel_input import max_frames_for, parse_blob, parse_json_bytes
 from runtime.schemas import (
     AnalyzeResponse,
     ErrorResponse,
@@ -63,11 +71,9 @@ from runtime.settings import Settings
 log = logging.getLogger(__name__)
 
 
-ERROR_RESPONSES = {code: {"model": ErrorResponse} for code in (401, 413, 415, 422, 503)}
-
-
+BODY_ERRORS = (400, 408, 413, 415, 422, 503)  # what a route that reads a body can answer besides 401
 _HTTP_TYPES = {400: "bad_request", 401: "unauthorized", 404: "not_found", 405: "method_not_allowed",
-               413: "too_large", 415: "unsupported_media_type"}
+               408: "request_timeout", 413: "too_large", 415: "unsupported_media_type"}
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -110,6 +116,7 @@ class Service:
         self.ready = threading.Event()
         self._lock = threading.Lock()
         self._admitted = 0
+        self.bodies = ByteBudget(settings.body_budget(MULTIPART_SLACK))
         self.executor = ThreadPoolExecutor(settings.max_concurrency, thread_name_prefix="percepiano")
         self.frame_limit = max_frames_for(settings.max_seconds)
 
@@ -144,11 +151,23 @@ class Service:
         raise ServiceError(503, "not_ready", "the model is still loading; retry shortly", {"Retry-After": "2"})
 
     # --- bounded execution
-    async def run(self, job: Callable[[], Any]) -> Any:
-        """Run job in the pool. At most max_concurrency run and max_queue wait; a wait past queue_timeout is 503."""
+    def check_capacity(self) -> None:
+        """503 busy at once when every running and waiting place is taken (before a body is read for nothing)."""
+        if self._admitted >= self.settings.max_concurrency + self.settings.max_queue:
+            raise ServiceError(503, "busy", "the server is at capacity; retry shortly", BUSY_HEADERS)
+
+    def admission(self) -> dict[str, int]:
+        """Analyses admitted (running or waiting) and request-body bytes held, against their bounds."""
+        return {"admitted": self._admitted, "max_admitted": self.settings.max_concurrency + self.settings.max_queue,
+                "body_bytes_held": self.bodies.held, "body_bytes_budget": self.bodies.limit}
+
+    async def run(self, job: Callable[[], Any], body: Reservation | None = None) -> Any:
+        """Run job in the pool. At most max_concurrency run and max_queue wait; a wait past queue_timeout is 503.
+
+        `body` (the request body's reservation, if any) is released when the job really ends.
+        """
         with self._lock:
-            if self._admitted >= self.settings.max_concurrency + self.settings.max_queue:
-                raise ServiceError(503, "busy", "the server is at capacity; retry shortly", {"Retry-After": "1"})
+            self.check_capacity()
             self._admitted += 1
         try:
             future = self.executor.submit(job)
@@ -156,11 +175,14 @@ class Service:
             self._release()
             raise ServiceError(503, "not_ready", "the server is shutting down") from None
         future.add_done_callback(self._release)  # the slot is freed when the work really ends, not when we stop waiting
+        if body is not None:
+            body.hand_off()
+            future.add_done_callback(body.release)
         waiter = asyncio.wrap_future(future)
         done, _ = await asyncio.wait({waiter}, timeout=self.settings.queue_timeout)
         if not done and future.cancel():  # still queued: give up its place
             raise ServiceError(503, "busy", f"no free slot within {self.settings.queue_timeout:g} s; retry shortly",
-                               {"Retry-After": "1"})
+                               BUSY_HEADERS)
         try:
             return await waiter
         except ServiceError:
@@ -173,7 +195,19 @@ class Service:
         with self._lock:
             self._admitted -= 1
 
+    async def read(self, request: Request, body: Reservation, slack: int = 0) -> bytes:
+        """The request body, under the size limit, the body timeout and the byte budget (`body`)."""
+        self.require_analyzer()
+        self.check_capacity()
+        return await read_body(request, self.settings.max_bytes + slack, body, self.settings.body_timeout)
+
     # --- the jobs (run in the pool)
+    def analyze_upload(self, box: list[bytes], content_type: str,
+                       cap_seconds: float | None = None) -> tuple[Analysis, float]:
+        """A multipart upload: unpack the field `audio` here, in the pool, then drop the body (`box` holds it)."""
+        data = multipart_audio(box.pop(), content_type, self.settings.max_bytes)
+        return self.analyze_audio(data, cap_seconds)
+
     def analyze_audio(self, data: bytes, cap_seconds: float | None = None) -> tuple[Analysis, float]:
         """Decode and score; ``cap_seconds`` (the request's, else the setting's) analyses only the first N s."""
         analyzer = self.require_analyzer()
@@ -192,11 +226,7 @@ class Service:
         t0 = time.perf_counter()
         try:
             if kind == "json":
-                try:
-                    doc = json.loads(data)
-                except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-                    raise ServiceError(400, "bad_request", f"the body is not valid JSON ({exc})") from None
-                mel = parse_json(doc, max_frames=self.frame_limit)
+                mel = parse_json_bytes(data, max_frames=self.frame_limit)
             else:
                 mel = parse_blob(data, max_frames=self.frame_limit)
             return analyzer.analyze_mel(mel), time.perf_counter() - t0
@@ -212,7 +242,7 @@ class Service:
 CAP_QUERY = Query(gt=0, allow_inf_nan=False, description=(
     "analyse only the first N seconds, cut after resampling to 22,050 Hz as the original's 30 s cap did; "
     "longer audio is then not refused (default: PERCEPIANO_CAP_SECONDS, else the whole recording)"))
-BEARER = HTTPBearer(auto_error=False, description="PERCEPIANO_API_TOKEN, when the service has one")
+BEARER = HTTPBearer(auto_error=False, description="PERCEPIANO_API_TOKEN (declared only when the service has one)")
 
 
 class TokenCheck:
@@ -232,6 +262,7 @@ class TokenCheck:
 def create_app(source: Source, *, settings: Settings | None = None) -> FastAPI:
     """The FastAPI app: `source` is an ONNX model path, a loaded Analyzer, or a function returning one."""
     settings = settings or Settings.from_env()
+    return_large_buffers_to_the_os()
     service = Service(source, settings)
 
     @asynccontextmanager
@@ -244,7 +275,10 @@ def create_app(source: Source, *, settings: Settings | None = None) -> FastAPI:
                   description="19 perceptual scores of a piano performance (PercePiano AST, ONNX runtime).")
     app.state.service = service
     install_error_handlers(app)
-    auth = [Depends(TokenCheck(settings.api_token))]
+    # the bearer scheme (and its 401) appear in the routes and the OpenAPI document only when a token is set
+    auth = [Depends(TokenCheck(settings.api_token))] if settings.api_token else []
+    auth_errors = (401,) if settings.api_token else ()
+    frame_limit = service.frame_limit
 
     @app.get("/healthz", response_model=HealthResponse, tags=["health"])
     async def healthz():
@@ -258,7 +292,7 @@ def create_app(source: Source, *, settings: Settings | None = None) -> FastAPI:
         return {"status": "ready", "model": analyzer.model.info.summary(), "device": analyzer.model.device}
 
     @app.get("/v1/model", response_model=ModelResponse, response_model_by_alias=True, dependencies=auth,
-             responses=ERROR_RESPONSES, tags=["analysis"])
+             responses=error_responses(*auth_errors, 503), tags=["analysis"])
     async def model_info():
         """The served model's metadata and the service limits."""
         analyzer = service.require_analyzer()
@@ -266,29 +300,36 @@ def create_app(source: Source, *, settings: Settings | None = None) -> FastAPI:
         return {**info.summary(), "device": analyzer.model.device, "providers": list(analyzer.model.providers),
                 "dimensions": [{"label": label, "key": key} for label, key in info.dimensions],
                 "features": info.features, "model_config": info.model_config, "source": info.source,
-                "parity": info.parity, "limits": settings.public()}
+                "parity": info.parity, "limits": settings.public(), "admission": service.admission()}
 
-    @app.post("/v1/analyze", response_model=AnalyzeResponse, dependencies=auth, responses=ERROR_RESPONSES,
-              openapi_extra=AUDIO_BODY, tags=["analysis"])
+    @app.post("/v1/analyze", response_model=AnalyzeResponse, dependencies=auth,
+              responses=error_responses(*auth_errors, *BODY_ERRORS), openapi_extra=audio_body(), tags=["analysis"])
     async def analyze(request: Request, cap_seconds: Annotated[float | None, CAP_QUERY] = None):
         """Score an audio file (wav, flac, ogg, mp3, m4a/AAC, ...), optionally only its first cap_seconds."""
-        service.require_analyzer()
         try:
             check_cap(cap_seconds, settings.max_seconds)
         except ConfigError as exc:
             raise ServiceError(422, "invalid_request", f"cap_seconds: {exc}") from None
-        data = await audio_from_request(request, settings.max_bytes)
-        analysis, seconds = await service.run(lambda: service.analyze_audio(data, cap_seconds))
+        kind = audio_kind(request)
+        with service.bodies.reservation() as body:
+            if kind == "multipart":  # unpacked in the pool; `box` lets the job drop the body once unpacked
+                box = [await service.read(request, body, MULTIPART_SLACK)]
+                job = partial(service.analyze_upload, box, request.headers["content-type"], cap_seconds)
+            else:
+                job = partial(service.analyze_audio, await service.read(request, body), cap_seconds)
+            analysis, seconds = await service.run(job, body)
         return service.result(analysis, seconds)
 
-    @app.post("/v1/analyze/mel", response_model=AnalyzeResponse, dependencies=auth, responses=ERROR_RESPONSES,
-              openapi_extra=MEL_BODY, tags=["analysis"])
+    @app.post("/v1/analyze/mel", response_model=AnalyzeResponse, dependencies=auth,
+              responses=error_responses(*auth_errors, *BODY_ERRORS),
+              openapi_extra=mel_body(FEATURES.n_mels, FEATURES.sample_rate, FEATURES.hop_length, frame_limit),
+              tags=["analysis"])
     async def analyze_mel(request: Request):
         """Score a precomputed log-mel spectrogram (128 mels, the model's rate and hop) in 128-frame windows."""
-        service.require_analyzer()
         kind = mel_kind(request)
-        data = await read_body(request, settings.max_bytes)
-        analysis, seconds = await service.run(lambda: service.analyze_mel(data, kind))
+        with service.bodies.reservation() as body:
+            job = partial(service.analyze_mel, await service.read(request, body), kind)
+            analysis, seconds = await service.run(job, body)
         return service.result(analysis, seconds)
 
     from fastapi.responses import FileResponse  # the page (runtime/static): no auth, its API calls carry the token

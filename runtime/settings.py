@@ -24,14 +24,18 @@ class Settings:
     max_concurrency: int = 2  # analyses running at once (PERCEPIANO_MAX_CONCURRENCY)
     max_queue: int = 32  # requests waiting for a slot beyond that; more get 503 at once (PERCEPIANO_MAX_QUEUE)
     queue_timeout: float = 30.0  # seconds a request may wait for a slot before 503 (PERCEPIANO_QUEUE_TIMEOUT)
+    body_timeout: float = 120.0  # seconds a client has to send the whole body, else 408 (PERCEPIANO_BODY_TIMEOUT)
+    max_body_memory: int = 256_000_000  # request-body bytes held at once, at most (PERCEPIANO_MAX_BODY_MEMORY)
 
     ENV = {"max_bytes": ("PERCEPIANO_MAX_BYTES", int), "max_seconds": ("PERCEPIANO_REFUSE_OVER_SECONDS", float),
            "cap_seconds": ("PERCEPIANO_CAP_SECONDS", float),
            "api_token": ("PERCEPIANO_API_TOKEN", str), "max_concurrency": ("PERCEPIANO_MAX_CONCURRENCY", int),
-           "max_queue": ("PERCEPIANO_MAX_QUEUE", int), "queue_timeout": ("PERCEPIANO_QUEUE_TIMEOUT", float)}
+           "max_queue": ("PERCEPIANO_MAX_QUEUE", int), "queue_timeout": ("PERCEPIANO_QUEUE_TIMEOUT", float),
+           "body_timeout": ("PERCEPIANO_BODY_TIMEOUT", float), "max_body_memory": ("PERCEPIANO_MAX_BODY_MEMORY", int)}
 
     def __post_init__(self) -> None:
-        if self.max_bytes < 1 or self.max_concurrency < 1 or self.max_queue < 0 or self.queue_timeout < 0:
+        if self.max_bytes < 1 or self.max_concurrency < 1 or self.max_queue < 0 or self.queue_timeout < 0 \
+                or not self.body_timeout > 0 or self.max_body_memory < 1:
             raise ConfigError(f"invalid service limits: {self}")
         if self.max_seconds is not None and self.max_seconds <= 0:
             raise ConfigError(f"max_seconds must be positive or None, got {self.max_seconds}")
@@ -60,6 +64,12 @@ class Settings:
         if require_token and not settings.api_token:
             raise ConfigError("this deployment requires auth: set PERCEPIANO_API_TOKEN (locally or in a Modal secret)")
         return settings
+
+    def body_budget(self, slack: int = 0) -> int:
+        """Request-body bytes held at once: every admitted place's largest body (`slack` is framing on top),
+        capped by max_body_memory, but never below one largest body."""
+        largest = self.max_bytes + slack
+        return max(largest, min((self.max_concurrency + self.max_queue) * largest, self.max_body_memory))
 
     def public(self) -> dict[str, Any]:
         """The limits a client may see (no token)."""

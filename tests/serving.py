@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import os
+import socket
+import subprocess
+import sys
+import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,6 +17,7 @@ from runtime.analyze import Analyzer
 from runtime.constants import API_KEYS
 
 TOKEN = "test-token-0123456789"
+REPO = Path(__file__).resolve().parents[1]
 
 
 def wait_ready(client, timeout: float = 20.0) -> dict:
@@ -76,3 +83,54 @@ def assert_matches(body: dict, want: dict, analyzer: Analyzer) -> None:
     assert body["duration_seconds"] == pytest.approx(want["duration_seconds"])
     assert body["model"] == analyzer.model.info.summary()
     assert body["processing_seconds"] > 0
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """`python -m runtime serve` on 127.0.0.1 in a subprocess, its output in a log file."""
+
+    def __init__(self, model: Path, env: dict[str, str]):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = tempfile.NamedTemporaryFile("w+", suffix=".log", delete=False)  # noqa: SIM115
+        cmd = [sys.executable, "-m", "runtime", "serve", "--model", str(model), "--host", "127.0.0.1",
+               "--port", str(self.port), "--device", "cpu"]
+        self.proc = subprocess.Popen(cmd, cwd=REPO, env={**os.environ, **env}, stdout=self.log,
+                                     stderr=subprocess.STDOUT)
+
+    def wait_ready(self, timeout: float = 60.0) -> None:
+        import httpx
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"server exited with {self.proc.returncode}:\n{self.output()}")
+            try:
+                if httpx.get(self.url + "/readyz", timeout=2).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.1)
+        raise AssertionError(f"server not ready after {timeout} s:\n{self.output()}")
+
+    def output(self) -> str:
+        if not self.log.closed:
+            self.log.flush()
+        return Path(self.log.name).read_text()[-4000:]
+
+    def stop(self, timeout: float = 15.0) -> int:
+        """SIGTERM, as a process manager would; uvicorn shuts down gracefully, then re-raises the signal."""
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        self.log.close()
+        return self.proc.returncode

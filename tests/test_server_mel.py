@@ -115,8 +115,6 @@ def test_mel_json_nonfinite_and_syntax_errors_and_media_type(client):
                  415, "unsupported_media_type")
 
 
-
-
 def test_blob_layout_is_mel_major():
     n_mels, n_frames = 128, 3
     values = np.arange(n_mels * n_frames, dtype="<f4")  # mel 0's frames first, then mel 1's, ...
