@@ -9,6 +9,8 @@ from typing import Any
 
 from runtime.errors import ConfigError
 
+BOOLEANS = {"1": True, "true": True, "yes": True, "0": False, "false": False, "no": False}
+
 
 @dataclass(frozen=True)
 class Settings:
@@ -20,10 +22,12 @@ class Settings:
     max_concurrency: int = 2  # analyses running at once (PERCEPIANO_MAX_CONCURRENCY)
     max_queue: int = 32  # requests waiting for a slot beyond that; more get 503 at once (PERCEPIANO_MAX_QUEUE)
     queue_timeout: float = 30.0  # seconds a request may wait for a slot before 503 (PERCEPIANO_QUEUE_TIMEOUT)
+    allow_failed_self_check: bool = False  # serve a model whose self-check failed (PERCEPIANO_ALLOW_FAILED_SELF_CHECK)
 
     ENV = {"max_bytes": ("PERCEPIANO_MAX_BYTES", int), "max_seconds": ("PERCEPIANO_MAX_SECONDS", float),
            "api_token": ("PERCEPIANO_API_TOKEN", str), "max_concurrency": ("PERCEPIANO_MAX_CONCURRENCY", int),
-           "max_queue": ("PERCEPIANO_MAX_QUEUE", int), "queue_timeout": ("PERCEPIANO_QUEUE_TIMEOUT", float)}
+           "max_queue": ("PERCEPIANO_MAX_QUEUE", int), "queue_timeout": ("PERCEPIANO_QUEUE_TIMEOUT", float),
+           "allow_failed_self_check": ("PERCEPIANO_ALLOW_FAILED_SELF_CHECK", bool)}
 
     def __post_init__(self) -> None:
         if self.max_bytes < 1 or self.max_concurrency < 1 or self.max_queue < 0 or self.queue_timeout < 0:
@@ -42,6 +46,11 @@ class Settings:
                 continue
             if name == "max_seconds" and raw.lower() in ("none", "0"):
                 values[name] = None
+                continue
+            if kind is bool:
+                if raw.lower() not in BOOLEANS:
+                    raise ConfigError(f"{var}={raw!r} is not one of {sorted(BOOLEANS)}")
+                values[name] = BOOLEANS[raw.lower()]
                 continue
             try:
                 values[name] = kind(raw)
