@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# The test suite: installs the dev extras into .venv, lints, and runs pytest.
+# The test suite: installs the dev extras into .venv, makes (once) the cached onnxruntime-gpu check venv, lints,
+# and runs pytest.
 EXTRAS=dev
 source "$(dirname "${BASH_SOURCE[0]}")/_venv.sh"
+source scripts/_check_venv.sh
 ruff check .
 python -m pytest -q "$@"
