@@ -62,7 +62,7 @@ def load_checked(args: argparse.Namespace):
     from runtime.analyze import Analyzer
 
     analyzer = Analyzer.from_path(args.model, device=args.device, threads=args.threads,
-                                  batch_size=getattr(args, "batch_size", 16), max_seconds=args.max_seconds)
+                                  batch_size=args.batch_size, max_seconds=args.max_seconds)
     warn_about(analyzer.model, args.model)
     require_passed(analyzer.model.run_self_check(), allow_failed=args.skip_self_check)
     return analyzer

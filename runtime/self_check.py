@@ -32,6 +32,7 @@ SECTION = "self_check"
 MAX_WINDOWS = 16  # the section is meant to be small; a larger one is refused rather than run
 ALLOW_ENV = "PERCEPIANO_ALLOW_FAILED_SELF_CHECK"
 ALLOW_FLAG = "--skip-self-check"
+PLAIN_WARMUP_BATCH = 2  # without stored windows: a plain run of the shape they would have had
 
 
 class Runnable(Protocol):
@@ -112,7 +113,7 @@ def run_self_check(model: Runnable) -> SelfCheckResult:
     """Run the stored windows on the model's device (this is the warm-up run) and compare with the stored scores."""
     section = model.info.raw.get(SECTION)
     if section is None:
-        model.warmup(1)  # an older export: the plain warm-up run, nothing to compare with
+        model.warmup(PLAIN_WARMUP_BATCH)  # an older export: the plain warm-up run, nothing to compare with
         log.info("self-check absent (the model was exported without reference windows); plain warm-up on %s",
                  model.device)
         return SelfCheckResult("absent", model.device)

@@ -93,13 +93,16 @@ Source = str | os.PathLike | Analyzer | Callable[[], Analyzer]
 
 
 def warm_up(analyzer: Analyzer, *, allow_failed_self_check: bool = False) -> None:
-    """The self-check (the export's reference windows, in place of a plain batch-1 run), then a run at the
-    analyzer's batch size and one short clip end to end; a failed self-check refuses the model."""
+    """Warm up at batch 2 (the self-check), the analyzer's batch size and 1; a failed self-check refuses the model.
+
+    The batch-2 run is the self-check (the export's two stored windows, compared with their stored scores),
+    so the check costs no run of its own: the same shapes and windows as a warm-up without it.
+    """
     t0 = time.perf_counter()
     require_passed(analyzer.model.run_self_check(), allow_failed=allow_failed_self_check)
     analyzer.model.warmup(analyzer.batch_size)
-    noise = 0.01 * np.random.default_rng(0).standard_normal(int(FEATURES.chunk_seconds * FEATURES.sample_rate))
-    analyzer.chunk_scores(features_from_audio(noise.astype(np.float32)))  # the feature path too
+    noise = 0.01 * np.random.default_rng(0).standard_normal(int(FEATURES.hop_seconds * FEATURES.sample_rate))
+    analyzer.chunk_scores(features_from_audio(noise.astype(np.float32)))  # the feature path too: 2 s, one window
     analyzer.model.warmed = True
     log.info("model warmed up in %.2f s on %s", time.perf_counter() - t0, analyzer.model.device)
 

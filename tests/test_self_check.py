@@ -81,8 +81,8 @@ def test_the_self_check_replaces_the_plain_warm_up_run(checked_model, tiny_model
     with_section = list(shapes)
     shapes.clear()
     warm_up(Analyzer.from_path(without_self_check(tiny_model, tmp_path / "old.onnx"), device="cpu", batch_size=8))
-    # the stored windows (batch 2) take the place of the batch-1 run; the rest of the warm-up is unchanged
-    assert with_section == [2, 8, 2] and shapes == [1, 8, 2]
+    # the stored windows are the batch-2 run: no run of their own, the same shapes with or without them
+    assert with_section == shapes == [2, 8, 1]
 
 
 def test_a_model_without_the_section_reports_absent(tiny_model, tmp_path):
