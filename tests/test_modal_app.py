@@ -204,3 +204,24 @@ def test_corpus_run_over_a_volume_tree(container, piano_clips, tmp_path, monkeyp
         assert result["error"] is None and result["model"] == obj.analyzer.model.info.summary()
         np.testing.assert_allclose(list(result["scores"].values()),
                                    list(obj.analyzer.analyze_file(clip).scores.values()), atol=1e-6)
+
+
+def test_a_failed_self_check_stops_the_container(monkeypatch, tiny_model, tiny_checkpoint, piano_clips, tmp_path):
+    from model_edits import reference_windows, with_self_check
+
+    from runtime.errors import ModelError
+
+    mel, scores = reference_windows(tiny_checkpoint, piano_clips[0])
+    scores[0, 3] += 0.01  # stored outputs the model on this device does not reproduce
+    bad = with_self_check(tiny_model, tmp_path / "tampered.onnx", mel, scores)
+    monkeypatch.setenv("PERCEPIANO_MODEL_PATH", str(bad))
+    monkeypatch.setenv("PERCEPIANO_DEVICE", "cpu")
+    m = fresh_import()
+    obj = m.ModelContainer()
+    obj.load()
+    with pytest.raises(ModelError, match="self-check FAILED on cpu"):
+        obj.start()
+    monkeypatch.setenv("PERCEPIANO_ALLOW_FAILED_SELF_CHECK", "1")  # explicitly accepted: starts, and says so
+    obj.load()
+    obj.start()
+    assert obj.analyzer.model.self_check.status == "failed"

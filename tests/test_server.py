@@ -189,6 +189,11 @@ def test_settings_from_env():
         Settings.from_env({}, require_token=True)
     with pytest.raises(ValueError):
         Settings(max_concurrency=0)
+    assert Settings().allow_failed_self_check is False
+    for raw, value in (("1", True), ("true", True), ("no", False), ("0", False)):
+        assert Settings.from_env({"PERCEPIANO_ALLOW_FAILED_SELF_CHECK": raw}).allow_failed_self_check is value
+    with pytest.raises(ValueError, match="PERCEPIANO_ALLOW_FAILED_SELF_CHECK"):
+        Settings.from_env({"PERCEPIANO_ALLOW_FAILED_SELF_CHECK": "maybe"})
 
 
 # -------------------------------------------------------------------------------- readiness and capacity
