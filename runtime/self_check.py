@@ -62,7 +62,9 @@ class SelfCheckResult:
         return None if self.status == "absent" else self.status == "passed"
 
     def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "passed": self.passed}
+        """JSON-safe: a non-finite output (max_abs inf) is reported as max_abs null with status failed."""
+        finite = self.max_abs is None or math.isfinite(self.max_abs)
+        return {**asdict(self), "max_abs": self.max_abs if finite else None, "passed": self.passed}
 
 
 @dataclass(frozen=True)
@@ -106,6 +108,8 @@ def parse_section(section: Any, where: str = "model") -> Reference:
     if not (math.isfinite(atol) and atol > 0):
         raise ModelError(f"{bad}: atol must be a positive number, got {atol}")
     inputs = np.frombuffer(raw, dtype="<f4").reshape(shape).astype(np.float32)
+    if not np.isfinite(inputs).all():
+        raise ModelError(f"{bad}: inputs contain NaN or infinite values")
     return Reference(inputs, expected, atol, clips)
 
 

@@ -119,12 +119,14 @@ def test_malformed_sections_are_refused_before_running(references):
     np.testing.assert_array_equal(ref.inputs, mel)
     np.testing.assert_array_equal(ref.scores, scores)
     short = {**good, "inputs": {**good["inputs"], "base64": base64.b64encode(b"\0" * 12).decode()}}
+    nan = {**good, "inputs": encode_section(np.where(mel == mel.max(), np.nan, mel), scores, 1e-5, [])["inputs"]}
     cases = [
         ({**good, "scores": scores[:1].tolist()}, "scores must be 2 rows"),
         ({**good, "atol": -1}, "atol must be a positive"),
         ({**good, "inputs": {**good["inputs"], "shape": [2, 64, 128]}}, r"\(n, 128, 128\)"),
         ({**good, "inputs": {**good["inputs"], "shape": [10_000, 128, 128]}}, "10000 windows"),
         (short, "bytes of inputs"),
+        (nan, "NaN or infinite"),
         ({**good, "inputs": {**good["inputs"], "base64": "not base64!"}}, "malformed"),
         ({"scores": []}, "malformed"),
     ]
