@@ -48,11 +48,19 @@ SERVICE_ENV = {
     "PERCEPIANO_MAX_QUEUE": "32",
 }
 
+# The serving onnxruntime, pinned exactly. The parity gate ran on onnxruntime 1.32.0 (the `convert` extra), but
+# PyPI has no onnxruntime-gpu 1.32.0 wheel (its newest is 1.31.1, checked with `pip index versions
+# onnxruntime-gpu`), so the image takes the nearest release; the runtime logs the difference at load, and the
+# self-check at start-up measures this version's CUDA kernels on the A10G against the export's stored outputs.
+ONNXRUNTIME_GPU = "1.31.1"
+
 app = modal.App(APP_NAME)
 
 image = (
     modal.Image.debian_slim(python_version="3.11")
-    # runtime on the GPU (onnxruntime-gpu with its CUDA 12 / cuDNN 9 wheels) + the HTTP service
+    # installed first, so that the gpu extra's `onnxruntime-gpu>=` floor below is already met by the pin
+    .pip_install(f"onnxruntime-gpu[cuda,cudnn]=={ONNXRUNTIME_GPU}")
+    # the rest of the runtime on the GPU (CUDA 12 / cuDNN 9 wheels come with the pin) + the HTTP service
     .pip_install_from_pyproject(str(REPO / "pyproject.toml"), optional_dependencies=["gpu", "serve"])
     .env(SERVICE_ENV)
     .add_local_file(MODEL_LOCAL, MODEL_REMOTE, copy=True)  # baked: see the module docstring
@@ -79,18 +87,24 @@ class ModelContainer:
 
     @modal.enter(snap=False)
     def start(self) -> None:
-        """After restore: create the CUDA session (HEURISTIC conv search, IO binding) and warm it up."""
+        """After restore: create the CUDA session (HEURISTIC conv search, IO binding) and warm it up.
+
+        The warm-up is the model's self-check on this GPU; a failed one, or an int8 model on CUDA, stops the
+        container here rather than serving wrong scores. The app built over this Analyzer is ready at once.
+        """
         from runtime.analyze import Analyzer
         from runtime.model import OnnxModel
-        from runtime.server import warm_up
+        from runtime.server import Settings, warm_up
 
         model = OnnxModel(self.model_bytes, device=os.environ.get("PERCEPIANO_DEVICE", "cuda"))
-        self.analyzer = Analyzer(model)
-        warm_up(self.analyzer)
+        refuse_int8_on_cuda(model)
+        settings = Settings.from_env()  # the cap and refusal limit apply to the corpus worker too
+        self.analyzer = Analyzer(model, cap_seconds=settings.cap_seconds, max_seconds=settings.max_seconds)
+        warm_up(self.analyzer, allow_failed_self_check=settings.allow_failed_self_check)
         self.model_bytes = b""  # the session holds its own copy
 
     def build_app(self):
-        """The FastAPI app of runtime.server, bearer auth required."""
+        """The FastAPI app of runtime.server over the warmed Analyzer (no second warm-up), bearer auth required."""
         from runtime.server import Settings, create_app
 
         return create_app(self.analyzer, settings=Settings.from_env(require_token=True))
@@ -100,6 +114,17 @@ class ModelContainer:
         from runtime.corpus import analyze_one
 
         return analyze_one(self.analyzer, relpath, Path(AUDIO_MOUNT) / relpath, cap_seconds)
+
+
+def refuse_int8_on_cuda(model) -> None:
+    """int8 is the CPU variant (dynamic quantization's kernels are CPU kernels): on CUDA deploy fp16 or fp32."""
+    from runtime.errors import ModelError
+
+    if model.device == "cuda" and model.info.precision == "int8":
+        gpu = ((model.info.variants or {}).get("recommended") or {}).get("gpu", "fp16")
+        raise ModelError(f"this is the int8 model, the variant for CPUs; on the GPU deploy the {gpu} variant "
+                         f"written beside it: PERCEPIANO_MODEL=artifacts/model.{gpu}.onnx modal deploy "
+                         "deploy/modal_app.py")
 
 
 @app.cls(image=image, gpu=GPU, enable_memory_snapshot=True, scaledown_window=SCALEDOWN_WINDOW, timeout=300,

@@ -10,9 +10,13 @@ from pathlib import Path
 
 from runtime.constants import API_KEYS, ORIGINAL_MAX_SECONDS
 from runtime.errors import AudioError, ConfigError, InputError, ModelError
+from runtime.model import DEVICES
+from runtime.self_check import ALLOW_ENV, ALLOW_FLAG, require_passed
 
 DEFAULT_MODEL = Path("artifacts/model.onnx")
 USER_ERRORS = (AudioError, ConfigError, InputError, ModelError)
+SKIP_HELP = (f"use the model even if its self-check fails on this device (its scores may then be wrong; "
+             f"{ALLOW_ENV}=1 for the service)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -25,7 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
     an.add_argument("--model", type=Path, default=DEFAULT_MODEL, help=f"ONNX model (default {DEFAULT_MODEL})")
     an.add_argument("--json", action="store_true", help="print one JSON document instead of tables")
     an.add_argument("--batch-size", type=int, default=16, help="chunks per inference batch (default 16)")
-    an.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    an.add_argument("--device", choices=DEVICES, default="auto")
     an.add_argument("--threads", type=int, help="onnxruntime intra-op threads (default: all cores)")
     an.add_argument("--max-seconds", type=float, nargs="?", const=ORIGINAL_MAX_SECONDS, metavar="N",
                     help=f"the original's cap: analyse only the first N s, cut after resampling as the original "
@@ -36,18 +40,40 @@ def build_parser() -> argparse.ArgumentParser:
                     help="analyse a corpus: journal, scores.csv, timeline.csv and report.md in REPORT_DIR (resumable)")
     an.add_argument("--recursive", action="store_true", help="with --out: include files in subfolders")
     an.add_argument("--modal", action="store_true", help="with --out: analyse on the deployed Modal app")
+    an.add_argument(ALLOW_FLAG, action="store_true", help=SKIP_HELP)
 
     info = sub.add_parser("info", help="print an exported model's metadata")
     info.add_argument("model", type=Path)
     info.add_argument("--json", action="store_true", help="the whole metadata document as JSON")
+    info.add_argument("--device", choices=DEVICES, default="cpu", help="the session to open (default cpu)")
 
     serve = sub.add_parser("serve", help="run the HTTP service")
     serve.add_argument("--model", type=Path, default=DEFAULT_MODEL)
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
-    serve.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    serve.add_argument("--device", choices=DEVICES, default="auto")
     serve.add_argument("--threads", type=int)
+    serve.add_argument(ALLOW_FLAG, action="store_true", help=SKIP_HELP)
     return parser
+
+
+def warn_about(model, path: Path) -> None:
+    """One line on stderr for a demo model, whose scores mean nothing."""
+    if model.info.demo:
+        print(f"warning: {path} is a DEMO model (exported from a demo checkpoint with random weights): "
+              "its scores mean nothing", file=sys.stderr)
+
+
+def load_checked(args: argparse.Namespace):
+    """The Analyzer of `analyze`: loaded, demo warning printed, self-check run (a failed one refuses the model)."""
+    from runtime.analyze import Analyzer
+
+    analyzer = Analyzer.from_path(args.model, device=args.device, threads=args.threads,
+                                  batch_size=args.batch_size, cap_seconds=args.max_seconds,
+                                  max_seconds=args.refuse_over)
+    warn_about(analyzer.model, args.model)
+    require_passed(analyzer.model.run_self_check(), allow_failed=args.skip_self_check)
+    return analyzer
 
 
 def analyze_files(analyzer, files: list[Path], progress: bool) -> list[dict]:
@@ -99,9 +125,11 @@ def cmd_corpus(args: argparse.Namespace) -> int:
     if args.out is None or args.json:
         raise ConfigError("--recursive and --modal need --out REPORT_DIR (and --out does not take --json)")
     try:
+        analyzer = None if args.modal else load_checked(args)  # demo warning and self-check, as for single files
         summary = analyze_corpus(args.files, args.out, model=args.model, recursive=args.recursive,
                                  cap_seconds=args.max_seconds, modal=args.modal, batch_size=args.batch_size,
-                                 device=args.device, threads=args.threads, progress=sys.stderr.isatty())
+                                 device=args.device, threads=args.threads, progress=sys.stderr.isatty(),
+                                 analyzer=analyzer)
     except KeyboardInterrupt:
         print(f"interrupted: finished files are in {args.out}/journal.jsonl; run again to resume", file=sys.stderr)
         return 130
@@ -110,16 +138,13 @@ def cmd_corpus(args: argparse.Namespace) -> int:
 
 
 def cmd_analyze(args: argparse.Namespace) -> int:
-    from runtime.analyze import Analyzer
-
     if args.out is not None or args.recursive or args.modal:
         return cmd_corpus(args)
-    analyzer = Analyzer.from_path(args.model, device=args.device, threads=args.threads,
-                                  batch_size=args.batch_size, cap_seconds=args.max_seconds,
-                                  max_seconds=args.refuse_over)
+    analyzer = load_checked(args)
     results = analyze_files(analyzer, args.files, progress=len(args.files) > 1 and sys.stderr.isatty())
     if args.json:
-        model = {**analyzer.model.info.summary(), "device": analyzer.model.device}
+        model = {**analyzer.model.info.summary(), "device": analyzer.model.device,
+                 "self_check": analyzer.model.self_check.to_dict(), "demo": analyzer.model.info.demo}
         print(json.dumps({"model": model, "results": results}, indent=2))
     else:
         print_tables(results)
@@ -130,12 +155,16 @@ def cmd_analyze(args: argparse.Namespace) -> int:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
+    import onnxruntime
+
     from runtime.model import OnnxModel
 
-    model = OnnxModel(args.model, device="cpu")
+    model = OnnxModel(args.model, device=args.device)
     info = model.info
+    warn_about(model, args.model)
     if args.json:
-        print(json.dumps(info.raw, indent=2))
+        session = {"demo": info.demo, "providers": model.providers, "onnxruntime": onnxruntime.__version__}
+        print(json.dumps({**info.raw, "runtime": session}, indent=2))
         return 0
     parity = info.parity or {}
     print(f"model       {args.model} ({args.model.stat().st_size / 1e6:.1f} MB)")
@@ -151,14 +180,24 @@ def cmd_info(args: argparse.Namespace) -> int:
                           for p, g in v.get("gates", {}).items())
         print(f"variants    files {v.get('files')}; recommended {v.get('recommended', '-')}; gates: {gates}")
     print(f"versions    {info.versions}")
+    print(f"session     {model.providers} (onnxruntime {onnxruntime.__version__})")
+    check = info.raw.get("self_check") or {}
+    stored = f"{len(check.get('scores', []))} stored windows, atol {check.get('atol')}" if check else "absent"
+    print(f"self-check  {stored} (run at load by analyze and serve)")
     print(f"dimensions  {len(info.dimensions)}: " + ", ".join(info.api_keys))
     return 0
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from runtime.server import serve
+    from runtime.analyze import Analyzer
+    from runtime.server import Settings, serve, warm_up
 
-    serve(args.model, host=args.host, port=args.port, device=args.device, threads=args.threads)
+    settings = Settings.from_env()
+    analyzer = Analyzer.from_path(args.model, device=args.device, threads=args.threads,
+                                  max_seconds=settings.max_seconds)
+    warn_about(analyzer.model, args.model)
+    warm_up(analyzer, allow_failed_self_check=args.skip_self_check or settings.allow_failed_self_check)
+    serve(analyzer, host=args.host, port=args.port, settings=settings)
     return 0
 
 

@@ -283,13 +283,15 @@ def analyze_corpus(roots: Sequence[str | os.PathLike], out_dir: str | os.PathLik
                    model: str | os.PathLike = "artifacts/model.onnx", recursive: bool = False,
                    cap_seconds: float | None = None, modal: bool = False, batch_size: int = 16, device: str = "auto",
                    threads: int | None = None, workers: int = DEFAULT_WORKERS, progress: bool = False,
-                   plots: bool = True) -> CorpusSummary:
+                   plots: bool = True, analyzer=None) -> CorpusSummary:
     """Analyse every audio file under ``roots`` (here, or with ``modal=True`` on the deployed app) into ``out_dir``."""
     files = find_audio(roots, recursive=recursive)
     if modal:
         return run_corpus(files, out_dir, modal_results(lookup_worker(), cap_seconds), model=None,
                           cap_seconds=cap_seconds, progress=progress, plots=plots)
-    analyzer = make_analyzer(model, device=device, threads=threads, batch_size=batch_size, cap_seconds=cap_seconds)
+    if analyzer is None:  # `analyzer`: one already loaded (and checked) by the caller, e.g. the CLI
+        analyzer = make_analyzer(model, device=device, threads=threads, batch_size=batch_size,
+                                 cap_seconds=cap_seconds)
     return run_corpus(files, out_dir, local_results(analyzer, workers), model=analyzer.model.info.version,
                       cap_seconds=cap_seconds, progress=progress, plots=plots)
 

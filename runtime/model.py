@@ -13,6 +13,7 @@ import numpy as np
 
 from runtime.constants import DIMENSIONS, FEATURES, INPUT_NAME, NUM_DIMENSIONS, OUTPUT_NAME
 from runtime.errors import InputError, ModelError
+from runtime.self_check import SelfCheckResult, run_self_check
 
 log = logging.getLogger(__name__)
 
@@ -20,6 +21,7 @@ METADATA_KEY = "percepiano"  # one JSON document in the ONNX model's metadata_pr
 FORMAT_VERSION = 1
 PRECISIONS = ("fp32", "int8", "fp16")
 DEVICES = ("auto", "cpu", "cuda")
+CUDA = "CUDAExecutionProvider"
 
 
 @dataclass(frozen=True)
@@ -45,6 +47,11 @@ class ModelInfo:
     def sha256(self) -> str:
         """sha256 of the source checkpoint."""
         return str(self.source.get("sha256", ""))
+
+    @property
+    def demo(self) -> bool:
+        """A model exported from a demo checkpoint (random weights): its scores mean nothing."""
+        return self.source.get("demo") is True
 
     @property
     def version(self) -> str:
@@ -98,13 +105,19 @@ def parse_metadata(props: dict[str, str], where: str = "model") -> ModelInfo:
 
 
 def pick_providers(device: str = "auto") -> list[Any]:
-    """Execution providers for a device choice: CUDA when asked or available, else CPU."""
+    """Execution providers for a device choice: CUDA when asked or available, else CPU.
+
+    The CPU provider stays in the list behind CUDA: onnxruntime's CUDA provider itself places the small
+    shape computations (Shape -> Gather -> Concat) on the CPU, so a session with CPU fallback disabled
+    (`session.disable_cpu_ep_fallback`) would refuse this graph on a working GPU. Whether CUDA really
+    started is checked on the session instead (`check_providers`).
+    """
     import onnxruntime as ort
 
     if device not in DEVICES:
         raise ModelError(f"unknown device {device!r}; choose one of {DEVICES}")
     available = ort.get_available_providers()
-    has_cuda = "CUDAExecutionProvider" in available
+    has_cuda = CUDA in available
     if device == "cuda" and not has_cuda:
         raise ModelError(
             "device 'cuda' asked for, but onnxruntime has no CUDAExecutionProvider here "
@@ -112,8 +125,30 @@ def pick_providers(device: str = "auto") -> list[Any]:
         )
     if device == "cuda" or (device == "auto" and has_cuda):
         cuda_options = {"cudnn_conv_algo_search": "HEURISTIC", "do_copy_in_default_stream": "1"}
-        return [("CUDAExecutionProvider", cuda_options), "CPUExecutionProvider"]
+        return [(CUDA, cuda_options), "CPUExecutionProvider"]
     return ["CPUExecutionProvider"]
+
+
+def check_providers(actual: list[str], requested: list[Any], device: str, where: str) -> list[str]:
+    """The session's real providers; CUDA asked for but not started is an error, under `auto` a warning."""
+    wanted_cuda = any((p[0] if isinstance(p, tuple) else p) == CUDA for p in requested)
+    if not wanted_cuda or (actual and actual[0] == CUDA):
+        return list(actual)
+    why = (f"onnxruntime's CUDA provider did not start for {where} (the session has {actual}): usually the CUDA 12 "
+           "/ cuDNN 9 libraries are missing (install the 'gpu' extra) or there is no usable GPU and driver; "
+           "onnxruntime's own log above says which")
+    if device == "cuda":
+        raise ModelError(f"device 'cuda' asked for, but {why}")
+    log.warning("device 'auto': %s; running on the CPU", why)
+    return list(actual)
+
+
+def check_version(info: ModelInfo, serving: str) -> None:
+    """Log when the serving onnxruntime differs from the one the export's gate ran with."""
+    gated = info.versions.get("onnxruntime")
+    if gated and gated != serving:
+        log.warning("serving with onnxruntime %s, but the model's parity gate ran on %s: its figures are evidence "
+                    "for that version; the self-check at load measures this one", serving, gated)
 
 
 def session_options(threads: int | None = None, optimization: str = "all"):
@@ -164,10 +199,16 @@ class OnnxModel:
             raise ModelError(f"{where}: onnxruntime cannot load it ({str(exc).splitlines()[0]})") from None
         self.info = parse_metadata(self.session.get_modelmeta().custom_metadata_map, where)
         self._check_signature(where)
-        self.providers = self.session.get_providers()
-        self.device = "cuda" if self.providers[0] == "CUDAExecutionProvider" else "cpu"
+        self.providers = check_providers(self.session.get_providers(), providers, device, where)
+        self.device = "cuda" if self.providers[0] == CUDA else "cpu"
+        if self.device == "cuda":
+            self.session.disable_fallback()  # a CUDA failure at run time raises instead of re-running on the CPU
         self.io_binding = self.device == "cuda" if io_binding is None else io_binding
-        log.info("loaded %s (%s) on %s", where, self.info.precision, self.providers)
+        self.self_check: SelfCheckResult | None = None  # set by run_self_check (the warm-up)
+        self.warmed = False  # set by runtime.server.warm_up
+        log.info("loaded %s (%s) on %s with onnxruntime %s", where, self.info.precision, self.providers,
+                 ort.__version__)
+        check_version(self.info, ort.__version__)
 
     def _check_signature(self, where: str) -> None:
         inputs, outputs = self.session.get_inputs(), self.session.get_outputs()
@@ -197,6 +238,11 @@ class OnnxModel:
         if len(mel) == 0:
             return np.zeros((0, NUM_DIMENSIONS), np.float32)
         return np.concatenate([self.run(mel[i : i + batch_size]) for i in range(0, len(mel), batch_size)])
+
+    def run_self_check(self) -> SelfCheckResult:
+        """The load-time warm-up: the stored reference windows on this device, compared (runtime.self_check)."""
+        self.self_check = run_self_check(self)
+        return self.self_check
 
     def warmup(self, batch_size: int = 1) -> None:
         """Run once so the first real request does not pay for lazy initialisation."""

@@ -44,10 +44,25 @@ class HealthResponse(BaseModel):
     status: Literal["ok"] = "ok"
 
 
+class SelfCheck(BaseModel):
+    status: Literal["passed", "failed", "absent", "not_run"] = Field(
+        description="the export's stored reference windows run on this device at load: passed or failed against "
+                    "their tolerance; absent for a model exported without them")
+    passed: bool | None = None
+    device: str
+    max_abs: float | None = Field(None, description="largest difference from the stored scores, in score units")
+    atol: float | None = None
+    windows: int = 0
+    milliseconds: float | None = None
+
+
 class ReadyResponse(BaseModel):
     status: Literal["ready"] = "ready"
     model: ModelSummary
     device: str
+    providers: list[str] = Field(description="the onnxruntime session's execution providers, in priority order")
+    self_check: SelfCheck
+    demo: bool = Field(description="a demo model (random weights): its scores mean nothing")
 
 
 class ModelResponse(BaseModel):
@@ -56,10 +71,13 @@ class ModelResponse(BaseModel):
     precision: str
     device: str
     providers: list[str]
+    self_check: SelfCheck
+    demo: bool
     dimensions: list[dict[str, str]]  # {label, key}, in model output order
     features: dict[str, Any]
     model_config_: dict[str, Any] = Field(alias="model_config", serialization_alias="model_config")
     source: dict[str, Any]
     parity: dict[str, Any] | None
+    versions: dict[str, Any] = Field(description="package versions the export and its gate ran with")
     limits: dict[str, Any]
     admission: dict[str, int] = Field(description="analyses admitted and request-body bytes held, with their bounds")

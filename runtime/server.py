@@ -40,6 +40,7 @@ from runtime.analyze import Analysis, Analyzer
 from runtime.audio import check_cap, load_audio
 from runtime.constants import FEATURES
 from runtime.errors import AudioError, ConfigError, InputError
+from runtime.features import features_from_audio
 from runtime.http_io import (
     BUSY_HEADERS,
     MULTIPART_SLACK,
@@ -66,6 +67,7 @@ from runtime.schemas import (
     ModelResponse,
     ReadyResponse,
 )
+from runtime.self_check import require_passed
 from runtime.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -96,13 +98,27 @@ def install_error_handlers(app: FastAPI) -> None:
 Source = str | os.PathLike | Analyzer | Callable[[], Analyzer]
 
 
-def warm_up(analyzer: Analyzer) -> None:
-    """Run the model at batch 1 and at the analyzer's batch size, and one short clip end to end."""
-    analyzer.model.warmup(1)
+def warm_up(analyzer: Analyzer, *, allow_failed_self_check: bool = False) -> None:
+    """Warm up at batch 2 (the self-check), the analyzer's batch size and 1; a failed self-check refuses the model.
+
+    The batch-2 run is the self-check (the export's two stored windows, compared with their stored scores),
+    so the check costs no run of its own: the same shapes and windows as a warm-up without it.
+    """
+    t0 = time.perf_counter()
+    require_passed(analyzer.model.run_self_check(), allow_failed=allow_failed_self_check)
     analyzer.model.warmup(analyzer.batch_size)
-    rng = np.random.default_rng(0)
-    analyzer.analyze_audio((0.01 * rng.standard_normal(int(FEATURES.chunk_seconds * FEATURES.sample_rate)))
-                           .astype(np.float32), FEATURES.sample_rate)
+    noise = 0.01 * np.random.default_rng(0).standard_normal(int(FEATURES.hop_seconds * FEATURES.sample_rate))
+    analyzer.chunk_scores(features_from_audio(noise.astype(np.float32)))  # the feature path too: 2 s, one window
+    analyzer.model.warmed = True
+    log.info("model warmed up in %.2f s on %s", time.perf_counter() - t0, analyzer.model.device)
+
+
+def model_status(analyzer: Analyzer) -> dict[str, Any]:
+    """What /readyz and /v1/model say about the loaded model: where it runs and how its self-check went."""
+    model = analyzer.model
+    check = model.self_check.to_dict() if model.self_check else {"status": "not_run", "device": model.device}
+    return {"model": model.info.summary(), "device": model.device, "providers": list(model.providers),
+            "self_check": check, "demo": model.info.demo}
 
 
 class Service:
@@ -113,7 +129,9 @@ class Service:
         self._source = source
         self.analyzer: Analyzer | None = None
         self.failure: str | None = None
-        self.ready = threading.Event()
+        self.ready = threading.Event()  # loaded and warmed up
+        self.settled = threading.Event()  # loaded or failed
+        self._loader: threading.Thread | None = None
         self._lock = threading.Lock()
         self._admitted = 0
         self.bodies = ByteBudget(settings.body_budget(MULTIPART_SLACK))
@@ -121,8 +139,18 @@ class Service:
         self.frame_limit = max_frames_for(settings.max_seconds)
 
     # --- lifecycle
+    def start(self) -> None:
+        """Ready at once over an already warmed Analyzer; otherwise load and warm up in a (joined) thread."""
+        source = self._source
+        if isinstance(source, Analyzer) and source.model.warmed:
+            self._ready_with(source)
+            return
+        # not a daemon: the interpreter waits for it rather than exiting while onnxruntime is mid-load
+        self._loader = threading.Thread(target=self.load, name="percepiano-load")
+        self._loader.start()
+
     def load(self) -> None:
-        """Load (if given a path or loader) and warm up; runs in a background thread at startup."""
+        """Load (if given a path or loader) and warm up (the self-check included)."""
         try:
             source = self._source
             if isinstance(source, Analyzer):
@@ -131,16 +159,24 @@ class Service:
                 analyzer = source()
             else:
                 analyzer = Analyzer.from_path(Path(source), max_seconds=self.settings.max_seconds)
-            t0 = time.perf_counter()
-            warm_up(analyzer)
-            log.info("model warmed up in %.2f s on %s", time.perf_counter() - t0, analyzer.model.device)
-            self.analyzer = analyzer
-            self.ready.set()
+            if not analyzer.model.warmed:
+                warm_up(analyzer, allow_failed_self_check=self.settings.allow_failed_self_check)
+            self._ready_with(analyzer)
         except Exception as exc:  # reported by /readyz; the process stays up to say so
             self.failure = f"{type(exc).__name__}: {exc}"
             log.exception("model failed to load")
+        finally:
+            self.settled.set()
+
+    def _ready_with(self, analyzer: Analyzer) -> None:
+        self.analyzer = analyzer
+        self.ready.set()
+        self.settled.set()
 
     def close(self) -> None:
+        """Wait for a load still in progress (never exit under onnxruntime's feet), then stop the pool."""
+        if self._loader is not None:
+            self._loader.join()
         self.executor.shutdown(wait=False, cancel_futures=True)
 
     def require_analyzer(self) -> Analyzer:
@@ -149,6 +185,13 @@ class Service:
         if self.failure:
             raise ServiceError(503, "model_failed", f"the model failed to load: {self.failure}")
         raise ServiceError(503, "not_ready", "the model is still loading; retry shortly", {"Retry-After": "2"})
+
+    async def wait_analyzer(self) -> Analyzer:
+        """The analyzer, waiting (at most queue_timeout) for a load in progress rather than refusing at once."""
+        deadline = time.monotonic() + self.settings.queue_timeout
+        while not self.settled.is_set() and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        return self.require_analyzer()
 
     # --- bounded execution
     def check_capacity(self) -> None:
@@ -197,7 +240,7 @@ class Service:
 
     async def read(self, request: Request, body: Reservation, slack: int = 0) -> bytes:
         """The request body, under the size limit, the body timeout and the byte budget (`body`)."""
-        self.require_analyzer()
+        await self.wait_analyzer()
         self.check_capacity()
         return await read_body(request, self.settings.max_bytes + slack, body, self.settings.body_timeout)
 
@@ -267,9 +310,9 @@ def create_app(source: Source, *, settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(_: FastAPI):
-        threading.Thread(target=service.load, name="percepiano-load", daemon=True).start()
+        service.start()
         yield
-        service.close()
+        await asyncio.to_thread(service.close)
 
     app = FastAPI(title="PercePiano analysis", version="1", lifespan=lifespan,
                   description="19 perceptual scores of a piano performance (PercePiano AST, ONNX runtime).")
@@ -287,20 +330,20 @@ def create_app(source: Source, *, settings: Settings | None = None) -> FastAPI:
 
     @app.get("/readyz", response_model=ReadyResponse, responses={503: {"model": ErrorResponse}}, tags=["health"])
     async def readyz():
-        """The model is loaded and warmed up."""
-        analyzer = service.require_analyzer()
-        return {"status": "ready", "model": analyzer.model.info.summary(), "device": analyzer.model.device}
+        """The model is loaded and warmed up (and where it runs, and how its self-check went)."""
+        return {"status": "ready", **model_status(service.require_analyzer())}
 
     @app.get("/v1/model", response_model=ModelResponse, response_model_by_alias=True, dependencies=auth,
              responses=error_responses(*auth_errors, 503), tags=["analysis"])
     async def model_info():
-        """The served model's metadata and the service limits."""
-        analyzer = service.require_analyzer()
-        info = analyzer.model.info
-        return {**info.summary(), "device": analyzer.model.device, "providers": list(analyzer.model.providers),
+        """The served model's metadata, where it runs, its self-check and the service limits."""
+        analyzer = await service.wait_analyzer()
+        info, status = analyzer.model.info, model_status(analyzer)
+        return {**info.summary(), **{k: status[k] for k in ("device", "providers", "self_check", "demo")},
                 "dimensions": [{"label": label, "key": key} for label, key in info.dimensions],
                 "features": info.features, "model_config": info.model_config, "source": info.source,
-                "parity": info.parity, "limits": settings.public(), "admission": service.admission()}
+                "parity": info.parity, "versions": info.versions, "limits": settings.public(),
+                "admission": service.admission()}
 
     @app.post("/v1/analyze", response_model=AnalyzeResponse, dependencies=auth,
               responses=error_responses(*auth_errors, *BODY_ERRORS), openapi_extra=audio_body(), tags=["analysis"])
@@ -344,13 +387,16 @@ def create_app(source: Source, *, settings: Settings | None = None) -> FastAPI:
     return app
 
 
-def serve(model_path: str | os.PathLike, *, host: str = "127.0.0.1", port: int = 8000, device: str = "auto",
+def serve(model: str | os.PathLike | Analyzer, *, host: str = "127.0.0.1", port: int = 8000, device: str = "auto",
           threads: int | None = None, settings: Settings | None = None, log_level: str = "info") -> None:
-    """Load the model (failing fast on a bad one), then run the app with uvicorn until interrupted."""
+    """Load and warm up the model (failing fast on a bad one or a failed self-check), then run uvicorn."""
     import uvicorn
 
     settings = settings or Settings.from_env()
-    analyzer = Analyzer.from_path(model_path, device=device, threads=threads, max_seconds=settings.max_seconds)
+    analyzer = model if isinstance(model, Analyzer) else \
+        Analyzer.from_path(model, device=device, threads=threads, max_seconds=settings.max_seconds)
+    if not analyzer.model.warmed:
+        warm_up(analyzer, allow_failed_self_check=settings.allow_failed_self_check)
     if host not in ("127.0.0.1", "localhost", "::1") and not settings.api_token:
         log.warning("serving on %s without auth: set PERCEPIANO_API_TOKEN to require a bearer token", host)
     uvicorn.run(create_app(analyzer, settings=settings), host=host, port=port, log_level=log_level,

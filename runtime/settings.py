@@ -10,6 +10,7 @@ from typing import Any
 from runtime.errors import ConfigError
 
 LEGACY_ALIASES = {"PERCEPIANO_MAX_SECONDS": "PERCEPIANO_REFUSE_OVER_SECONDS"}  # old name -> new name
+BOOLEANS = {"1": True, "true": True, "yes": True, "0": False, "false": False, "no": False}
 
 
 @dataclass(frozen=True)
@@ -26,12 +27,14 @@ class Settings:
     queue_timeout: float = 30.0  # seconds a request may wait for a slot before 503 (PERCEPIANO_QUEUE_TIMEOUT)
     body_timeout: float = 120.0  # seconds a client has to send the whole body, else 408 (PERCEPIANO_BODY_TIMEOUT)
     max_body_memory: int = 256_000_000  # request-body bytes held at once, at most (PERCEPIANO_MAX_BODY_MEMORY)
+    allow_failed_self_check: bool = False  # serve a model whose self-check failed (PERCEPIANO_ALLOW_FAILED_SELF_CHECK)
 
     ENV = {"max_bytes": ("PERCEPIANO_MAX_BYTES", int), "max_seconds": ("PERCEPIANO_REFUSE_OVER_SECONDS", float),
            "cap_seconds": ("PERCEPIANO_CAP_SECONDS", float),
            "api_token": ("PERCEPIANO_API_TOKEN", str), "max_concurrency": ("PERCEPIANO_MAX_CONCURRENCY", int),
            "max_queue": ("PERCEPIANO_MAX_QUEUE", int), "queue_timeout": ("PERCEPIANO_QUEUE_TIMEOUT", float),
-           "body_timeout": ("PERCEPIANO_BODY_TIMEOUT", float), "max_body_memory": ("PERCEPIANO_MAX_BODY_MEMORY", int)}
+           "body_timeout": ("PERCEPIANO_BODY_TIMEOUT", float), "max_body_memory": ("PERCEPIANO_MAX_BODY_MEMORY", int),
+           "allow_failed_self_check": ("PERCEPIANO_ALLOW_FAILED_SELF_CHECK", bool)}
 
     def __post_init__(self) -> None:
         if self.max_bytes < 1 or self.max_concurrency < 1 or self.max_queue < 0 or self.queue_timeout < 0 \
@@ -55,6 +58,11 @@ class Settings:
                 continue
             if name in ("max_seconds", "cap_seconds") and raw.lower() in ("none", "0"):
                 values[name] = None
+                continue
+            if kind is bool:
+                if raw.lower() not in BOOLEANS:
+                    raise ConfigError(f"{var}={raw!r} is not one of {sorted(BOOLEANS)}")
+                values[name] = BOOLEANS[raw.lower()]
                 continue
             try:
                 values[name] = kind(raw)

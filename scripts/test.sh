@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# The test suite: installs the dev extras into .venv, lints, and runs pytest.
+# The test suite: installs the dev extras into .venv, makes (once) the cached onnxruntime-gpu check venv, lints,
+# and runs pytest.
 EXTRAS=dev
 source "$(dirname "${BASH_SOURCE[0]}")/_venv.sh"
 if [ "${CI:-}" = true ] || ! command -v chromium >/dev/null; then bash scripts/ci_browser.sh; fi  # page tests
+source scripts/_check_venv.sh
 ruff check .
 python -m pytest -q "$@"

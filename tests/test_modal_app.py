@@ -8,7 +8,6 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -144,17 +143,39 @@ def test_lifecycle_serves_the_same_app(container, piano_clips):
     m, obj = container
     clip = min(piano_clips, key=lambda p: p.stat().st_size)
     expected = obj.analyzer.analyze_file(clip).scores
-    with TestClient(obj.build_app()) as c:
-        deadline = time.monotonic() + 10
-        while c.get("/readyz").status_code != 200 and time.monotonic() < deadline:
-            time.sleep(0.02)
-        assert c.get("/readyz").status_code == 200
+    with TestClient(obj.build_app()) as c:  # the request that woke the container: no /readyz polling first
         data = clip.read_bytes()
         assert c.post("/v1/analyze", content=data, headers={"content-type": "audio/flac"}).status_code == 401
         res = c.post("/v1/analyze", content=data, headers={"content-type": "audio/flac",
                                                            "authorization": f"Bearer {TOKEN}"})
         assert res.status_code == 200, res.json()
         np.testing.assert_allclose(list(res.json()["scores"].values()), list(expected.values()), atol=1e-6)
+        assert obj.analyzer.model.self_check is not None  # start()'s warm-up was the self-check
+        assert c.get("/readyz").json()["self_check"] == obj.analyzer.model.self_check.to_dict()
+        assert c.app.state.service._loader is None  # start() warmed it: the app does not warm it again
+
+
+def test_int8_is_refused_on_cuda_and_the_gpu_wheel_pinned():
+    from types import SimpleNamespace
+
+    from packaging.specifiers import SpecifierSet
+    from packaging.version import Version
+
+    m = fresh_import()
+    recommended = {"recommended": {"cpu": "int8", "gpu": "fp16"}}
+    with pytest.raises(ValueError, match="int8 model.*model.fp16.onnx"):
+        m.refuse_int8_on_cuda(SimpleNamespace(device="cuda", info=SimpleNamespace(precision="int8",
+                                                                               variants=recommended)))
+    for device, precision in (("cuda", "fp16"), ("cuda", "fp32"), ("cpu", "int8")):
+        m.refuse_int8_on_cuda(SimpleNamespace(device=device, info=SimpleNamespace(precision=precision, variants={})))
+    # the image's exact pin meets the gpu extra's floor and is no newer than the onnxruntime the gate ran with
+    import tomllib
+
+    extras = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    gpu_floor = next(d for d in extras["gpu"] if d.startswith("onnxruntime-gpu")).split("]", 1)[1]
+    gate = next(d for d in extras["convert"] if d.startswith("onnxruntime==")).split("==")[1]
+    pinned = Version(m.ONNXRUNTIME_GPU)
+    assert pinned in SpecifierSet(gpu_floor) and pinned <= Version(gate)
 
 
 def test_build_app_refuses_to_run_without_a_token(container, monkeypatch):
@@ -241,3 +262,24 @@ def test_volume_corpus_run_never_loses_a_file(container, piano_clips, tmp_path, 
     assert sorted(r["file"] for r in lines) == sorted(c.name for c in clips)
     lost = next(r for r in lines if r["file"] == min(c.name for c in clips))  # list_audio's first file
     assert lost["error"] == "no result from the worker (RuntimeError: container exited)"
+
+
+def test_a_failed_self_check_stops_the_container(monkeypatch, tiny_model, tiny_checkpoint, piano_clips, tmp_path):
+    from model_edits import reference_windows, with_self_check
+
+    from runtime.errors import ModelError
+
+    mel, scores = reference_windows(tiny_checkpoint, piano_clips[0])
+    scores[0, 3] += 0.01  # stored outputs the model on this device does not reproduce
+    bad = with_self_check(tiny_model, tmp_path / "tampered.onnx", mel, scores)
+    monkeypatch.setenv("PERCEPIANO_MODEL_PATH", str(bad))
+    monkeypatch.setenv("PERCEPIANO_DEVICE", "cpu")
+    m = fresh_import()
+    obj = m.ModelContainer()
+    obj.load()
+    with pytest.raises(ModelError, match="self-check FAILED on cpu"):
+        obj.start()
+    monkeypatch.setenv("PERCEPIANO_ALLOW_FAILED_SELF_CHECK", "1")  # explicitly accepted: starts, and says so
+    obj.load()
+    obj.start()
+    assert obj.analyzer.model.self_check.status == "failed"

@@ -28,9 +28,13 @@ def test_health_ready_model_and_docs(client, analyzer):
     assert client.get("/healthz").json() == {"status": "ok"}
     ready = client.get("/readyz").json()
     assert ready["status"] == "ready" and ready["device"] == "cpu"
+    assert ready["providers"] == list(analyzer.model.providers) == ["CPUExecutionProvider"]
+    assert ready["self_check"] == analyzer.model.self_check.to_dict() and ready["demo"] is analyzer.model.info.demo
     assert ready["model"]["sha256"] == analyzer.model.info.sha256
     info = client.get("/v1/model").json()
     assert [d["key"] for d in info["dimensions"]] == list(API_KEYS)
+    assert (info["providers"], info["self_check"], info["demo"]) == \
+        (ready["providers"], ready["self_check"], ready["demo"])
     assert info["features"] == FEATURES.to_dict() and info["model_config"] == analyzer.model.info.model_config
     assert info["limits"]["max_bytes"] == 2_000_000 and info["limits"]["auth"] is False
     assert "api_token" not in info["limits"]
@@ -185,44 +189,99 @@ def test_settings_from_env():
         Settings.from_env({}, require_token=True)
     with pytest.raises(ValueError):
         Settings(max_concurrency=0)
+    assert Settings().allow_failed_self_check is False
+    for raw, value in (("1", True), ("true", True), ("no", False), ("0", False)):
+        assert Settings.from_env({"PERCEPIANO_ALLOW_FAILED_SELF_CHECK": raw}).allow_failed_self_check is value
+    with pytest.raises(ValueError, match="PERCEPIANO_ALLOW_FAILED_SELF_CHECK"):
+        Settings.from_env({"PERCEPIANO_ALLOW_FAILED_SELF_CHECK": "maybe"})
 
 
 # -------------------------------------------------------------------------------- readiness and capacity
 
 
-def test_not_ready_until_loaded_then_ready(analyzer):
+def test_a_request_during_the_load_waits_for_it(analyzer):
     release = threading.Event()
 
     def slow_loader() -> Analyzer:
         assert release.wait(10)
         return analyzer
 
-    app = create_app(slow_loader, settings=Settings())
-    with TestClient(app) as c:
+    mel = encode_blob(np.full((128, 128), -30.0, np.float32))
+    headers = {"content-type": "application/octet-stream"}
+    with TestClient(create_app(slow_loader, settings=Settings(queue_timeout=10))) as c:
         assert c.get("/healthz").status_code == 200
-        body = assert_error(c.get("/readyz"), 503, "not_ready")
-        assert body
-        mel = encode_blob(np.full((128, 128), -30.0, np.float32))
-        res = c.post("/v1/analyze/mel", content=mel, headers={"content-type": "application/octet-stream"})
+        assert_error(c.get("/readyz"), 503, "not_ready")  # the probe answers at once
+        answers: list = []
+        waiting = threading.Thread(target=lambda: answers.append(c.post("/v1/analyze/mel", content=mel,
+                                                                         headers=headers)))
+        waiting.start()
+        time.sleep(0.3)
+        assert not answers  # still waiting for the model, not refused
+        release.set()
+        waiting.join(10)
+        assert answers[0].status_code == 200, answers[0].json()
+    release.clear()
+    with TestClient(create_app(slow_loader, settings=Settings(queue_timeout=0.2))) as c:  # bounded by the timeout
+        res = c.post("/v1/analyze/mel", content=mel, headers=headers)
         assert_error(res, 503, "not_ready")
         assert res.headers["retry-after"]
         assert_error(c.get("/v1/model"), 503, "not_ready")
         release.set()
-        wait_ready(c)
-        assert c.post("/v1/analyze/mel", content=mel, headers={"content-type": "application/octet-stream"}) \
-            .status_code == 200
+
+
+def test_an_app_over_a_warmed_analyzer_answers_at_once(tiny_model, clip, monkeypatch):
+    import runtime.server
+    from runtime.server import warm_up
+
+    warmed = Analyzer.from_path(tiny_model, device="cpu")
+    warm_up(warmed)
+    expected = warmed.analyze_file(clip).to_dict()
+    monkeypatch.setattr(runtime.server, "warm_up", lambda *a, **k: pytest.fail("warmed up a second time"))
+    with TestClient(create_app(warmed, settings=Settings())) as c:  # no /readyz polling
+        res = c.post("/v1/analyze", content=clip.read_bytes(), headers={"content-type": "audio/flac"})
+        assert res.status_code == 200, res.json()
+        assert_matches(res.json(), expected, warmed)
+        assert c.app.state.service._loader is None  # no background load at all
 
 
 def test_failed_model_is_reported_not_fatal(tmp_path):
     bad = tmp_path / "bad.onnx"
     bad.write_bytes(b"not an onnx model")
     with TestClient(create_app(bad, settings=Settings())) as c:
-        deadline = time.monotonic() + 10
-        while (res := c.get("/readyz")).json()["error_type"] == "not_ready" and time.monotonic() < deadline:
-            time.sleep(0.02)
+        res = c.post("/v1/analyze", content=b"RIFF", headers={"content-type": "audio/wav"})  # waits for the load
         assert_error(res, 503, "model_failed")
         assert "onnxruntime cannot load it" in res.json()["error"]
+        assert_error(c.get("/readyz"), 503, "model_failed")
         assert c.get("/healthz").status_code == 200
+
+
+SHUTDOWN_DURING_LOAD = """
+import sys
+import numpy as np
+from fastapi.testclient import TestClient
+from runtime.analyze import Analyzer
+from runtime.server import Settings, create_app
+
+def busy_load():  # keeps the load thread inside onnxruntime while the app shuts down
+    analyzer = Analyzer.from_path(sys.argv[1], device="cpu")
+    for _ in range(60):
+        analyzer.model.run(np.full((16, 128, 128), -40.0, np.float32))
+    return analyzer
+
+with TestClient(create_app(busy_load, settings=Settings())) as c:
+    assert c.get("/healthz").status_code == 200
+print("closed")
+"""
+
+
+def test_shutting_down_while_the_model_loads_exits_cleanly(tiny_model):
+    # before the fix the load ran in a daemon thread: the interpreter exited under onnxruntime's feet
+    # ("terminate called without an active exception", SIGABRT) in most runs of this script
+    proc = subprocess.run([sys.executable, "-c", SHUTDOWN_DURING_LOAD, str(tiny_model)], capture_output=True,
+                          text=True, timeout=120)
+    assert "terminate called" not in proc.stderr
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "closed"
 
 
 class _Blocking:
