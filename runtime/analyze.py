@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -81,23 +82,35 @@ class Analyzer:
         """(n, 128, 128) log-mel windows -> (n, 19) label-unit scores."""
         return self.model.predict(mel, self.batch_size)
 
-    def analyze_audio(self, y: np.ndarray, sample_rate: int) -> Analysis:
-        """Mono float audio at ``sample_rate`` Hz -> Analysis (resampled to 22,050 Hz as load_audio does)."""
+    def analyze_audio(self, y: np.ndarray, sample_rate: int, timings: dict[str, float] | None = None) -> Analysis:
+        """Mono float audio at ``sample_rate`` Hz -> Analysis (resampled to 22,050 Hz as load_audio does).
+
+        ``timings``, if given, gets the seconds spent on features and on inference.
+        """
         y = prepare_audio(y, sample_rate, cap_seconds=self.cap_seconds, max_seconds=self.max_seconds)
-        return self._analyze(y)
+        return self._analyze(y, timings)
 
     def analyze_file(self, source: str | os.PathLike | bytes) -> Analysis:
         """A path or the bytes of an audio file -> Analysis."""
         return self._analyze(load_audio(source, cap_seconds=self.cap_seconds, max_seconds=self.max_seconds))
 
-    def _analyze(self, y: np.ndarray) -> Analysis:
+    def _analyze(self, y: np.ndarray, timings: dict[str, float] | None = None) -> Analysis:
         """Mono float32 audio at 22,050 Hz -> Analysis."""
-        mel = features_from_audio(y)
-        return build_analysis(self.chunk_scores(mel), len(y) / FEATURES.sample_rate)
+        return self._score(features_from_audio, y, len(y) / FEATURES.sample_rate, timings)
 
-    def analyze_mel(self, mel: np.ndarray) -> Analysis:
+    def analyze_mel(self, mel: np.ndarray, timings: dict[str, float] | None = None) -> Analysis:
         """A precomputed [time, mel] log-mel spectrogram, cut into 128-frame windows at the audio path's hop."""
-        return build_analysis(self.chunk_scores(windows_from_mel(mel)), mel_duration(len(mel)))
+        return self._score(windows_from_mel, mel, mel_duration(len(mel)), timings)
+
+    def _score(self, windows, data: np.ndarray, duration: float, timings: dict[str, float] | None) -> Analysis:
+        """``windows(data)`` -> model windows -> scores, timing the two steps into ``timings``."""
+        t0 = time.perf_counter()
+        mel = windows(data)
+        t1 = time.perf_counter()
+        scores = self.chunk_scores(mel)
+        if timings is not None:
+            timings["features"], timings["inference"] = t1 - t0, time.perf_counter() - t1
+        return build_analysis(scores, duration)
 
 
 def mel_duration(n_frames: int) -> float:

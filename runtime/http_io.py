@@ -12,6 +12,7 @@ import ctypes
 import logging
 import sys
 import threading
+from typing import Any
 
 import anyio
 from python_multipart.exceptions import MultipartParseError
@@ -57,8 +58,9 @@ def input_error(exc: InputError) -> ServiceError:
     return ServiceError(422, "invalid_input", str(exc))
 
 
-def error_response(status: int, error_type: str, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
-    body = ErrorResponse(error=message, error_type=error_type).model_dump()
+def error_response(status: int, error_type: str, message: str, headers: dict[str, str] | None = None,
+                   request_id: str | None = None) -> JSONResponse:
+    body = ErrorResponse(error=message, error_type=error_type, request_id=request_id).model_dump()
     return JSONResponse(body, status_code=status, headers=headers)
 
 
@@ -280,11 +282,11 @@ ERROR_DESCRIPTIONS = {
 _RETRY = {"Retry-After": {"description": "seconds to wait before retrying", "schema": {"type": "integer"}}}
 
 
-def error_responses(*codes: int) -> dict[int | str, dict]:
-    """The `responses` of a route: each status it can answer with the error body, and what it means."""
+def error_responses(*codes: int, model: Any = ErrorResponse) -> dict[int | str, dict]:
+    """The `responses` of a route: each status it can answer with the error body (`model`), and what it means."""
     out: dict[int | str, dict] = {}
     for code in sorted(codes):
-        out[code] = {"model": ErrorResponse, "description": ERROR_DESCRIPTIONS[code]}
+        out[code] = {"model": model, "description": ERROR_DESCRIPTIONS[code]}
         if code == 503:
             out[code]["headers"] = _RETRY
     return out

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -193,10 +194,12 @@ class OnnxModel:
                 raise ModelError(f"model file not found: {path}")
             source = str(path)
         providers = pick_providers(device)
+        started = time.perf_counter()
         try:
             self.session = ort.InferenceSession(source, session_options(threads, optimization), providers=providers)
         except Exception as exc:  # onnxruntime raises its own Fail/InvalidProtobuf types
             raise ModelError(f"{where}: onnxruntime cannot load it ({str(exc).splitlines()[0]})") from None
+        self.load_seconds = time.perf_counter() - started  # session creation (reported by /metrics)
         self.info = parse_metadata(self.session.get_modelmeta().custom_metadata_map, where)
         self._check_signature(where)
         self.providers = check_providers(self.session.get_providers(), providers, device, where)
@@ -206,6 +209,7 @@ class OnnxModel:
         self.io_binding = self.device == "cuda" if io_binding is None else io_binding
         self.self_check: SelfCheckResult | None = None  # set by run_self_check (the warm-up)
         self.warmed = False  # set by runtime.server.warm_up
+        self.warmup_seconds: float | None = None  # likewise
         log.info("loaded %s (%s) on %s with onnxruntime %s", where, self.info.precision, self.providers,
                  ort.__version__)
         check_version(self.info, ort.__version__)

@@ -38,6 +38,7 @@ class ErrorResponse(BaseModel):
     status: Literal["error"] = "error"
     error: str
     error_type: str
+    request_id: str | None = Field(None, description="the request's X-Request-ID (the client's, or one made for it)")
 
 
 class HealthResponse(BaseModel):

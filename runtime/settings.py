@@ -28,13 +28,15 @@ class Settings:
     body_timeout: float = 120.0  # seconds a client has to send the whole body, else 408 (PERCEPIANO_BODY_TIMEOUT)
     max_body_memory: int = 256_000_000  # request-body bytes held at once, at most (PERCEPIANO_MAX_BODY_MEMORY)
     allow_failed_self_check: bool = False  # serve a model whose self-check failed (PERCEPIANO_ALLOW_FAILED_SELF_CHECK)
+    metrics_auth: bool = True  # /metrics behind the API token when one is set (PERCEPIANO_METRICS_AUTH)
 
     ENV = {"max_bytes": ("PERCEPIANO_MAX_BYTES", int), "max_seconds": ("PERCEPIANO_REFUSE_OVER_SECONDS", float),
            "cap_seconds": ("PERCEPIANO_CAP_SECONDS", float),
            "api_token": ("PERCEPIANO_API_TOKEN", str), "max_concurrency": ("PERCEPIANO_MAX_CONCURRENCY", int),
            "max_queue": ("PERCEPIANO_MAX_QUEUE", int), "queue_timeout": ("PERCEPIANO_QUEUE_TIMEOUT", float),
            "body_timeout": ("PERCEPIANO_BODY_TIMEOUT", float), "max_body_memory": ("PERCEPIANO_MAX_BODY_MEMORY", int),
-           "allow_failed_self_check": ("PERCEPIANO_ALLOW_FAILED_SELF_CHECK", bool)}
+           "allow_failed_self_check": ("PERCEPIANO_ALLOW_FAILED_SELF_CHECK", bool),
+           "metrics_auth": ("PERCEPIANO_METRICS_AUTH", bool)}
 
     def __post_init__(self) -> None:
         if self.max_bytes < 1 or self.max_concurrency < 1 or self.max_queue < 0 or self.queue_timeout < 0 \
