@@ -12,6 +12,7 @@ from benchmarks.artifacts import CLIP_SECONDS
 from benchmarks.roofline import achieved, flops_per_chunk
 
 SCHEMA_VERSION = 1
+COLD_PHASES = ("startup", "import", "load", "compile", "session", "features", "first_inference")  # in order
 PRECISION = {"jax-cached": "fp32", "ort-fp32": "fp32", "ort-int8": "int8", "ort-fp16": "fp16"}
 
 
