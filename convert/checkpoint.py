@@ -100,7 +100,7 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
     params = _params(ckpt["params"], config, path)
     mean, scale = _scaler(ckpt["label_scaler"], path)
     results = ckpt["finetuning_results"]
-    if not isinstance(results, dict):
+    if results is not None and not isinstance(results, dict):
         raise CheckpointError(f"finetuning_results in {path} is a {type(results).__name__}, not a dict")
     checkpoint = Checkpoint(
         path=path,
@@ -109,7 +109,7 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
         params=params,
         scaler_mean=mean,
         scaler_scale=scale,
-        finetuning_results={str(k): _plain(v) for k, v in results.items()},
+        finetuning_results=None if results is None else {str(k): _plain(v) for k, v in results.items()},
         training_complete=_flag(ckpt["training_complete"], path),
     )
     if not checkpoint.training_complete:
