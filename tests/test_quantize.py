@@ -323,3 +323,16 @@ def test_runtime_info_reports_the_variant(auto, capsys):
     out = capsys.readouterr().out
     assert "precision   int8" in out
     assert "'cpu': 'int8'" in out and "int8 passed" in out and "fp16 passed" in out
+
+
+def test_quantize_refuses_an_empty_clip_set(auto, tiny_checkpoint, tmp_path, capsys):
+    from convert.variants import quantize_file
+
+    fp32_model = auto.written["fp32"]
+    argv = ["-q", "quantize", str(fp32_model), "--checkpoint", str(tiny_checkpoint), "--clips", str(tmp_path / "*.wav")]
+    assert cli.main(argv) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: parity gate clips not found") and len(err.splitlines()) == 1
+    with pytest.raises(ParityError, match="no real audio clips"):
+        quantize_file(fp32_model, tiny_checkpoint, tmp_path / "m.onnx", "int8", clips=[])
+    assert list(tmp_path.iterdir()) == [] and not fp32_model.with_name("model.fp32.int8.onnx").exists()
