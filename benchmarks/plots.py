@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from benchmarks.report import COLD_PHASES
+from benchmarks.results import COLD_PHASES
 
 
 def _pyplot():

@@ -10,7 +10,6 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 Table = tuple[str, list[str], list[list[str]]]  # title, headers, rows
-COLD_PHASES = ("startup", "import", "load", "compile", "session", "features", "first_inference")
 COLD_COLUMNS = {"startup": ("startup",), "import": ("import",), "load": ("load",),
                 "compile / session": ("compile", "session"), "features": ("features",),
                 "1st inference": ("first_inference",)}

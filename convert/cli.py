@@ -24,7 +24,8 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--out", type=Path, default=Path("artifacts/model.onnx"), help="output ONNX path")
     exp.add_argument("--opset", type=int, default=23, help="ONNX opset (default 23)")
     exp.add_argument("--atol", type=float, help="fp32 parity tolerance in score units (default 1e-5)")
-    exp.add_argument("--clips", type=Path, nargs="+", help="audio files for the parity gate (default: shipped clips)")
+    exp.add_argument("--clips", type=Path, nargs="+",
+                     help="real audio files for the parity gate (default: the shipped clips; none is an error)")
     exp.add_argument("--seed", type=int, default=0, help="seed of random parity inputs and of the demo checkpoint")
     exp.add_argument("--report", type=Path, help="also write the parity report(s) as JSON here")
     add_variant_args(exp)
@@ -33,7 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
     qnt.add_argument("model", type=Path, help="an fp32 model written by `export`")
     qnt.add_argument("--checkpoint", type=Path, required=True, help="the checkpoint it was exported from")
     qnt.add_argument("--out", type=Path, help="output path (default: MODEL.<precision>.onnx beside the model)")
-    qnt.add_argument("--clips", type=Path, nargs="+", help="audio files for the parity gate (default: shipped clips)")
+    qnt.add_argument("--clips", type=Path, nargs="+",
+                     help="real audio files for the parity gate (default: the shipped clips; none is an error)")
     qnt.add_argument("--seed", type=int, default=0, help="seed of the random parity inputs")
     qnt.add_argument("--report", type=Path, help="also write the parity report(s) as JSON here")
     add_variant_args(qnt)
@@ -51,11 +53,15 @@ def add_variant_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quantize", choices=("none", "int8", "fp16", "auto"), default="none",
                         help="variant written to --out: fp32 (none), int8 (CPU), fp16 (GPU), or auto: the CPU "
                              "recommendation at --out and the others beside it as MODEL.<precision>.onnx")
-    parser.add_argument("--int8-atol", type=float, help="int8 parity tolerance in score units (default 0.02)")
+    parser.add_argument("--allow-partial", action="store_true",
+                        help="with --quantize auto: write the variants that pass even if another fails (exit 0)")
+    parser.add_argument("--int8-atol", type=float, help="int8 parity tolerance in score units (default 0.005)")
     parser.add_argument("--fp16-atol", type=float, help="fp16 parity tolerance in score units (default 0.005)")
-    parser.add_argument("--per-channel", action="store_true", help="int8: one scale per output channel")
-    parser.add_argument("--reduce-range", action="store_true",
-                        help="int8: 7-bit weights, for CPUs without VNNI (AVX2-only x86) where u8*s8 can saturate")
+    parser.add_argument("--per-channel", action=argparse.BooleanOptionalAction, default=False,
+                        help="int8: one weight scale per output channel (default off: no gain measured, see README)")
+    parser.add_argument("--reduce-range", action=argparse.BooleanOptionalAction, default=True,
+                        help="int8: 7-bit weights (default on): x86 CPUs without VNNI (AVX2 only) saturate u8*s8 "
+                             "products of full-range weights; --no-reduce-range only for VNNI/ARM servers, gated there")
     parser.add_argument("--optimize", action="store_true",
                         help="apply onnxruntime's transformer fusions (off by default: slower on CPU, see README)")
 
@@ -67,7 +73,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     try:
         result = export(args.checkpoint, args.out, opset=args.opset, atol=args.atol, clips=args.clips, seed=args.seed,
                         quantize=args.quantize, int8_atol=args.int8_atol, fp16_atol=args.fp16_atol,
-                        per_channel=args.per_channel, reduce_range=args.reduce_range, optimize=args.optimize)
+                        per_channel=args.per_channel, reduce_range=args.reduce_range, optimize=args.optimize,
+                        allow_partial=args.allow_partial)
     except ParityError as exc:
         if exc.report:
             print(format_report(exc.report), file=sys.stderr)
@@ -94,7 +101,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         reports, written = quantize_file(
             args.model, args.checkpoint, args.out, args.quantize, clips=args.clips, seed=args.seed,
             atol={"int8": args.int8_atol, "fp16": args.fp16_atol}, per_channel=args.per_channel,
-            reduce_range=args.reduce_range, optimized=args.optimize)
+            reduce_range=args.reduce_range, optimized=args.optimize, allow_partial=args.allow_partial)
     except ParityError as exc:
         if exc.report:
             print(format_report(exc.report), file=sys.stderr)

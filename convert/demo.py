@@ -1,7 +1,8 @@
 """Write a stand-in for `final_finetuned_model.pkl` in exactly its format (SPEC §2), from a random init.
 
 For tests, benchmarks and demos where the real weights are not at hand: the same pickled dict, real
-`jax.Array` leaves and a real fitted scikit-learn StandardScaler. Needs the `convert` extra.
+`jax.Array` leaves and a real fitted scikit-learn StandardScaler. It was never trained, so its
+`finetuning_results` is None rather than invented figures. Needs the `convert` extra.
 """
 
 from __future__ import annotations
@@ -47,15 +48,10 @@ def make_demo_checkpoint(path: str | Path, preset: str = "production", seed: int
     variables = _jitted_init(config)(jax.random.PRNGKey(seed), x)
     variables = {"params": dict(variables["params"])}  # a plain dict, as the original was written
     scaler = StandardScaler().fit(synthetic_labels(seed))
-    rng = np.random.default_rng(seed)
     ckpt = {
         "params": variables,
         "model_config": config.checkpoint_dict(),
-        "finetuning_results": {
-            "best_val_correlation": round(float(rng.uniform(0.55, 0.7)), 4),
-            "total_epochs": int(rng.integers(20, 60)),
-            "convergence_achieved": True,
-        },
+        "finetuning_results": None,  # never fine-tuned: no results to report, and none invented
         "label_scaler": scaler,
         "training_complete": True,
     }

@@ -5,13 +5,12 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-import numpy as np
-
 from convert.checkpoint import load_checkpoint
 from convert.errors import ExportError, ParityError
-from convert.export import build_forward, describe, set_metadata
 from convert.files import write_atomic
-from convert.parity import Tolerance, clip_references, run_gate, shipped_clips
+from convert.forward import build_forward
+from convert.metadata import describe, self_check_section, set_metadata
+from convert.parity import Tolerance, clip_references, run_gate
 from convert.quantize import QUANTIZE_CHOICES, Variant, make_variant, op_counts
 from runtime.model import PRECISIONS, OnnxModel, parse_metadata
 
@@ -36,16 +35,15 @@ def variant_paths(out: Path, precisions: tuple[str, ...], main: str) -> dict[str
     return {p: out if p == main else out.with_name(f"{out.stem}.{p}{out.suffix}") for p in precisions}
 
 
+SUMMARY_KEYS = ("max_abs", "max_abs_model", "max_abs_end_to_end", "mean_abs_clip_windows", "threshold_flips",
+                "threshold_flips_windows", "threshold_flips_recordings", "windows", "recordings", "platform")
+
+
 def gate_summary(report: dict) -> dict:
     """The gate's headline figures, recorded in every variant's metadata."""
-    clips = [c for c in report["checks"] if c["name"].startswith("clip:")]
-    return {
-        "passed": report["passed"],
-        "atol": report["tolerance"]["model"],
-        "max_abs": report["max_abs"],
-        "mean_abs_clips": float(np.mean([c["mean_abs"] for c in clips])) if clips else None,
-        "threshold_flips": report["threshold_flips"],
-    }
+    return {"passed": report["passed"], "atol": report["tolerance"]["model"],
+            "atol_end_to_end": report["tolerance"]["end_to_end"],
+            **{k: report[k] for k in SUMMARY_KEYS if k in report}}
 
 
 def gate_variant(variant: Variant, forward, sections: dict, references, atol: float | None, seed: int) -> dict:
@@ -54,6 +52,12 @@ def gate_variant(variant: Variant, forward, sections: dict, references, atol: fl
     model = OnnxModel(variant.proto.SerializeToString(), device="cpu")
     return run_gate(forward, model, tolerance=Tolerance.for_precision(variant.precision, atol), seed=seed,
                     references=references)
+
+
+def variant_sections(ckpt, precision: str, references, atol: float | None, demo: bool) -> dict:
+    """describe() plus the self-check windows with this variant's model tolerance."""
+    tol = Tolerance.for_precision(precision, atol).model
+    return {**describe(ckpt, precision, demo=demo), "self_check": self_check_section(references, tol)}
 
 
 def variants_doc(
@@ -88,18 +92,21 @@ def publish_variants(
     seed: int = 0,
     atol: dict[str, float | None] | None = None,
     per_channel: bool = False,
-    reduce_range: bool = False,
+    reduce_range: bool = True,
     optimized: bool = False,
+    allow_partial: bool = False,
+    demo: bool = False,
 ) -> tuple[dict[str, dict], dict[str, Path]]:
     """Make, gate and write the variants `quantize` asks for from a gated fp32 proto; (reports, written paths).
 
-    A variant asked for by name that fails its gate raises ParityError and nothing is written; with `auto`
-    it is left out, the others are written and the recommendation falls back to fp32.
+    Every variant is gated before anything is written. One that fails raises ParityError and nothing is
+    written, unless `quantize` is auto and `allow_partial`: then it is left out, the others are written and
+    the recommendation falls back to fp32.
     """
     precisions, atol = plan(quantize), atol or {}
     if references is None:  # librosa + JAX on the clips, computed once for every variant's gate
-        references = clip_references(forward, list(clips) if clips else shipped_clips())
-    reports, made = {"fp32": fp32_report}, {}
+        references = clip_references(forward, clips)
+    reports, made, failures = {"fp32": fp32_report}, {}, []
     for precision in precisions:
         if precision == "fp32" and not optimized:
             made[precision] = Variant("fp32", fp32, {"optimized": False, "nodes": op_counts(fp32)})
@@ -108,25 +115,28 @@ def publish_variants(
         variant = make_variant(
             fp32, precision, ckpt.config, optimized=optimized, per_channel=per_channel, reduce_range=reduce_range
         )
+        sections = variant_sections(ckpt, precision, references, atol.get(precision), demo)
         try:
-            reports[precision] = gate_variant(
-                variant, forward, describe(ckpt, precision), references, atol.get(precision), seed
-            )
+            reports[precision] = gate_variant(variant, forward, sections, references, atol.get(precision), seed)
         except ParityError as exc:
-            if quantize != "auto" or precision == "fp32":
-                raise
             reports[precision] = exc.report
+            failures.append(exc)
             log.warning("%s variant fails its parity gate (%s): not written", precision, exc)
-            stale = variant_paths(Path(out), (precision,), "")[precision]
-            if stale.exists():
-                log.warning("%s is left from an earlier export: not this export's %s variant", stale, precision)
             continue
         made[precision] = variant
+    if failures and not (quantize == "auto" and allow_partial and "fp32" in made):
+        hint = "; pass --allow-partial to write the variants that passed" if quantize == "auto" else ""
+        raise ParityError("; ".join(str(e) for e in failures) + f": nothing written{hint}", failures[0].report)
+    for exc in failures:
+        stale = variant_paths(Path(out), (exc.report["precision"],), "")[exc.report["precision"]]
+        if stale.exists():
+            log.warning("%s is left from an earlier export: not this export's variant", stale)
     recommended = recommend(reports) if quantize == "auto" else None
     paths = variant_paths(Path(out), tuple(made), recommended["cpu"] if recommended else precisions[0])
     for precision, variant in made.items():
         doc = variants_doc(precision, made, reports, paths, recommended)
-        set_metadata(variant.proto, {**describe(ckpt, precision), "parity": reports[precision], "variants": doc})
+        sections = variant_sections(ckpt, precision, references, atol.get(precision), demo)
+        set_metadata(variant.proto, {**sections, "parity": reports[precision], "variants": doc})
         write_atomic(paths[precision], lambda fh, v=variant: fh.write(v.proto.SerializeToString()))
         log.info("wrote %s (%s, %.1f MB)", paths[precision], precision, paths[precision].stat().st_size / 1e6)
     return reports, paths
@@ -145,7 +155,8 @@ def quantize_file(
     """Variants of an already exported fp32 model, gated against JAX with the checkpoint it came from.
 
     `out` defaults to MODEL.<precision>.onnx beside the model; `auto` needs an explicit `out`.
-    `options` are publish_variants' atol, per_channel, reduce_range and optimized.
+    `options` are publish_variants' atol, per_channel, reduce_range, optimized and allow_partial; `demo`
+    defaults to what the fp32 model's metadata says.
     """
     import onnx
 
@@ -158,6 +169,7 @@ def quantize_file(
         raise ExportError("quantize auto writes several files: name the main one with --out")
     proto = onnx.load(str(model))
     info = parse_metadata({p.key: p.value for p in proto.metadata_props}, str(model))
+    options.setdefault("demo", bool(info.source.get("demo")))
     if info.precision != "fp32" or not (info.parity or {}).get("passed"):
         raise ExportError(f"{model} is not a gated fp32 export ({info.precision}); quantize the fp32 model")
     ckpt = load_checkpoint(checkpoint)

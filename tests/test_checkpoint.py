@@ -56,6 +56,7 @@ def test_demo_checkpoint_loads(tiny_ckpt, tiny_raw):
     assert ck.sha256 == hashlib.sha256(tiny_ckpt.read_bytes()).hexdigest()
     assert ck.training_complete is True
     assert ck.finetuning_results == tiny_raw["finetuning_results"]  # carried over unchanged (the demo's may be None)
+    assert ck.finetuning_results is None  # a demo checkpoint invents no fine-tuning results
     assert ck.variables() == {"params": ck.params}
     raw_params = tiny_raw["params"]["params"]
     shapes = expected_param_shapes(ck.config)

@@ -1,0 +1,82 @@
+"""The `percepiano` metadata document every exported file carries: what it is, where it came from, how it
+was gated, and the reference windows the runtime re-runs as its self-check on the serving device."""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import Sequence
+from importlib import metadata as importlib_metadata
+from pathlib import Path
+
+import numpy as np
+
+from convert.checkpoint import Checkpoint
+from runtime.constants import DIMENSIONS, FEATURES, INPUT_NAME, OUTPUT_NAME
+from runtime.model import METADATA_KEY, build_metadata
+
+SELF_CHECK_WINDOWS = 2  # small: 2 x 64 KiB of float32, base64 in the JSON document
+
+
+def package_versions() -> dict[str, str]:
+    """Versions of the converter stack, recorded in every exported model."""
+    names = ("jax", "jaxlib", "flax", "jax2onnx", "onnx", "onnxruntime")
+    out = {}
+    for name in names:
+        try:
+            out[name] = importlib_metadata.version(name)
+        except importlib_metadata.PackageNotFoundError:
+            out[name] = "not installed"
+    return out
+
+
+def describe(ckpt: Checkpoint, precision: str, *, demo: bool = False) -> dict:
+    """The metadata sections every variant carries (parity and the self-check are added once measured).
+
+    `demo`: the checkpoint is a random-weight stand-in (convert.demo); its scores mean nothing, and it carries
+    no fine-tuning results (`finetuning_results` is then null). A real checkpoint's results are copied as they are.
+    """
+    return {
+        "precision": precision,
+        "dimensions": [{"label": label, "key": key} for label, key in DIMENSIONS],
+        "features": FEATURES.to_dict(),
+        "model_config": ckpt.config.to_dict(),
+        "label_scaler": {"mean": ckpt.scaler_mean.tolist(), "scale": ckpt.scaler_scale.tolist(),
+                         "applied_in_graph": True},
+        "source": {"sha256": ckpt.sha256, "filename": Path(ckpt.path).name, "demo": bool(demo),
+                   "finetuning_results": ckpt.finetuning_results},
+        "versions": package_versions(),
+        "io": {"input": INPUT_NAME, "output": OUTPUT_NAME, "output_units": "label (0-1 score scale), not clipped"},
+    }
+
+
+def set_metadata(proto, sections: dict) -> None:
+    """Replace the project's metadata entry of an onnx ModelProto."""
+    kept = [p for p in proto.metadata_props if p.key != METADATA_KEY]
+    del proto.metadata_props[:]
+    proto.metadata_props.extend(kept)
+    for key, value in build_metadata(**sections).items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = key, value
+
+
+def self_check_windows(references: Sequence) -> list[tuple[str, np.ndarray, np.ndarray]]:
+    """(label 'clip#chunk', mel (128, 128), JAX scores (19,)) of the self-check's windows.
+
+    The first chunk of the first clip and the middle chunk of the last one: real audio, fixed by the clip set.
+    """
+    if not references:
+        raise ValueError("the self-check needs at least one reference clip")
+    picks = [(references[0], 0), (references[-1], len(references[-1].mel) // 2)][:SELF_CHECK_WINDOWS]
+    return [(f"{ref.clip.name}#{i}", ref.mel[i], ref.scores[i]) for ref, i in picks]
+
+
+def self_check_section(references: Sequence, atol: float) -> dict:
+    """The `self_check` section: real-audio windows, JAX's scores for them, and the variant's model tolerance."""
+    picks = self_check_windows(references)
+    mel = np.ascontiguousarray(np.stack([m for _, m, _ in picks]), dtype="<f4")
+    return {
+        "inputs": {"dtype": "float32", "shape": list(mel.shape), "base64": base64.b64encode(mel.tobytes()).decode()},
+        "scores": [[float(v) for v in np.asarray(s, np.float64)] for _, _, s in picks],
+        "atol": float(atol),
+        "clips": [label for label, _, _ in picks],
+    }
