@@ -85,6 +85,13 @@ def _warm_request_s(variant: dict) -> float:
     return features + (batch["p50_s"] if batch else variant["cold"]["phases"].get("first_inference", 0.0))
 
 
+def cost_section(results: dict, prices: dict | None = None) -> dict:
+    """The `cost` section of a results document: the price table used and one row per container and volume."""
+    prices = prices or load_prices()
+    rows = cost_rows(timings_from_results(results, prices), prices)
+    return {"prices": prices, "rows": rows, "markdown": markdown(rows, prices) if rows else "no timings to price"}
+
+
 def markdown(rows: list[dict], prices: dict) -> str:
     """The cost table with the original's estimates beside it."""
     orig = prices["original_estimates"]

@@ -136,6 +136,8 @@ def markdown(results: dict) -> str:
         lines += [f"## {title}", "", "| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
         lines += ["| " + " | ".join(cell.replace("|", "/") for cell in row) + " |" for row in rows]
         lines.append("")
+    if "cost" in results:
+        lines += ["## What a 30 s request costs on Modal", "", results["cost"]["markdown"], ""]
     lines += ["## Notes", ""] + [f"- {note}" for note in results["notes"]]
     lines += ["", "Plots: `latency.png` (warm latency per variant and batch), `cold_start.png` (cold-start phases).",
               ""]
@@ -160,6 +162,8 @@ def print_tables(results: dict) -> None:
         for row in rows:
             table.add_row(*row)
         console.print(table)
+    if "cost" in results:
+        console.print("What a 30 s request costs on Modal\n" + results["cost"]["markdown"], highlight=False)
     for note in results["notes"]:
         console.print(f"note: {note}", highlight=False)
 

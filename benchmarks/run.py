@@ -165,6 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
     for name in ("benchmarks", "convert", "runtime"):
         logging.getLogger(name).setLevel(logging.INFO)
+    from benchmarks.cost import cost_section
     from benchmarks.environment import pick_cpus
     from benchmarks.report import write_outputs
     from convert.errors import CheckpointError, ExportError, ParityError
@@ -177,6 +178,7 @@ def main(argv: list[str] | None = None) -> int:
         cpus = pick_cpus(args.threads)
         args.out.mkdir(parents=True, exist_ok=True)
         results = benchmark(args, cpus)
+        results["cost"] = cost_section(results)
     except USER_ERRORS as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

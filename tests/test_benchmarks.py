@@ -139,6 +139,16 @@ def test_parity_against_jax(results):
     assert model["max_abs"] < model["constant_output_max_abs"] / 4, model
 
 
+def test_cost_table_is_priced_from_this_runs_timings(results, quick_run):
+    rows = {(r["container"], r["requests_per_month"]): r for r in results["cost"]["rows"]}
+    cpu = rows[("modal-cpu", 1000)]
+    assert cpu["measured"] is True and cpu["cold_s"] == results["variants"]["ort-int8"]["cold"]["total_s"]
+    assert rows[("modal-a10g", 1000)]["measured"] is False  # no GPU in this run: an estimate, and said so
+    assert rows[("modal-cpu", 10000)]["usd_per_month"] > cpu["usd_per_month"] > 0
+    out, proc = quick_run
+    assert "ESTIMATE" in (out / "summary.md").read_text() and "costs on Modal" in proc.stdout
+
+
 def test_median_cold_keeps_the_first_runs_warm_figures():
     from benchmarks.workers import median_cold
 
