@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import sys
+from functools import partial
 from pathlib import Path
 
 from convert.errors import CheckpointError, ExportError, ParityError
@@ -27,6 +28,10 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--clips", type=Path, nargs="+", help="audio files for the parity gate (default: shipped clips)")
     exp.add_argument("--seed", type=int, default=0, help="seed of random parity inputs and of the demo checkpoint")
     exp.add_argument("--report", type=Path, help="also write the parity report(s) as JSON here")
+    exp.add_argument("--input", choices=("mel", "audio"), default="mel",
+                     help="model input: log-mel windows (mel), or 3 s audio chunks with the front end in the graph")
+    exp.add_argument("--dft", choices=("dft", "matmul", "stft"), default="dft",
+                     help="--input audio: the front end's DFT (dft: fastest on CPU; matmul: runs natively on CUDA)")
     add_variant_args(exp)
 
     qnt = sub.add_parser("quantize", help="exported fp32 model -> parity-checked int8 / fp16 variant(s)")
@@ -64,6 +69,10 @@ def cmd_export(args: argparse.Namespace) -> int:
     from convert.export import export
     from convert.parity import format_report
 
+    if args.input == "audio":  # the same export, then the front end composed in front of each variant
+        from convert.audio_export import export_audio
+
+        export = partial(export_audio, dft=args.dft)
     try:
         result = export(args.checkpoint, args.out, opset=args.opset, atol=args.atol, clips=args.clips, seed=args.seed,
                         quantize=args.quantize, int8_atol=args.int8_atol, fp16_atol=args.fp16_atol,

@@ -8,9 +8,9 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from runtime.audio import load_audio
-from runtime.constants import API_KEYS, FEATURES
-from runtime.errors import InputError
-from runtime.features import chunk_starts, features_from_audio
+from runtime.constants import API_KEYS, AUDIO_INPUT_NAME, FEATURES
+from runtime.errors import AudioError, InputError
+from runtime.features import chunk_audio, chunk_starts, features_from_audio
 from runtime.model import OnnxModel
 
 
@@ -74,8 +74,15 @@ class Analyzer:
 
     def analyze_audio(self, y: np.ndarray) -> Analysis:
         """Mono float32 audio at 22,050 Hz -> Analysis."""
-        mel = features_from_audio(y)
-        return build_analysis(self.chunk_scores(mel), len(y) / FEATURES.sample_rate)
+        return build_analysis(self.chunk_scores(self.model_inputs(y)), len(y) / FEATURES.sample_rate)
+
+    def model_inputs(self, y: np.ndarray) -> np.ndarray:
+        """What the model takes: log-mel windows, or only the 3 s chunks when its graph holds the front end."""
+        if self.model.input_kind != AUDIO_INPUT_NAME:
+            return features_from_audio(y)
+        if not np.isfinite(y).all():
+            raise AudioError("the audio contains NaN or infinite samples")
+        return chunk_audio(y)
 
     def analyze_file(self, source: str | os.PathLike | bytes) -> Analysis:
         """A path or the bytes of an audio file -> Analysis."""
@@ -83,6 +90,8 @@ class Analyzer:
 
     def analyze_mel(self, mel: np.ndarray) -> Analysis:
         """A precomputed [time, mel] log-mel spectrogram, cut into 128-frame windows at the audio path's hop."""
+        if self.model.input_kind == AUDIO_INPUT_NAME:
+            raise InputError("this model takes audio (its graph computes the features); send audio, not a spectrogram")
         return build_analysis(self.chunk_scores(windows_from_mel(mel)), mel_duration(len(mel)))
 
 

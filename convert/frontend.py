@@ -1,0 +1,160 @@
+"""The front end as an ONNX graph: 3 s audio chunks in, the model's log-mel windows out (SPEC §3).
+
+`frontend_graph` builds, with standard operators, what `runtime.features` computes in numpy: librosa's centre
+padding (zeros), framing, the periodic Hann window, the DFT, power, the Slaney mel filterbank,
+`power_to_db(ref=max per chunk, amin, top_db)` (pure silence gives 0 dB, as librosa does) and the crop to 128
+frames. `compose` puts it in front of an exported mel-input model, so that the whole pipeline, waveform in and
+scores out, is one graph any ONNX Runtime binding can run. Three DFTs are offered: a MatMul against
+window-folded cosine/sine bases (`matmul`), the DFT operator (`dft`) and the STFT operator (`stft`).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from runtime.constants import AUDIO_INPUT_NAME, FEATURES, INPUT_NAME, FeatureParams
+from runtime.features import mel_filterbank
+
+DFT_CHOICES = ("dft", "matmul", "stft")
+DEFAULT_DFT = "dft"  # the fastest on CPU that passes parity; matmul is the one CUDA runs natively (README)
+DEFAULT_OPSET = 23
+_P = "frontend/"  # prefix of every tensor name the front end adds, so it cannot clash with the model's
+
+
+class _Graph:
+    """A list of nodes and initializers under construction; every name gets the front end's prefix."""
+
+    def __init__(self):
+        self.nodes, self.inits = [], []
+
+    def const(self, name: str, value) -> str:
+        from onnx import numpy_helper
+
+        self.inits.append(numpy_helper.from_array(np.asarray(value), _P + name))
+        return _P + name
+
+    def op(self, op_type: str, inputs: list[str], name: str, **attrs) -> str:
+        from onnx import helper
+
+        out = name if name == INPUT_NAME else _P + name
+        self.nodes.append(helper.make_node(op_type, inputs, [out], name=_P + name, **attrs))
+        return out
+
+    def slice(self, x: str, start: int, end: int, axis: int, name: str) -> str:
+        bounds = [self.const(f"{name}_{what}", np.array([v], np.int64))
+                  for what, v in (("start", start), ("end", end), ("axis", axis))]
+        return self.op("Slice", [x, *bounds], name)
+
+
+def n_stft_frames(params: FeatureParams = FEATURES) -> int:
+    """STFT frames of one chunk with center=True: 1 + chunk_samples // hop (130 for 3 s)."""
+    return 1 + params.chunk_samples // params.hop_length
+
+
+def _frames(g: _Graph, padded: str, params: FeatureParams) -> str:
+    """(B, padded length) -> (B, T, n_fft) frames every hop: hop-sized blocks, concatenated n_fft // hop at a time."""
+    n_t, hop = n_stft_frames(params), params.hop_length
+    if params.n_fft % hop:
+        raise ValueError(f"framing needs n_fft ({params.n_fft}) to be a multiple of hop_length ({hop})")
+    per_frame = params.n_fft // hop
+    n_blocks = n_t - 1 + per_frame
+    used = g.slice(padded, 0, n_blocks * hop, 1, "framed_signal")
+    blocks = g.op("Reshape", [used, g.const("block_shape", np.array([0, n_blocks, hop], np.int64))], "blocks")
+    parts = [g.slice(blocks, j, j + n_t, 1, f"blocks_{j}") for j in range(per_frame)]
+    return g.op("Concat", parts, "frames", axis=2)  # frame t = blocks t .. t + per_frame - 1
+
+
+def dft_bases(params: FeatureParams = FEATURES) -> np.ndarray:
+    """(n_fft, 2 * n_bins) float32: Hann-windowed cosines then sines, so frames @ bases = [Re | -Im] of the rfft."""
+    n = np.arange(params.n_fft)
+    k = np.arange(params.n_fft // 2 + 1)
+    angle = 2.0 * np.pi * (np.outer(n, k) % params.n_fft) / params.n_fft  # exact phase before the float64 cos
+    window = (0.5 - 0.5 * np.cos(2.0 * np.pi * n / params.n_fft))[:, None]  # periodic Hann
+    return np.concatenate([window * np.cos(angle), window * np.sin(angle)], axis=1).astype(np.float32)
+
+
+def _hann(params: FeatureParams) -> np.ndarray:
+    return (0.5 - 0.5 * np.cos(2.0 * np.pi * np.arange(params.n_fft) / params.n_fft)).astype(np.float32)
+
+
+def _mel_power(g: _Graph, padded: str, dft: str, params: FeatureParams) -> str:
+    """(B, padded length) -> mel power (B, T, n_mels) with the chosen DFT."""
+    fb_t = mel_filterbank(params).T.astype(np.float32)  # (n_bins, n_mels)
+    if dft == "matmul":  # |X|^2 @ fb.T = Re^2 @ fb.T + Im^2 @ fb.T: one MatMul with the filterbank stacked twice
+        spectrum = g.op("MatMul", [_frames(g, padded, params), g.const("dft_bases", dft_bases(params))], "spectrum")
+        squared = g.op("Mul", [spectrum, spectrum], "squared")
+        return g.op("MatMul", [squared, g.const("mel_fb2", np.concatenate([fb_t, fb_t]))], "mel_power")
+    if dft == "dft":
+        windowed = g.op("Mul", [_frames(g, padded, params), g.const("hann", _hann(params))], "windowed")
+        real = g.op("Unsqueeze", [windowed, g.const("last_axis", np.array([-1], np.int64))], "windowed_real")
+        spectrum = g.op("DFT", [real, "", g.const("dft_axis", np.array(2, np.int64))], "spectrum", onesided=1)
+    elif dft == "stft":
+        signal = g.op("Unsqueeze", [padded, g.const("last_axis", np.array([-1], np.int64))], "signal_real")
+        spectrum = g.op("STFT", [signal, g.const("hop", np.array(params.hop_length, np.int64)),
+                                 g.const("hann", _hann(params))], "spectrum", onesided=1)
+    else:
+        raise ValueError(f"unknown dft {dft!r}; choose one of {DFT_CHOICES}")
+    squared = g.op("Mul", [spectrum, spectrum], "squared")  # (B, T, n_bins, 2): Re^2, Im^2
+    power = g.op("ReduceSum", [squared, g.const("complex_axis", np.array([-1], np.int64))], "power", keepdims=0)
+    return g.op("MatMul", [power, g.const("mel_fb", fb_t)], "mel_power")
+
+
+def _power_to_db(g: _Graph, mel: str, params: FeatureParams) -> str:
+    """librosa.power_to_db(S, ref=np.max, amin, top_db) over each chunk's (time, mel) plane."""
+    amin, tf_axes = g.const("amin", np.float32(params.amin)), g.const("tf_axes", np.array([1, 2], np.int64))
+    to_db = g.const("ten_over_ln10", np.float32(10.0 / np.log(10.0)))
+    db = g.op("Mul", [g.op("Log", [g.op("Max", [mel, amin], "clamped")], "ln"), to_db], "db_abs")
+    # 10 log10(max(amin, ref)) with ref = max(S) is the max of db_abs (log is monotonic); taking it from db_abs
+    # itself keeps silence at exactly 0 dB, where a second Log kernel could round the same value differently.
+    ref_db = g.op("ReduceMax", [db, tf_axes], "ref_db", keepdims=1)
+    rel = g.op("Sub", [db, ref_db], "db_rel")
+    floor = g.op("Sub", [g.op("ReduceMax", [rel, tf_axes], "db_max", keepdims=1),
+                         g.const("top_db", np.float32(params.top_db))], "db_floor")
+    return g.op("Max", [rel, floor], "db")
+
+
+def frontend_graph(dft: str = DEFAULT_DFT, *, opset: int = DEFAULT_OPSET, params: FeatureParams = FEATURES):
+    """ONNX model: `audio` float32 (batch, chunk_samples) -> `mel` float32 (batch, n_frames, n_mels) in dB."""
+    from onnx import TensorProto, helper
+
+    g = _Graph()
+    half = params.n_fft // 2
+    pads = g.const("center_pads", np.array([0, half, 0, half], np.int64))
+    padded = g.op("Pad", [AUDIO_INPUT_NAME, pads], "padded", mode="constant")  # center=True, zero padding
+    db = _power_to_db(g, _mel_power(g, padded, dft, params), params)  # (B, T, n_mels)
+    n_t = n_stft_frames(params)
+    if n_t >= params.n_frames:
+        g.op("Identity", [g.slice(db, 0, params.n_frames, 1, "cropped")], INPUT_NAME)
+    else:
+        frame_pads = g.const("frame_pads", np.array([0, 0, 0, 0, params.n_frames - n_t, 0], np.int64))
+        g.op("Pad", [db, frame_pads, g.const("pad_db", np.float32(params.pad_db))], INPUT_NAME, mode="constant")
+    graph = helper.make_graph(
+        g.nodes, "percepiano_frontend",
+        [helper.make_tensor_value_info(AUDIO_INPUT_NAME, TensorProto.FLOAT, ["batch", params.chunk_samples])],
+        [helper.make_tensor_value_info(INPUT_NAME, TensorProto.FLOAT, ["batch", params.n_frames, params.n_mels])],
+        initializer=g.inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], producer_name="percepiano-onnx")
+    model.doc_string = f"PercePiano log-mel front end ({dft} DFT)"
+    return model
+
+
+def compose(transformer, dft: str = DEFAULT_DFT):
+    """One graph: the front end, then a mel-input model (any variant); `audio` in, that model's outputs out."""
+    from onnx import compose as onnx_compose
+
+    opsets = {o.domain: o.version for o in transformer.opset_import}
+    front = frontend_graph(dft, opset=opsets.get("", DEFAULT_OPSET))
+    front.ir_version = transformer.ir_version
+    for domain, version in opsets.items():  # merge_models wants the same opset imports on both sides
+        if domain:
+            front.opset_import.append(_opsetid(domain, version))
+    merged = onnx_compose.merge_models(front, transformer, io_map=[(INPUT_NAME, INPUT_NAME)])
+    merged.graph.name = transformer.graph.name
+    return merged
+
+
+def _opsetid(domain: str, version: int):
+    from onnx import helper
+
+    return helper.make_opsetid(domain, version)
