@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from convert.checkpoint import load_checkpoint
-from convert.errors import ParityError
+from convert.errors import ExportError, ParityError
 from convert.export import ExportResult, build_forward, export, set_metadata
 from convert.files import write_atomic
 from convert.frontend import DEFAULT_DFT, compose
@@ -116,6 +116,16 @@ def publish_audio(mel_path: Path, dest: Path, forward, references, tolerance: To
     write_atomic(dest, lambda fh: fh.write(proto.SerializeToString()))
     log.info("wrote %s (audio input, %s, %.1f MB)", dest, doc["precision"], dest.stat().st_size / 1e6)
     return report
+
+
+def refuse_audio_model(path: Path) -> None:
+    """`quantize` makes variants of a mel-input model; an audio-input one is re-exported instead."""
+    import onnx
+
+    if Path(path).is_file():
+        props = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
+        if props.get(METADATA_KEY) and json.loads(props[METADATA_KEY]).get("io", {}).get("input") == AUDIO_INPUT_NAME:
+            raise ExportError(f"{path} takes audio: export with --input audio --quantize int8|fp16|auto instead")
 
 
 def export_audio(checkpoint: str | os.PathLike | None, out: str | os.PathLike, *, dft: str = DEFAULT_DFT,

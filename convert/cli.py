@@ -96,9 +96,11 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
+    from convert.audio_export import refuse_audio_model
     from convert.parity import format_report
     from convert.variants import quantize_file
 
+    refuse_audio_model(args.model)
     try:
         reports, written = quantize_file(
             args.model, args.checkpoint, args.out, args.quantize, clips=args.clips, seed=args.seed,

@@ -3,4 +3,7 @@
 EXTRAS=dev
 source "$(dirname "${BASH_SOURCE[0]}")/_venv.sh"
 ruff check .
+# the Node.js client's onnxruntime-node (tests/test_node_client.py); its CUDA binaries are not needed
+! command -v npm >/dev/null || [ -d clients/node/node_modules/onnxruntime-node ] ||
+    npm ci --prefix clients/node --onnxruntime-node-install-cuda=skip
 python -m pytest -q "$@"
