@@ -10,6 +10,7 @@ from functools import partial
 from pathlib import Path
 
 from convert.errors import CheckpointError, ExportError, ParityError
+from convert.frontend import DEFAULT_DFT, DFT_CHOICES
 from runtime.errors import AudioError, ModelError
 
 USER_ERRORS = (CheckpointError, ParityError, ExportError, AudioError, ModelError, FileNotFoundError)
@@ -30,8 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--report", type=Path, help="also write the parity report(s) as JSON here")
     exp.add_argument("--input", choices=("mel", "audio"), default="mel",
                      help="model input: log-mel windows (mel), or 3 s audio chunks with the front end in the graph")
-    exp.add_argument("--dft", choices=("dft", "matmul", "stft"), default="dft",
-                     help="--input audio: the front end's DFT (dft: fastest on CPU; matmul: runs natively on CUDA)")
+    exp.add_argument("--dft", choices=DFT_CHOICES, default=DEFAULT_DFT,
+                     help=f"--input audio: how the front end computes the DFT (default {DEFAULT_DFT}, see README)")
     add_variant_args(exp)
 
     qnt = sub.add_parser("quantize", help="exported fp32 model -> parity-checked int8 / fp16 variant(s)")

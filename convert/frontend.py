@@ -4,8 +4,10 @@
 padding (zeros), framing, the periodic Hann window, the DFT, power, the Slaney mel filterbank,
 `power_to_db(ref=max per chunk, amin, top_db)` (pure silence gives 0 dB, as librosa does) and the crop to 128
 frames. `compose` puts it in front of an exported mel-input model, so that the whole pipeline, waveform in and
-scores out, is one graph any ONNX Runtime binding can run. Three DFTs are offered: a MatMul against
-window-folded cosine/sine bases (`matmul`), the DFT operator (`dft`) and the STFT operator (`stft`).
+scores out, is one graph any ONNX Runtime binding can run. Four DFTs are offered: two MatMuls of a two-stage
+(Cooley-Tukey, 64 x 32) factoring (`matmul-fft`, the default), one MatMul against window-folded cosine/sine
+bases (`matmul`), the DFT operator (`dft`) and the STFT operator (`stft`); onnxruntime's CUDA provider has
+no kernel for the last two.
 """
 
 from __future__ import annotations
@@ -15,8 +17,8 @@ import numpy as np
 from runtime.constants import AUDIO_INPUT_NAME, FEATURES, INPUT_NAME, FeatureParams
 from runtime.features import mel_filterbank
 
-DFT_CHOICES = ("dft", "matmul", "stft")
-DEFAULT_DFT = "dft"  # the fastest on CPU that passes parity; matmul is the one CUDA runs natively (README)
+DFT_CHOICES = ("dft", "matmul", "matmul-fft", "stft")
+DEFAULT_DFT = "matmul-fft"  # the fastest on CPU of the four, all of which pass parity; CUDA runs all its ops
 DEFAULT_OPSET = 23
 _P = "frontend/"  # prefix of every tensor name the front end adds, so it cannot clash with the model's
 
@@ -77,9 +79,62 @@ def _hann(params: FeatureParams) -> np.ndarray:
     return (0.5 - 0.5 * np.cos(2.0 * np.pi * np.arange(params.n_fft) / params.n_fft)).astype(np.float32)
 
 
+def _phase(a: np.ndarray, b: np.ndarray, n: int) -> np.ndarray:
+    """2 pi (a b mod n) / n for integer grids: exact before the float64 cos / sin."""
+    return 2.0 * np.pi * (np.outer(a, b) % n) / n
+
+
+def fft_matmul_constants(params: FeatureParams = FEATURES, n1: int = 64) -> dict[str, np.ndarray]:
+    """Bases of a two-stage (Cooley-Tukey) real DFT as MatMuls, n_fft = n1 * n2, bin k = k1 + n1 k2.
+
+    Stage 1: DFT of size n1 over x[n2 + n2_size n1] (cos rows, then sin rows); twiddles e^{-2 pi i n2 k1 / n_fft};
+    stage 2: complex DFT of size n2 as one real MatMul. The mel filterbank is laid out in the resulting bin
+    order, with zero weight for the bins above n_fft / 2 (the mirror half).
+    """
+    n_fft = params.n_fft
+    n2 = n_fft // n1
+    if n1 * n2 != n_fft:
+        raise ValueError(f"n_fft {n_fft} is not a multiple of {n1}")
+    r1, r2 = np.arange(n1), np.arange(n2)
+    stage1 = np.concatenate([np.cos(_phase(r1, r1, n1)), np.sin(_phase(r1, r1, n1))])  # (2 n1, n1)
+    twiddle = _phase(r1, r2, n_fft)  # (k1, n2)
+    c2, s2 = np.cos(_phase(r2, r2, n2)), np.sin(_phase(r2, r2, n2))  # (n2, k2)
+    stage2 = np.block([[c2, s2], [-s2, c2]])  # [Re | G] @ stage2 = [Re Z | -Im Z]
+    k = r1[:, None] + n1 * r2[None, :]  # (k1, k2) -> bin
+    fb = mel_filterbank(params).T.astype(np.float64)  # (n_bins, n_mels)
+    weights = np.where((k <= n_fft // 2)[..., None], fb[np.minimum(k, n_fft // 2)], 0.0)  # (n1, n2, n_mels)
+    weights = np.concatenate([weights, weights], axis=1).reshape(n1 * 2 * n2, -1)  # Re^2 and Im^2 columns alike
+    out = {"stage1": stage1, "twiddle_cos": np.cos(twiddle), "twiddle_sin": np.sin(twiddle), "stage2": stage2,
+           "mel_fb": weights}
+    return {**{name: v.astype(np.float32) for name, v in out.items()}, "n1": n1, "n2": n2}
+
+
+def _fft_matmul_mel(g: _Graph, frames: str, params: FeatureParams) -> str:
+    """Windowed frames (B, T, n_fft) -> mel power (B, T, n_mels) through two small DFT MatMuls."""
+    c = fft_matmul_constants(params)
+    n1, n2 = c["n1"], c["n2"]
+    windowed = g.op("Mul", [frames, g.const("hann", _hann(params))], "windowed")
+    grid = g.op("Reshape", [windowed, g.const("grid_shape", np.array([0, 0, n1, n2], np.int64))], "grid")
+    # (B, T, n2, n1) @ (n1, 2 n1): one large GEMM rather than a small one per frame
+    grid_t = g.op("Transpose", [grid], "grid_t", perm=[0, 1, 3, 2])
+    y = g.op("MatMul", [grid_t, g.const("stage1", c["stage1"].T.copy())], "stage1_out")  # (B, T, n2, 2 n1)
+    a, b = g.slice(y, 0, n1, 3, "stage1_cos"), g.slice(y, n1, 2 * n1, 3, "stage1_sin")  # (B, T, n2, k1)
+    tc, ts = g.const("twiddle_cos", c["twiddle_cos"].T.copy()), g.const("twiddle_sin", c["twiddle_sin"].T.copy())
+    re = g.op("Sub", [g.op("Mul", [a, tc], "a_tc"), g.op("Mul", [b, ts], "b_ts")], "twiddled_re")
+    neg_im = g.op("Add", [g.op("Mul", [a, ts], "a_ts"), g.op("Mul", [b, tc], "b_tc")], "twiddled_neg_im")
+    both_t = g.op("Concat", [re, neg_im], "twiddled_t", axis=2)  # (B, T, 2 n2, n1)
+    both = g.op("Transpose", [both_t], "twiddled", perm=[0, 1, 3, 2])  # (B, T, n1, 2 n2)
+    z = g.op("MatMul", [both, g.const("stage2", c["stage2"])], "stage2_out")  # (B, T, n1, 2 n2)
+    squared = g.op("Mul", [z, z], "squared")
+    flat = g.op("Reshape", [squared, g.const("flat_shape", np.array([0, 0, -1], np.int64))], "squared_flat")
+    return g.op("MatMul", [flat, g.const("mel_fb_fft", c["mel_fb"])], "mel_power")
+
+
 def _mel_power(g: _Graph, padded: str, dft: str, params: FeatureParams) -> str:
     """(B, padded length) -> mel power (B, T, n_mels) with the chosen DFT."""
     fb_t = mel_filterbank(params).T.astype(np.float32)  # (n_bins, n_mels)
+    if dft == "matmul-fft":
+        return _fft_matmul_mel(g, _frames(g, padded, params), params)
     if dft == "matmul":  # |X|^2 @ fb.T = Re^2 @ fb.T + Im^2 @ fb.T: one MatMul with the filterbank stacked twice
         spectrum = g.op("MatMul", [_frames(g, padded, params), g.const("dft_bases", dft_bases(params))], "spectrum")
         squared = g.op("Mul", [spectrum, spectrum], "squared")

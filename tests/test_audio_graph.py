@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from collections import Counter
 from dataclasses import replace
 
@@ -14,7 +15,7 @@ import pytest
 from convert.checkpoint import load_checkpoint
 from convert.errors import ParityError
 from convert.export import build_forward
-from convert.frontend import DFT_CHOICES, compose, frontend_graph
+from convert.frontend import DEFAULT_DFT, DFT_CHOICES, compose, frontend_graph
 from runtime.analyze import Analyzer
 from runtime.constants import API_KEYS, FEATURES
 from runtime.errors import InputError
@@ -88,7 +89,7 @@ def test_audio_export_describes_its_input(tiny_audio_model):
         "batch", FEATURES.chunk_samples]
     assert out.name == "scores" and out.type.tensor_type.shape.dim[1].dim_value == 19
     doc = json.loads({p.key: p.value for p in proto.metadata_props}[METADATA_KEY])
-    assert doc["io"]["input"] == "audio" and doc["io"]["frontend"]["dft"] == "dft"
+    assert doc["io"]["input"] == "audio" and doc["io"]["frontend"]["dft"] == DEFAULT_DFT
     assert doc["transformer_parity"]["passed"] and doc["parity"]["passed"]
     names = {c["name"].split(":")[0] for c in doc["parity"]["checks"]}
     assert {"clip", "random", "end-to-end", "audio"} <= names
@@ -182,3 +183,28 @@ def test_quantize_command_refuses_an_audio_model(tiny_audio_model, tiny_checkpoi
     code = cli.main(["-q", "quantize", str(tiny_audio_model), "--checkpoint", str(tiny_checkpoint)])
     err = capsys.readouterr().err.strip()
     assert code == 1 and len(err.splitlines()) == 1 and "takes audio" in err
+
+
+def test_cli_and_http_service_take_an_audio_model_unchanged(tiny_model, tiny_audio_model, piano_clips, capsys):
+    pytest.importorskip("fastapi")
+    from fastapi.testclient import TestClient
+
+    from runtime import cli as runtime_cli
+    from runtime.server import Settings, create_app
+
+    clip = min(piano_clips, key=lambda p: p.stat().st_size)
+    want = Analyzer.from_path(tiny_model, device="cpu").analyze_file(clip).scores
+    assert runtime_cli.main(["analyze", str(clip), "--model", str(tiny_audio_model), "--device", "cpu", "--json"]) == 0
+    (result,) = json.loads(capsys.readouterr().out)["results"]
+    np.testing.assert_allclose([result["scores"][k] for k in API_KEYS], [want[k] for k in API_KEYS], atol=SCORE_ATOL)
+    with TestClient(create_app(str(tiny_audio_model), settings=Settings(max_bytes=2_000_000))) as client:
+        for _ in range(200):  # the model loads and warms up in the background
+            if client.get("/readyz").status_code == 200:
+                break
+            time.sleep(0.05)
+        res = client.post("/v1/analyze", files={"audio": (clip.name, clip.read_bytes(), "audio/flac")})
+        assert res.status_code == 200, res.json()
+        got = res.json()["scores"]
+        np.testing.assert_allclose([got[k] for k in API_KEYS], [want[k] for k in API_KEYS], atol=SCORE_ATOL)
+        res = client.post("/v1/analyze/mel", json={"mel_spectrogram": [[-20.0] * 128] * 200})
+        assert res.status_code == 422 and "takes audio" in res.json()["error"]
