@@ -71,12 +71,17 @@ def dft_bases(params: FeatureParams = FEATURES) -> np.ndarray:
     n = np.arange(params.n_fft)
     k = np.arange(params.n_fft // 2 + 1)
     angle = 2.0 * np.pi * (np.outer(n, k) % params.n_fft) / params.n_fft  # exact phase before the float64 cos
-    window = (0.5 - 0.5 * np.cos(2.0 * np.pi * n / params.n_fft))[:, None]  # periodic Hann
+    window = _hann(params)[:, None]
     return np.concatenate([window * np.cos(angle), window * np.sin(angle)], axis=1).astype(np.float32)
 
 
 def _hann(params: FeatureParams) -> np.ndarray:
-    return (0.5 - 0.5 * np.cos(2.0 * np.pi * np.arange(params.n_fft) / params.n_fft)).astype(np.float32)
+    """Periodic Hann window, float64 (as scipy's get_window('hann', n_fft, fftbins=True))."""
+    return 0.5 - 0.5 * np.cos(2.0 * np.pi * np.arange(params.n_fft) / params.n_fft)
+
+
+def _window(g: _Graph, params: FeatureParams) -> str:
+    return g.const("hann", _hann(params).astype(np.float32))
 
 
 def _phase(a: np.ndarray, b: np.ndarray, n: int) -> np.ndarray:
@@ -87,7 +92,8 @@ def _phase(a: np.ndarray, b: np.ndarray, n: int) -> np.ndarray:
 def fft_matmul_constants(params: FeatureParams = FEATURES, n1: int = 64) -> dict[str, np.ndarray]:
     """Bases of a two-stage (Cooley-Tukey) real DFT as MatMuls, n_fft = n1 * n2, bin k = k1 + n1 k2.
 
-    Stage 1: DFT of size n1 over x[n2 + n2_size n1] (cos rows, then sin rows); twiddles e^{-2 pi i n2 k1 / n_fft};
+    The frame is read as an (n1, n2) grid, sample n = n2_size * n1 + n2. Stage 1: real DFT of size n1 down each
+    column (cos rows, then sin rows); twiddles e^{-2 pi i n2 k1 / n_fft};
     stage 2: complex DFT of size n2 as one real MatMul. The mel filterbank is laid out in the resulting bin
     order, with zero weight for the bins above n_fft / 2 (the mirror half).
     """
@@ -113,7 +119,7 @@ def _fft_matmul_mel(g: _Graph, frames: str, params: FeatureParams) -> str:
     """Windowed frames (B, T, n_fft) -> mel power (B, T, n_mels) through two small DFT MatMuls."""
     c = fft_matmul_constants(params)
     n1, n2 = c["n1"], c["n2"]
-    windowed = g.op("Mul", [frames, g.const("hann", _hann(params))], "windowed")
+    windowed = g.op("Mul", [frames, _window(g, params)], "windowed")
     grid = g.op("Reshape", [windowed, g.const("grid_shape", np.array([0, 0, n1, n2], np.int64))], "grid")
     # (B, T, n2, n1) @ (n1, 2 n1): one large GEMM rather than a small one per frame
     grid_t = g.op("Transpose", [grid], "grid_t", perm=[0, 1, 3, 2])
@@ -140,13 +146,13 @@ def _mel_power(g: _Graph, padded: str, dft: str, params: FeatureParams) -> str:
         squared = g.op("Mul", [spectrum, spectrum], "squared")
         return g.op("MatMul", [squared, g.const("mel_fb2", np.concatenate([fb_t, fb_t]))], "mel_power")
     if dft == "dft":
-        windowed = g.op("Mul", [_frames(g, padded, params), g.const("hann", _hann(params))], "windowed")
+        windowed = g.op("Mul", [_frames(g, padded, params), _window(g, params)], "windowed")
         real = g.op("Unsqueeze", [windowed, g.const("last_axis", np.array([-1], np.int64))], "windowed_real")
         spectrum = g.op("DFT", [real, "", g.const("dft_axis", np.array(2, np.int64))], "spectrum", onesided=1)
     elif dft == "stft":
         signal = g.op("Unsqueeze", [padded, g.const("last_axis", np.array([-1], np.int64))], "signal_real")
         spectrum = g.op("STFT", [signal, g.const("hop", np.array(params.hop_length, np.int64)),
-                                 g.const("hann", _hann(params))], "spectrum", onesided=1)
+                                 _window(g, params)], "spectrum", onesided=1)
     else:
         raise ValueError(f"unknown dft {dft!r}; choose one of {DFT_CHOICES}")
     squared = g.op("Mul", [spectrum, spectrum], "squared")  # (B, T, n_bins, 2): Re^2, Im^2
