@@ -6,9 +6,11 @@ import argparse
 import json
 import logging
 import sys
+from functools import partial
 from pathlib import Path
 
 from convert.errors import CheckpointError, ExportError, ParityError
+from convert.frontend import DEFAULT_DFT, DFT_CHOICES
 from runtime.errors import AudioError, ModelError
 
 USER_ERRORS = (CheckpointError, ParityError, ExportError, AudioError, ModelError, FileNotFoundError)
@@ -28,6 +30,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="real audio files for the parity gate (default: the shipped clips; none is an error)")
     exp.add_argument("--seed", type=int, default=0, help="seed of random parity inputs and of the demo checkpoint")
     exp.add_argument("--report", type=Path, help="also write the parity report(s) as JSON here")
+    exp.add_argument("--input", choices=("mel", "audio"), default="mel",
+                     help="model input: log-mel windows (mel), or 3 s audio chunks with the front end in the graph")
+    exp.add_argument("--dft", choices=DFT_CHOICES, default=DEFAULT_DFT,
+                     help=f"--input audio: how the front end computes the DFT (default {DEFAULT_DFT}, see README)")
     add_variant_args(exp)
 
     qnt = sub.add_parser("quantize", help="exported fp32 model -> parity-checked int8 / fp16 variant(s)")
@@ -70,6 +76,10 @@ def cmd_export(args: argparse.Namespace) -> int:
     from convert.export import export
     from convert.parity import format_report
 
+    if args.input == "audio":  # the same export, then the front end composed in front of each variant
+        from convert.audio_export import export_audio
+
+        export = partial(export_audio, dft=args.dft)
     try:
         result = export(args.checkpoint, args.out, opset=args.opset, atol=args.atol, clips=args.clips, seed=args.seed,
                         quantize=args.quantize, int8_atol=args.int8_atol, fp16_atol=args.fp16_atol,
@@ -94,9 +104,11 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
+    from convert.audio_export import refuse_audio_model
     from convert.parity import format_report
     from convert.variants import quantize_file
 
+    refuse_audio_model(args.model)
     try:
         reports, written = quantize_file(
             args.model, args.checkpoint, args.out, args.quantize, clips=args.clips, seed=args.seed,

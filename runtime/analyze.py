@@ -9,9 +9,9 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from runtime.audio import check_cap, load_audio, prepare_audio
-from runtime.constants import API_KEYS, FEATURES
-from runtime.errors import InputError
-from runtime.features import chunk_starts, features_from_audio
+from runtime.constants import API_KEYS, AUDIO_INPUT_NAME, FEATURES
+from runtime.errors import AudioError, InputError
+from runtime.features import chunk_audio, chunk_starts, features_from_audio
 from runtime.model import OnnxModel
 
 
@@ -90,16 +90,26 @@ class Analyzer:
         y = prepare_audio(y, sample_rate, cap_seconds=self.cap_seconds, max_seconds=self.max_seconds)
         return self._analyze(y, timings)
 
+    def model_inputs(self, y: np.ndarray) -> np.ndarray:
+        """What the model takes: log-mel windows, or only the 3 s chunks when its graph holds the front end."""
+        if self.model.input_kind != AUDIO_INPUT_NAME:
+            return features_from_audio(y)
+        if not np.isfinite(y).all():
+            raise AudioError("the audio contains NaN or infinite samples")
+        return chunk_audio(y)
+
     def analyze_file(self, source: str | os.PathLike | bytes) -> Analysis:
         """A path or the bytes of an audio file -> Analysis."""
         return self._analyze(load_audio(source, cap_seconds=self.cap_seconds, max_seconds=self.max_seconds))
 
     def _analyze(self, y: np.ndarray, timings: dict[str, float] | None = None) -> Analysis:
         """Mono float32 audio at 22,050 Hz -> Analysis."""
-        return self._score(features_from_audio, y, len(y) / FEATURES.sample_rate, timings)
+        return self._score(self.model_inputs, y, len(y) / FEATURES.sample_rate, timings)
 
     def analyze_mel(self, mel: np.ndarray, timings: dict[str, float] | None = None) -> Analysis:
         """A precomputed [time, mel] log-mel spectrogram, cut into 128-frame windows at the audio path's hop."""
+        if self.model.input_kind == AUDIO_INPUT_NAME:
+            raise InputError("this model takes audio (its graph computes the features); send audio, not a spectrogram")
         return self._score(windows_from_mel, mel, mel_duration(len(mel)), timings)
 
     def _score(self, windows, data: np.ndarray, duration: float, timings: dict[str, float] | None) -> Analysis:

@@ -66,6 +66,7 @@ FEATURES = FeatureParams()
 
 # Input and output names of the exported model.
 INPUT_NAME = "mel"
+AUDIO_INPUT_NAME = "audio"  # input of a model whose graph holds the front end: 3 s chunks (batch, 66150)
 OUTPUT_NAME = "scores"
 # Original service's length cap (SPEC §3); the runtime offers it as an option, off by default.
 ORIGINAL_MAX_SECONDS = 30.0

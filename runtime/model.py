@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from runtime.constants import DIMENSIONS, FEATURES, INPUT_NAME, NUM_DIMENSIONS, OUTPUT_NAME
+from runtime.constants import AUDIO_INPUT_NAME, DIMENSIONS, FEATURES, INPUT_NAME, NUM_DIMENSIONS, OUTPUT_NAME
 from runtime.errors import InputError, ModelError
 from runtime.self_check import SelfCheckResult, run_self_check
 
@@ -23,6 +23,9 @@ FORMAT_VERSION = 1
 PRECISIONS = ("fp32", "int8", "fp16")
 DEVICES = ("auto", "cpu", "cuda")
 CUDA = "CUDAExecutionProvider"
+# What a model takes per batch item, by input kind (metadata io.input): log-mel windows, or 3 s audio chunks
+# when the graph holds the front end (convert.frontend).
+INPUT_SHAPES = {INPUT_NAME: (FEATURES.n_frames, FEATURES.n_mels), AUDIO_INPUT_NAME: (FEATURES.chunk_samples,)}
 
 
 @dataclass(frozen=True)
@@ -57,6 +60,11 @@ class ModelInfo:
     @property
     def version(self) -> str:
         return f"percepiano-ast-{self.sha256[:12] or 'unknown'}-{self.precision}"
+
+    @property
+    def input_kind(self) -> str:
+        """'mel' (log-mel windows) or 'audio' (3 s chunks: the front end is in the graph)."""
+        return str((self.raw.get("io") or {}).get("input", INPUT_NAME))
 
     def summary(self) -> dict[str, Any]:
         """The short description returned with every result."""
@@ -201,6 +209,10 @@ class OnnxModel:
             raise ModelError(f"{where}: onnxruntime cannot load it ({str(exc).splitlines()[0]})") from None
         self.load_seconds = time.perf_counter() - started  # session creation (reported by /metrics)
         self.info = parse_metadata(self.session.get_modelmeta().custom_metadata_map, where)
+        self.input_kind = self.info.input_kind
+        if self.input_kind not in INPUT_SHAPES:
+            raise ModelError(f"{where}: unknown input kind {self.input_kind!r}; expected one of {sorted(INPUT_SHAPES)}")
+        self.input_shape = INPUT_SHAPES[self.input_kind]  # of one batch item
         self._check_signature(where)
         self.providers = check_providers(self.session.get_providers(), providers, device, where)
         self.device = "cuda" if self.providers[0] == CUDA else "cpu"
@@ -216,21 +228,23 @@ class OnnxModel:
 
     def _check_signature(self, where: str) -> None:
         inputs, outputs = self.session.get_inputs(), self.session.get_outputs()
-        if [i.name for i in inputs] != [INPUT_NAME] or [o.name for o in outputs] != [OUTPUT_NAME]:
-            raise ModelError(f"{where}: expected input '{INPUT_NAME}' and output '{OUTPUT_NAME}'")
-        if list(inputs[0].shape[1:]) != [FEATURES.n_frames, FEATURES.n_mels] or outputs[0].shape[1] != NUM_DIMENSIONS:
-            raise ModelError(f"{where}: expected mel [batch, 128, 128] -> scores [batch, 19], got "
-                             f"{inputs[0].shape} -> {outputs[0].shape}")
+        kind, shape = self.input_kind, list(self.input_shape)
+        if [i.name for i in inputs] != [kind] or [o.name for o in outputs] != [OUTPUT_NAME]:
+            raise ModelError(f"{where}: expected input '{kind}' and output '{OUTPUT_NAME}'")
+        if list(inputs[0].shape[1:]) != shape or outputs[0].shape[1] != NUM_DIMENSIONS:
+            raise ModelError(f"{where}: expected {kind} [batch, {', '.join(map(str, shape))}] -> scores [batch, 19], "
+                             f"got {inputs[0].shape} -> {outputs[0].shape}")
 
     def run(self, mel: np.ndarray) -> np.ndarray:
-        """One batch: float32 (B, 128, 128) log-mel -> float32 (B, 19) scores in label units."""
+        """One batch: float32 (B, 128, 128) log-mel (or (B, 66150) audio chunks) -> float32 (B, 19) label units."""
         mel = np.ascontiguousarray(mel, dtype=np.float32)
-        if mel.ndim != 3 or mel.shape[1:] != (FEATURES.n_frames, FEATURES.n_mels):
-            raise InputError(f"expected mel of shape (batch, 128, 128), got {mel.shape}")
+        if mel.shape[1:] != self.input_shape:
+            raise InputError(f"expected {self.input_kind} of shape (batch, {', '.join(map(str, self.input_shape))}), "
+                             f"got {mel.shape}")
         if not self.io_binding:
-            return self.session.run([OUTPUT_NAME], {INPUT_NAME: mel})[0]
+            return self.session.run([OUTPUT_NAME], {self.input_kind: mel})[0]
         binding = self.session.io_binding()
-        binding.bind_cpu_input(INPUT_NAME, mel)
+        binding.bind_cpu_input(self.input_kind, mel)
         binding.bind_output(OUTPUT_NAME, self.device)
         self.session.run_with_iobinding(binding)
         return binding.copy_outputs_to_cpu()[0]
@@ -250,4 +264,4 @@ class OnnxModel:
 
     def warmup(self, batch_size: int = 1) -> None:
         """Run once so the first real request does not pay for lazy initialisation."""
-        self.run(np.full((batch_size, FEATURES.n_frames, FEATURES.n_mels), -40.0, np.float32))
+        self.run(np.full((batch_size, *self.input_shape), -40.0 if self.input_kind == INPUT_NAME else 0.0, np.float32))

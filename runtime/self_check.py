@@ -85,14 +85,20 @@ def encode_section(inputs: np.ndarray, scores: np.ndarray, atol: float, clips: l
             "scores": np.asarray(scores, np.float64).tolist(), "atol": float(atol), "clips": list(clips)}
 
 
-def parse_section(section: Any, where: str = "model") -> Reference:
-    """Validate the stored section (bounded before it is decoded) and decode it."""
+def parse_section(section: Any, where: str = "model",
+                  item_shape: tuple[int, ...] = (FEATURES.n_frames, FEATURES.n_mels)) -> Reference:
+    """Validate the stored section (bounded before it is decoded) and decode it.
+
+    ``item_shape`` is what the model takes per batch item: a (128, 128) log-mel window, or a 3 s audio chunk
+    for a model whose graph holds the front end.
+    """
     bad = f"{where}: its '{SECTION}' metadata is malformed"
     try:
         spec, scores, atol = section["inputs"], section["scores"], float(section["atol"])
         shape, clips = [int(n) for n in spec["shape"]], tuple(str(c) for c in section.get("clips", ()))
-        if spec["dtype"] != "float32" or len(shape) != 3 or shape[1:] != [FEATURES.n_frames, FEATURES.n_mels]:
-            raise ModelError(f"{bad}: inputs must be float32 (n, 128, 128), got {spec['dtype']} {shape}")
+        if spec["dtype"] != "float32" or shape[1:] != list(item_shape):
+            raise ModelError(f"{bad}: inputs must be float32 (n, {', '.join(map(str, item_shape))}), "
+                             f"got {spec['dtype']} {shape}")
         if not 1 <= shape[0] <= MAX_WINDOWS:
             raise ModelError(f"{bad}: {shape[0]} windows; expected 1 to {MAX_WINDOWS}")
         raw = base64.b64decode(spec["base64"], validate=True)
@@ -121,7 +127,7 @@ def run_self_check(model: Runnable) -> SelfCheckResult:
         log.info("self-check absent (the model was exported without reference windows); plain warm-up on %s",
                  model.device)
         return SelfCheckResult("absent", model.device)
-    ref = parse_section(section)
+    ref = parse_section(section, item_shape=tuple(getattr(model, "input_shape", (FEATURES.n_frames, FEATURES.n_mels))))
     t0 = time.perf_counter()
     got = model.run(ref.inputs).astype(np.float64)
     ms = (time.perf_counter() - t0) * 1e3

@@ -24,7 +24,6 @@ from runtime.analyze import Analysis, Analyzer
 from runtime.audio import load_audio
 from runtime.constants import FEATURES
 from runtime.errors import AudioError, InputError
-from runtime.features import features_from_audio
 from runtime.http_io import (
     BUSY_HEADERS,
     MULTIPART_SLACK,
@@ -59,7 +58,7 @@ def warm_up(analyzer: Analyzer, *, allow_failed_self_check: bool = False) -> Non
     require_passed(analyzer.model.run_self_check(), allow_failed=allow_failed_self_check)
     analyzer.model.warmup(analyzer.batch_size)
     noise = 0.01 * np.random.default_rng(0).standard_normal(int(FEATURES.hop_seconds * FEATURES.sample_rate))
-    analyzer.chunk_scores(features_from_audio(noise.astype(np.float32)))  # the feature path too: 2 s, one window
+    analyzer.chunk_scores(analyzer.model_inputs(noise.astype(np.float32)))  # the feature path too: 2 s, one window
     analyzer.model.warmed = True
     analyzer.model.warmup_seconds = time.perf_counter() - t0
     log.info("model warmed up in %.2f s on %s", analyzer.model.warmup_seconds, analyzer.model.device)

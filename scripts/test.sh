@@ -6,4 +6,7 @@ source "$(dirname "${BASH_SOURCE[0]}")/_venv.sh"
 if [ "${CI:-}" = true ] || ! command -v chromium >/dev/null; then bash scripts/ci_browser.sh; fi  # page tests
 source scripts/_check_venv.sh
 ruff check .
+# the Node.js client's onnxruntime-node (tests/test_node_client.py); its CUDA binaries are not needed
+! command -v npm >/dev/null || [ -d clients/node/node_modules/onnxruntime-node ] ||
+    npm ci --prefix clients/node --onnxruntime-node-install-cuda=skip
 python -m pytest -q "$@"

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-pytest_plugins = ("serving",)  # the HTTP service's fixtures (tests/serving.py)
+pytest_plugins = ("serving", "audio_fixtures")  # fixtures of the HTTP service (serving.py), audio-input model
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_PIANO = REPO.parent / "shared" / "data" / "piano"
