@@ -18,10 +18,11 @@ import os
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from runtime.errors import AudioError, ConfigError, InputError
+from runtime.report import CorpusSummary, write_outputs
 
 logger = logging.getLogger(__name__)
 
@@ -42,30 +43,6 @@ class AudioFile:
     key: str
     size: int
     mtime_ns: int
-
-
-@dataclass
-class CorpusSummary:
-    """What a run did; ``failures`` lists (path, error) of every file that has no scores."""
-
-    out_dir: Path
-    files: int
-    analysed: int
-    from_journal: int
-    audio_seconds: float  # of all files with scores
-    analysed_seconds: float  # of the files analysed in this run
-    wall_seconds: float
-    failures: list[tuple[str, str]] = field(default_factory=list)
-    plots: bool = False
-
-    @property
-    def failed(self) -> int:
-        return len(self.failures)
-
-    @property
-    def speed(self) -> float | None:
-        """Audio hours per hour of this run's wall time (None if nothing was analysed)."""
-        return self.analysed_seconds / self.wall_seconds if self.analysed and self.wall_seconds > 0 else None
 
 
 def find_audio(roots: Sequence[str | os.PathLike], *, recursive: bool = False) -> list[AudioFile]:
@@ -302,7 +279,6 @@ def run_corpus(files: list[AudioFile], out_dir: str | os.PathLike, results: Resu
 
     ``model`` is the version string results will carry (None: whatever the remote worker runs).
     """
-    from runtime.report import write_outputs
 
     out = Path(out_dir)
     journal = Journal(out / JOURNAL_NAME)

@@ -9,19 +9,40 @@ import csv
 import io
 import os
 import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from runtime.constants import API_KEYS, DIMENSIONS
-
-if TYPE_CHECKING:
-    from runtime.corpus import CorpusSummary
 
 SCORES_CSV = "scores.csv"
 TIMELINE_CSV = "timeline.csv"
 REPORT_MD = "report.md"
 TOP_N = 3  # files listed with the highest and the lowest score of each dimension
 THRESHOLDS = (0.5, 0.7)  # the original app's colour thresholds
+
+
+@dataclass
+class CorpusSummary:
+    """What a run did; ``failures`` lists (path, error) of every file that has no scores."""
+
+    out_dir: Path
+    files: int
+    analysed: int
+    from_journal: int
+    audio_seconds: float  # of all files with scores
+    analysed_seconds: float  # of the files analysed in this run
+    wall_seconds: float
+    failures: list[tuple[str, str]] = field(default_factory=list)
+    plots: bool = False
+
+    @property
+    def failed(self) -> int:
+        return len(self.failures)
+
+    @property
+    def speed(self) -> float | None:
+        """Audio hours per hour of this run's wall time (None if nothing was analysed)."""
+        return self.analysed_seconds / self.wall_seconds if self.analysed and self.wall_seconds > 0 else None
 
 
 def families() -> list[tuple[str, list[str]]]:

@@ -279,22 +279,26 @@ def _encoded(fmt: str, seconds: float = 3.0) -> bytes:
     return buf.getvalue()
 
 
+def _encode_aac(planar: np.ndarray, rate: int, target, fmt: str, **options) -> None:
+    """Encode mono float audio (1, n) as AAC into `target` (a path or a file object) in container `fmt`."""
+    av = pytest.importorskip("av")
+    with av.open(target, "w", format=fmt, **options) as container:
+        stream = container.add_stream("aac", rate=rate, layout="mono")
+        for start in range(0, planar.shape[1], 1024):
+            frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(planar[:, start : start + 1024]),
+                                               format="fltp", layout="mono")
+            frame.sample_rate, frame.pts = rate, start
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode(None))
+
+
 def _m4a_faststart(audio: np.ndarray, rate: int) -> bytes:
     """AAC in MP4 with the index (moov) first, as streaming-friendly encoders write it; cut at a packet end."""
     import tempfile
 
-    av = pytest.importorskip("av")
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "a.m4a"
-        planar = np.ascontiguousarray(audio.T)
-        with av.open(str(path), "w", format="mp4", options={"movflags": "faststart"}) as container:
-            stream = container.add_stream("aac", rate=rate, layout="mono")
-            for start in range(0, planar.shape[1], 1024):
-                frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(planar[:, start : start + 1024]),
-                                                   format="fltp", layout="mono")
-                frame.sample_rate, frame.pts = rate, start
-                container.mux(stream.encode(frame))
-            container.mux(stream.encode(None))
+        _encode_aac(np.ascontiguousarray(audio.T), rate, str(path), "mp4", options={"movflags": "faststart"})
         return path.read_bytes()
 
 
@@ -348,17 +352,8 @@ def test_mp3_behind_an_id3_tag_is_checked_from_its_first_frame() -> None:
 
 
 def _adts(rate: int, seconds: float) -> bytes:
-    av = pytest.importorskip("av")
-    planar = np.ascontiguousarray(_music(rate, seconds).T)
     buf = io.BytesIO()
-    with av.open(buf, "w", format="adts") as container:
-        stream = container.add_stream("aac", rate=rate, layout="mono")
-        for start in range(0, planar.shape[1], 1024):
-            frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(planar[:, start : start + 1024]),
-                                               format="fltp", layout="mono")
-            frame.sample_rate, frame.pts = rate, start
-            container.mux(stream.encode(frame))
-        container.mux(stream.encode(None))
+    _encode_aac(np.ascontiguousarray(_music(rate, seconds).T), rate, buf, "adts")
     return buf.getvalue()
 
 
