@@ -17,7 +17,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from runtime import original
-from runtime.http_io import ServiceError, error_response
+from runtime.http_io import ServiceError, error_response, error_responses
 from runtime.metrics import Metrics
 from runtime.request_log import note, request_id
 
@@ -81,8 +81,11 @@ def install_error_handlers(app: FastAPI) -> None:
 def add_metrics_route(app: FastAPI, metrics: Metrics, dependencies: list) -> None:
     """GET /metrics in the Prometheus text format (behind `dependencies`: the API's auth unless opened)."""
 
-    @app.get("/metrics", dependencies=dependencies, tags=["health"], response_class=Response,
-             responses={200: {"content": {"text/plain": {}}, "description": "Prometheus text format"}})
+    responses = {200: {"content": {"text/plain": {}}, "description": "Prometheus text format"}}
+    if dependencies:  # behind the token: a missing or wrong one is 401
+        responses |= error_responses(401)
+
+    @app.get("/metrics", dependencies=dependencies, tags=["health"], response_class=Response, responses=responses)
     async def metrics_route():
         """Request counts and latencies, the timing split, load, in-flight and waiting analyses, the model."""
         body, content_type = metrics.render()

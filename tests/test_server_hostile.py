@@ -213,7 +213,7 @@ def test_after_the_abuse_a_real_request_succeeds(server, clip):
 def test_multipart_is_unpacked_in_the_pool_not_on_the_event_loop(client, clip, monkeypatch):
     import threading
 
-    import runtime.server as server_module
+    import runtime.service as server_module  # where the jobs run
 
     threads, unpack = [], server_module.multipart_audio
 
