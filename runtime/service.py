@@ -124,11 +124,11 @@ class Service:
             self.settled.set()
 
     def _ready_with(self, analyzer: Analyzer) -> None:
-        model = self.metrics
-        model.load_seconds.set(analyzer.model.load_seconds)
-        model.warmup_seconds.set(analyzer.model.warmup_seconds or 0.0)
-        model.set_model(version=analyzer.model.info.version, precision=analyzer.model.info.precision,
-                        device=analyzer.model.device, providers=analyzer.model.providers)
+        model = analyzer.model
+        self.metrics.load_seconds.set(model.load_seconds)
+        self.metrics.warmup_seconds.set(model.warmup_seconds or 0.0)
+        self.metrics.set_model(version=model.info.version, precision=model.info.precision, device=model.device,
+                               providers=model.providers)
         self.analyzer = analyzer
         self.ready.set()
         self.settled.set()

@@ -39,6 +39,14 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_raw(tiny_checkpoint) -> dict:
+    """The tiny demo checkpoint as plain pickle (with jax and sklearn installed) reads it: jax.Array leaves."""
+    import pickle
+
+    return pickle.loads(tiny_checkpoint.read_bytes())
+
+
+@pytest.fixture(scope="session")
 def tiny_export(tmp_path_factory, tiny_checkpoint):
     """The tiny preset exported through the real pipeline, parity gate included."""
     from convert.export import export

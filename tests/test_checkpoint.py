@@ -24,17 +24,6 @@ from convert.safe_pickle import safe_loads
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="session")
-def tiny_ckpt(tmp_path_factory) -> Path:
-    return make_demo_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny.pkl", "tiny", seed=0)
-
-
-@pytest.fixture(scope="session")
-def tiny_raw(tiny_ckpt) -> dict:
-    """The demo checkpoint as plain pickle (with jax and sklearn installed) reads it."""
-    return pickle.loads(tiny_ckpt.read_bytes())
-
-
 def _numpy_copy(raw: dict) -> dict:
     """The checkpoint dict with numpy leaves instead of jax.Arrays, for editing."""
     import jax
@@ -50,10 +39,10 @@ def _write(path: Path, obj, protocol: int = 4) -> Path:
 # ---------------------------------------------------------------- demo checkpoints and what loads
 
 
-def test_demo_checkpoint_loads(tiny_ckpt, tiny_raw):
-    ck = load_checkpoint(tiny_ckpt)
+def test_demo_checkpoint_loads(tiny_checkpoint, tiny_raw):
+    ck = load_checkpoint(tiny_checkpoint)
     assert ck.config == PRESETS["tiny"]
-    assert ck.sha256 == hashlib.sha256(tiny_ckpt.read_bytes()).hexdigest()
+    assert ck.sha256 == hashlib.sha256(tiny_checkpoint.read_bytes()).hexdigest()
     assert ck.training_complete is True
     assert ck.finetuning_results == tiny_raw["finetuning_results"]  # carried over unchanged (the demo's may be None)
     assert ck.finetuning_results is None  # a demo checkpoint invents no fine-tuning results
@@ -80,11 +69,11 @@ def _get(tree: dict, name: str):
     return tree
 
 
-def test_demo_checkpoint_is_deterministic(tiny_ckpt, tmp_path):
+def test_demo_checkpoint_is_deterministic(tiny_checkpoint, tmp_path):
     again = make_demo_checkpoint(tmp_path / "again.pkl", "tiny", seed=0)
-    assert again.read_bytes() == tiny_ckpt.read_bytes()
+    assert again.read_bytes() == tiny_checkpoint.read_bytes()
     other = make_demo_checkpoint(tmp_path / "other.pkl", "tiny", seed=1)
-    assert other.read_bytes() != tiny_ckpt.read_bytes()
+    assert other.read_bytes() != tiny_checkpoint.read_bytes()
     assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []
 
 
@@ -143,7 +132,7 @@ def test_expected_param_shapes_match_flax():
     assert total == 85_706_003
 
 
-def test_loads_without_jax_flax_or_sklearn(tiny_ckpt):
+def test_loads_without_jax_flax_or_sklearn(tiny_checkpoint):
     script = textwrap.dedent(f"""
         import sys
         BLOCKED = {{"jax", "jaxlib", "flax", "sklearn"}}
@@ -155,7 +144,7 @@ def test_loads_without_jax_flax_or_sklearn(tiny_ckpt):
 
         sys.meta_path.insert(0, Block())
         from convert.checkpoint import load_checkpoint
-        ck = load_checkpoint({str(tiny_ckpt)!r})
+        ck = load_checkpoint({str(tiny_checkpoint)!r})
         assert ck.num_params == {sum(int(np.prod(s)) for s in expected_param_shapes(PRESETS["tiny"]).values())}
         assert ck.scaler_scale.shape == (19,)
         loaded = sorted(m for m in sys.modules if m.split(".")[0] in BLOCKED)
@@ -304,8 +293,8 @@ def test_hostile_pickle_is_refused(case, tmp_path):
 # ---------------------------------------------------------------- broken files
 
 
-def test_unreadable_files(tiny_ckpt, tmp_path):
-    data = tiny_ckpt.read_bytes()
+def test_unreadable_files(tiny_checkpoint, tmp_path):
+    data = tiny_checkpoint.read_bytes()
     cases = {
         "truncated.pkl": (data[: len(data) // 2], "cannot unpickle"),
         "random.pkl": (np.random.default_rng(0).bytes(4096), "cannot unpickle|refusing"),

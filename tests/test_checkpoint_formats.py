@@ -10,19 +10,7 @@ import numpy as np
 import pytest
 
 from convert.checkpoint import expected_param_shapes, load_checkpoint
-from convert.demo import make_demo_checkpoint
 from convert.errors import CheckpointError
-
-
-@pytest.fixture(scope="module")
-def tiny_ckpt(tmp_path_factory) -> Path:
-    return make_demo_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny.pkl", "tiny", seed=0)
-
-
-@pytest.fixture(scope="module")
-def tiny_raw(tiny_ckpt) -> dict:
-    """The demo checkpoint as plain pickle (with jax and sklearn installed) reads it: jax.Array leaves."""
-    return pickle.loads(tiny_ckpt.read_bytes())
 
 
 @pytest.fixture(scope="module")
@@ -84,8 +72,8 @@ def test_finetuning_results_that_metadata_cannot_hold_are_refused(numpy_raw, tmp
 
 
 @pytest.mark.parametrize("protocol", [2, 3, 5])
-def test_pickle_protocols_2_to_5_load_the_same(tiny_raw, tiny_ckpt, tmp_path, protocol):
-    want = load_checkpoint(tiny_ckpt)
+def test_pickle_protocols_2_to_5_load_the_same(tiny_raw, tiny_checkpoint, tmp_path, protocol):
+    want = load_checkpoint(tiny_checkpoint)
     path = _write(tmp_path / f"p{protocol}.pkl", {**tiny_raw, "extra": b"", "more": np.zeros((0, 3))}, protocol)
     if protocol == 2:
         assert b"_codecs" in path.read_bytes()  # bytes go through _codecs.encode at protocol 2
