@@ -53,7 +53,10 @@ def test_the_message_tells_a_missing_provider_from_a_missing_gpu(monkeypatch):
 
     monkeypatch.setattr(ort, "get_available_providers", lambda: [gpu.CUDA, gpu.CPU])
     monkeypatch.setattr(gpu, "gpus", lambda: [])
-    assert "has its CUDA provider, but no NVIDIA GPU or driver" in gpu.no_gpu_reason("cuda")
+    why = gpu.no_gpu_reason("cuda")  # the probe session falls back to the CPU: onnxruntime here has no CUDA
+    assert "has its CUDA provider, but no NVIDIA GPU or driver" in why and "did not start" in why
+    monkeypatch.setattr(gpu, "cuda_probe", lambda: True)  # no nvidia-smi, but a session starts on CUDA
+    assert gpu.no_gpu_reason("cuda") is None
     monkeypatch.setattr(gpu, "gpus", lambda: ["NVIDIA A10G, 23028 MiB, 550.54"])
     assert gpu.no_gpu_reason("cuda") is None
     monkeypatch.setattr(ort, "get_available_providers", lambda: [gpu.CPU])
