@@ -18,6 +18,8 @@ import numpy as np
 
 from convert.config import ModelConfig
 from convert.errors import ExportError
+from convert.int8_fusion import FUSED as INT8_FUSED
+from convert.int8_fusion import fuse_int8_matmuls
 from runtime.model import PRECISIONS
 
 log = logging.getLogger(__name__)
@@ -235,12 +237,14 @@ def int8_float_layers(proto) -> dict[str, list[str]]:
     return {"patch_embedding": embedding, "regression_head": head}
 
 
-def quantize_int8(proto, *, per_channel: bool = False, reduce_range: bool = True, keep_float: bool = True):
+def quantize_int8(proto, *, per_channel: bool = False, reduce_range: bool = True, keep_float: bool = True,
+                  fuse: bool = True):
     """Dynamic int8 quantization of the dense layers (signed int8 weights, uint8 activations).
 
     Attention's activation-by-activation MatMuls stay float32 (MatMulConstBOnly), as do LayerNorm and GELU;
     with `keep_float`, so do the patch embedding and the regression head (int8_float_layers). `reduce_range`
-    (7-bit weights) keeps x86 CPUs without VNNI from saturating their u8 x s8 products.
+    (7-bit weights) keeps x86 CPUs without VNNI from saturating their u8 x s8 products. With `fuse`, each
+    quantized layer is written as one MatMulIntegerToFloat node, bias included (convert.int8_fusion).
     """
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
@@ -266,10 +270,11 @@ def quantize_int8(proto, *, per_channel: bool = False, reduce_range: bool = True
                 nodes_to_exclude=excluded,
                 extra_options={"MatMulConstBOnly": True},
             )
-            return onnx.load(str(out))
+            quantized = onnx.load(str(out))
     finally:
         root.setLevel(root_level)
         root.removeHandler(guard)
+    return fuse_int8_matmuls(quantized)[0] if fuse else quantized
 
 
 def head_nodes(proto) -> list[str]:
@@ -325,7 +330,8 @@ def make_variant(
     if precision == "int8":
         kept = int8_float_layers(proto) if keep_float else {}
         proto = quantize_int8(proto, per_channel=per_channel, reduce_range=reduce_range, keep_float=keep_float)
-        quantized = op_counts(proto).get("MatMulInteger", 0)
+        counts = op_counts(proto)
+        quantized = counts.get("MatMulInteger", 0) + counts.get(f"{MS_DOMAIN}:{INT8_FUSED}", 0)
         expected = linear_layers(config) - sum(map(len, kept.values()))
         build["quantization"] = {
             "method": "onnxruntime dynamic",
@@ -335,6 +341,7 @@ def make_variant(
             "reduce_range": reduce_range,
             "kept_float32": sorted(kept),
             "quantized_matmuls": quantized,
+            "fused": f"{MS_DOMAIN}:{INT8_FUSED} (scales and bias in the node)",
             "linear_layers": linear_layers(config),
         }
         if quantized != expected:

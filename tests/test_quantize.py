@@ -14,11 +14,22 @@ from convert.errors import ExportError, ParityError
 from convert.export import build_forward, export
 from convert.metadata import describe, set_metadata
 from convert.parity import DEFAULT_ATOL, clip_references, random_inputs
-from convert.quantize import FP16_KEEP_FP32, check_fusions, linear_layers, make_variant, op_counts, optimize, prepare
+from convert.quantize import (
+    FP16_KEEP_FP32,
+    check_fusions,
+    linear_layers,
+    make_variant,
+    op_counts,
+    optimize,
+    prepare,
+    quantize_int8,
+)
 from convert.variants import gate_variant, publish_variants
 from runtime.analyze import Analyzer
 from runtime.constants import API_KEYS
 from runtime.model import OnnxModel
+
+FUSED_INT8 = "com.microsoft:MatMulIntegerToFloat"
 
 
 def _ort(proto):
@@ -88,15 +99,45 @@ def test_int8_quantizes_every_linear_layer_and_only_those(auto, ckpt):
     ops = op_counts(proto)
     inits = {i.name: i for i in proto.graph.initializer}
     # every dense layer of the blocks; the patch embedding and the 2 head layers stay float32 (int8_float_layers)
-    assert ops["MatMulInteger"] == linear_layers(ckpt.config) - 3
-    assert ops.get("Gemm", 0) == 0
+    assert ops[FUSED_INT8] == linear_layers(ckpt.config) - 3
+    assert ops.get("MatMulInteger", 0) == ops.get("Gemm", 0) == 0
     assert ops["MatMul"] == 2 * ckpt.config.num_layers + 3  # + q.k^T and attn.v: activations on both sides
-    quantized = [inits[n.input[1]] for n in proto.graph.node if n.op_type == "MatMulInteger"]
+    quantized = [inits[n.input[1]] for n in proto.graph.node if n.op_type == "MatMulIntegerToFloat"]
     assert all(w.data_type == onnx.TensorProto.INT8 for w in quantized)  # signed int8 weights
     build = OnnxModel(auto.written["int8"], device="cpu").info.variants["build"]
     quantization = build["quantization"]
     assert quantization["quantized_matmuls"] == 12 and quantization["reduce_range"] and not quantization["per_channel"]
     assert quantization["kept_float32"] == ["patch_embedding", "regression_head"]
+    assert quantization["fused"].startswith(FUSED_INT8)
+
+
+def _session_ops(path, tmp_path) -> dict[str, int]:
+    """Operator counts of the graph onnxruntime runs after its own optimizations."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "session.onnx")
+    options.log_severity_level = 3
+    ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return op_counts(onnx.load(str(tmp_path / "session.onnx")))
+
+
+def test_int8_layers_are_fused_in_the_file_with_their_bias_and_run_fused(auto, fp32, ckpt, tmp_path):
+    proto = onnx.load(str(auto.written["int8"]))
+    inits = {i.name for i in proto.graph.initializer}
+    fused = [n for n in proto.graph.node if n.op_type == "MatMulIntegerToFloat"]
+    # A, W, A scale, W scale, A zero point, W zero point, bias: the bias Add and the scale Muls are in the node
+    assert fused and all(len(n.input) == 7 and n.input[6] in inits and n.domain == "com.microsoft" for n in fused)
+    session = _session_ops(auto.written["int8"], tmp_path)
+    layers = linear_layers(ckpt.config) - 3
+    assert session.get("MatMulInteger", 0) == 0 and session.get("Cast", 0) == 0
+    assert session[FUSED_INT8] + session["com.microsoft:DynamicQuantizeMatMul"] == layers
+    # one activation quantization per input of q, k and v (shared), none left for the single-input layers
+    assert session["DynamicQuantizeLinear"] == ckpt.config.num_layers
+    unfused = quantize_int8(prepare(fp32), fuse=False)
+    assert op_counts(unfused)["MatMulInteger"] == layers
+    mel = random_inputs(4, seed=7)
+    np.testing.assert_allclose(_scores(proto, mel), _scores(unfused, mel), atol=1e-6, rtol=0)
 
 
 def test_fp16_is_half_inside_float32_at_the_edges(auto):
@@ -119,7 +160,7 @@ def test_variant_sizes(auto):
     size = {p: sum(i.ByteSize() for i in proto.graph.initializer) for p, proto in protos.items()}
     inits = {i.name: i for i in protos["int8"].graph.initializer}
     int8_weights = sum(int(np.prod(inits[n.input[1]].dims)) for n in protos["int8"].graph.node
-                       if n.op_type == "MatMulInteger")
+                       if n.op_type == "MatMulIntegerToFloat")
     # each quantized weight is stored in 1 byte instead of 4 (the float32 embedding and head keep theirs)
     assert size["int8"] < size["fp32"] - 0.95 * 3 * int8_weights
     assert size["fp16"] < 0.7 * size["fp32"]
