@@ -202,7 +202,7 @@ def refuse_int8_on_cuda(model) -> None:
 
 
 def refuse_fp16_on_cpu(model) -> None:
-    """fp16 is the GPU variant (the CPU runs it through casts, slower than fp32): on the CPU deploy int8 or fp32."""
+    """fp16 is the GPU variant (onnxruntime's CPU provider has few fp16 kernels): on the CPU deploy int8 or fp32."""
     from runtime.errors import ModelError
 
     if model.device == "cpu" and model.info.precision == "fp16":

@@ -1,9 +1,13 @@
 """Cross-request batching (runtime.batcher): the same scores as alone, merged calls on /metrics, bounded waits.
 
 Scores are compared at the project's fp32 tolerance (serving.assert_scores: 1e-6), not bit for bit: on the
-CPU, onnxruntime gives a window scored in a batch of one a result that can differ in the last bit
-(observed: 6e-8) from the same window scored in any larger batch, where it is exact (the tiny model, batch
-sizes 3..64 against 7: identical bits). A one-window request alone runs at batch 1, merged it does not.
+CPU, onnxruntime scores a window in a batch of one up to 6e-8 differently from the same window in any larger
+batch, where the bits are identical (the tiny model: batch sizes 2..64 against each other). The cause is the
+graph's ReduceSum (the mean over tokens, [B, T, D] -> [B, D]): every op before it agrees bit for bit, its
+output differs by 2e-5 (a sum, before the head's scaling). A lone ReduceSum over axis 1 of a [B, 64, 64]
+tensor shows the same: B = 1 rows 2e-5 from B = 4's, B = 2 and B = 4 identical; onnxruntime's CPU kernel
+sums in another order once the unit batch axis folds away. A one-window request alone runs at batch 1;
+merged it does not. Nothing else in a merged call changes a request's rows.
 """
 
 from __future__ import annotations
