@@ -9,8 +9,9 @@ The waiting rule (``wait_ms``): the worker runs at once unless more work is know
 for more only while all of these hold:
 
 * fewer windows are pending than ``max_chunks`` (a full call never waits);
-* more analyses are active than have windows pending (``active()``, in the service: analyses running in its
-  pool; one still decoding or computing features will submit soon);
+* more analyses are active (``active()``, in the service: analyses running in its pool) than callers are
+  inside ``predict`` (pending, or in the call now running): an active analysis that has not submitted yet is
+  still decoding or computing features, and will submit soon;
 * the oldest pending request was submitted less than ``wait_ms`` ago.
 
 So a lone request (the only active analysis) never waits, and no request waits more than ``wait_ms`` for
@@ -79,6 +80,7 @@ class Batcher:
         self.active, self.observe = active, observe
         self._pending: deque[_Pending] = deque()
         self._queued = 0  # windows pending and not yet handed to a call
+        self._inside = 0  # callers inside predict: submitted, their rows not yet back
         self._cond = threading.Condition()
         self._closed = False
         self.waited_calls = 0  # calls for which the worker waited for more requests (none while one is alone)
@@ -100,8 +102,13 @@ class Batcher:
                 raise BatcherClosed("the batcher is closed")
             self._pending.append(item)
             self._queued += len(windows)
+            self._inside += 1
             self._cond.notify_all()
-        return item.future.result()
+        try:
+            return item.future.result()
+        finally:
+            with self._cond:
+                self._inside -= 1
 
     def close(self, timeout: float = 10.0) -> None:
         """Stop: callers still pending get BatcherClosed at once; a call already running may finish (up to timeout)."""
@@ -122,7 +129,7 @@ class Batcher:
     def _should_wait(self) -> bool:
         if self._closed or self._queued >= self.max_chunks:
             return False
-        return len(self._pending) < self.active() and time.monotonic() < self._pending[0].submitted + self.wait
+        return self._inside < self.active() and time.monotonic() < self._pending[0].submitted + self.wait
 
     def _next_call(self) -> list[tuple[_Pending, int, int]] | None:
         """Wait for work (and, by the rule above, for more of it); take at most max_chunks windows. None: closed."""
