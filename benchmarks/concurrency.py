@@ -6,8 +6,10 @@ At each concurrency level N, N clients each send `rounds` requests one after ano
 bytes: decode, features and inference all run, as in the service) to a Service whose pool runs N analyses
 at once; once with PERCEPIANO_BATCH_WAIT_MS=0 (off) and once with the wait on (10 ms by default). Reported
 per level and mode: requests/s, chunks/s, median latency, and the mean windows and requests per inference
-call (the service's own histograms). On the CPU batching is expected to be neutral (onnxruntime already
-keeps the cores busy at batch 16); the table is the ready comparison for a GPU run (`--device cuda`).
+call (the service's own histograms). On the CPU batching is no gain: onnxruntime already keeps the cores
+busy at a request's own batch, and the batcher runs one inference at a time where the pool would run several
+side by side (on 2 shared cores: neutral for one client, slower with four); the table is the ready
+comparison for a GPU run (`--device cuda`), where one larger call costs little more than a smaller one.
 """
 
 from __future__ import annotations

@@ -6,6 +6,9 @@ One switch at deploy time, PERCEPIANO_MODAL_TARGET (read when this file is impor
 * `cpu`: app `percepiano-cpu` on 4 CPU cores and 4 GiB (no GPU, for cost), onnxruntime (CPU) pinned to the
   gate's version, the int8 model. A separate app, so it deploys beside the GPU one rather than over it.
 
+The image carries both switches (SERVICE_ENV), so the container's own import of this file declares the same
+variant as the deploy did.
+
 One-time setup, then one deploy command per variant (from the repository root; `--quantize auto` writes the
 int8 CPU variant to artifacts/model.onnx and the fp16 GPU one beside it):
 
@@ -79,6 +82,9 @@ AUDIO_VOLUME = "percepiano-audio"
 AUDIO_MOUNT = "/audio"
 WEB_CONCURRENCY = {"max_inputs": 32, "target_inputs": 8}  # requests per container; the app runs 4 (CPU: 2) at once
 SERVICE_ENV = {
+    # the switches again inside the container, whose import of this file must declare the same variant
+    "PERCEPIANO_MODAL_TARGET": TARGET,
+    "PERCEPIANO_GPU_SNAPSHOT": "1" if GPU_SNAPSHOT else "0",
     "PERCEPIANO_MODEL_PATH": MODEL_REMOTE,
     "PERCEPIANO_DEVICE": "cuda",  # fail loudly rather than serve from the CPU if CUDA does not load
     "PERCEPIANO_MAX_CONCURRENCY": "4",  # decode/features of some requests overlap inference of others
