@@ -1,12 +1,30 @@
-"""Modal deployment: the same FastAPI app as `python -m runtime serve`, on an A10G with memory snapshots.
+"""Modal deployment: the same FastAPI app as `python -m runtime serve`, on an A10G or on CPUs, with memory snapshots.
 
-One-time setup, then one deploy command (from the repository root, with the model exported to
-artifacts/model.onnx or PERCEPIANO_MODEL pointing at it):
+One switch at deploy time, PERCEPIANO_MODAL_TARGET (read when this file is imported), picks the variant:
+
+* `gpu` (the default): app `percepiano` on an A10G, onnxruntime-gpu, the fp16 or fp32 model.
+* `cpu`: app `percepiano-cpu` on 4 CPU cores and 4 GiB (no GPU, for cost), onnxruntime (CPU) pinned to the
+  gate's version, the int8 model. A separate app, so it deploys beside the GPU one rather than over it.
+
+The image carries both switches (SERVICE_ENV), so the container's own import of this file declares the same
+variant as the deploy did.
+
+One-time setup, then one deploy command per variant (from the repository root; `--quantize auto` writes the
+int8 CPU variant to artifacts/model.onnx and the fp16 GPU one beside it):
 
     modal secret create percepiano-api PERCEPIANO_API_TOKEN=$(openssl rand -hex 32)
-    modal deploy deploy/modal_app.py
+    PERCEPIANO_MODEL=artifacts/model.fp16.onnx modal deploy deploy/modal_app.py            # A10G
+    PERCEPIANO_MODAL_TARGET=cpu PERCEPIANO_MODEL=artifacts/model.onnx modal deploy deploy/modal_app.py   # int8, CPU
 
-Whole corpora, from local folders (`CorpusWorker.analyze_bytes`, resumable, reports written locally):
+Snapshots. The CPU variant creates its onnxruntime session and warms it up (the self-check) inside
+`@modal.enter(snap=True)`, so the memory snapshot holds the ready session; after a restore the self-check
+runs once more (two windows) on the restored host's CPU. The GPU variant reads the model bytes before the
+snapshot (no GPU then) and creates the CUDA session after restore. PERCEPIANO_GPU_SNAPSHOT=1 (experimental,
+off by default; GPU memory snapshots are an alpha Modal feature) moves the CUDA session and its warm-up
+before the snapshot too (`experimental_options={"enable_gpu_snapshot": True}`), again re-checked after restore.
+
+Whole corpora, from local folders (`CorpusWorker.analyze_bytes`, resumable, reports written locally; the
+GPU app, which `--modal` looks up):
 
     python -m runtime analyze ./recordings --recursive --out report --modal
 
@@ -18,7 +36,7 @@ or from the Volume (`CorpusWorker.analyze_file`):
 The model is baked into the image (not read from a Volume): the memory snapshot holds the model bytes anyway,
 so a model on a Volume could change under a snapshot that still serves the old one; baked, the image, the
 snapshot and the deployment always agree, and one `modal deploy` ships code and model together. This file
-only declares image, GPU, snapshot and lifecycle; everything it runs is plain `runtime` code.
+only declares image, hardware, snapshot and lifecycle; everything it runs is plain `runtime` code.
 """
 
 from __future__ import annotations
@@ -32,40 +50,81 @@ from typing import Any
 import modal
 
 REPO = Path(__file__).resolve().parents[1]
-APP_NAME = "percepiano"
-GPU = "A10G"
-SCALEDOWN_WINDOW = 180  # s; restores from a snapshot take seconds, so idle A10Gs need not linger long
+TARGETS = ("gpu", "cpu")
+SWITCHES = {"1": True, "true": True, "yes": True, "0": False, "false": False, "no": False, "": False}
+
+
+def deploy_switches(env=os.environ) -> tuple[str, bool]:
+    """(target, gpu_snapshot) from PERCEPIANO_MODAL_TARGET and PERCEPIANO_GPU_SNAPSHOT; a bad value stops here."""
+    target = env.get("PERCEPIANO_MODAL_TARGET", "").strip().lower() or "gpu"
+    if target not in TARGETS:
+        raise ValueError(f"PERCEPIANO_MODAL_TARGET={target!r}: choose one of {TARGETS} (default gpu)")
+    raw = env.get("PERCEPIANO_GPU_SNAPSHOT", "").strip().lower()
+    if raw not in SWITCHES:
+        raise ValueError(f"PERCEPIANO_GPU_SNAPSHOT={raw!r} is not one of {sorted(k for k in SWITCHES if k)}")
+    if SWITCHES[raw] and target != "gpu":
+        raise ValueError("PERCEPIANO_GPU_SNAPSHOT=1 is for the GPU target; the CPU target snapshots its session "
+                         "anyway")
+    return target, SWITCHES[raw]
+
+
+TARGET, GPU_SNAPSHOT = deploy_switches()
+SESSION_IN_SNAPSHOT = TARGET == "cpu" or GPU_SNAPSHOT  # session created and warmed before the snapshot
+APP_NAME = "percepiano" if TARGET == "gpu" else "percepiano-cpu"
+GPU = "A10G" if TARGET == "gpu" else None
+CPU_CORES = 4.0  # the CPU target's reservation (physical cores), and its onnxruntime threads
+CPU_MEMORY_MB = 4096
+SCALEDOWN_WINDOW = 180  # s; restores from a snapshot take seconds, so idle containers need not linger long
 MODEL_LOCAL = Path(os.environ.get("PERCEPIANO_MODEL", REPO / "artifacts" / "model.onnx"))
 MODEL_REMOTE = "/opt/percepiano/model.onnx"
 SECRET_NAME = "percepiano-api"  # holds PERCEPIANO_API_TOKEN
 AUDIO_VOLUME = "percepiano-audio"
 AUDIO_MOUNT = "/audio"
-WEB_CONCURRENCY = {"max_inputs": 32, "target_inputs": 8}  # requests per container; the app runs 4 at once
+WEB_CONCURRENCY = {"max_inputs": 32, "target_inputs": 8}  # requests per container; the app runs 4 (CPU: 2) at once
 SERVICE_ENV = {
+    # the switches again inside the container, whose import of this file must declare the same variant
+    "PERCEPIANO_MODAL_TARGET": TARGET,
+    "PERCEPIANO_GPU_SNAPSHOT": "1" if GPU_SNAPSHOT else "0",
     "PERCEPIANO_MODEL_PATH": MODEL_REMOTE,
     "PERCEPIANO_DEVICE": "cuda",  # fail loudly rather than serve from the CPU if CUDA does not load
     "PERCEPIANO_MAX_CONCURRENCY": "4",  # decode/features of some requests overlap inference of others
     "PERCEPIANO_MAX_QUEUE": "32",
 }
+if TARGET == "cpu":
+    SERVICE_ENV = {**SERVICE_ENV, "PERCEPIANO_DEVICE": "cpu", "PERCEPIANO_MAX_CONCURRENCY": "2",
+                   "PERCEPIANO_THREADS": str(int(CPU_CORES))}  # onnxruntime's threads: the reserved cores
+# What each class asks of Modal: the hardware and the snapshot options of the chosen target.
+HARDWARE = {"gpu": GPU} if TARGET == "gpu" else {"cpu": CPU_CORES, "memory": CPU_MEMORY_MB}
+SNAPSHOT = {"enable_memory_snapshot": True,
+            **({"experimental_options": {"enable_gpu_snapshot": True}} if GPU_SNAPSHOT else {})}
 
 # The serving onnxruntime, pinned exactly. The parity gate ran on onnxruntime 1.32.0 (the `convert` extra), but
 # PyPI has no onnxruntime-gpu 1.32.0 wheel (its newest is 1.31.1, checked with `pip index versions
 # onnxruntime-gpu`), so the image takes the nearest release; the runtime logs the difference at load, and the
 # self-check at start-up measures this version's CUDA kernels on the A10G against the export's stored outputs.
 ONNXRUNTIME_GPU = "1.31.1"
+ONNXRUNTIME_CPU = "1.32.0"  # the CPU target serves on the very version the gate (and the int8 gate) ran with
 
 app = modal.App(APP_NAME)
 
-image = (
-    modal.Image.debian_slim(python_version="3.11")
-    # installed first, so that the gpu extra's `onnxruntime-gpu>=` floor below is already met by the pin
-    .pip_install(f"onnxruntime-gpu[cuda,cudnn]=={ONNXRUNTIME_GPU}")
-    # the rest of the runtime on the GPU (CUDA 12 / cuDNN 9 wheels come with the pin) + the HTTP service
-    .pip_install_from_pyproject(str(REPO / "pyproject.toml"), optional_dependencies=["gpu", "serve"])
-    .env(SERVICE_ENV)
-    .add_local_file(MODEL_LOCAL, MODEL_REMOTE, copy=True)  # baked: see the module docstring
-    .add_local_python_source("runtime", ignore=["**/__pycache__/**"])  # with the page's files (runtime/static)
-)
+
+def build_image(target: str) -> modal.Image:
+    """debian_slim + the pinned onnxruntime of the target + the runtime and serve extras + the baked model."""
+    if target == "gpu":  # the pin first, so that the gpu extra's `onnxruntime-gpu>=` floor is already met by it
+        pin, extras = f"onnxruntime-gpu[cuda,cudnn]=={ONNXRUNTIME_GPU}", ["gpu", "serve"]
+    else:  # the CPU wheel only: the gpu extra (onnxruntime-gpu) would own the same `onnxruntime` module
+        pin, extras = f"onnxruntime=={ONNXRUNTIME_CPU}", ["runtime", "serve"]
+    return (
+        modal.Image.debian_slim(python_version="3.11")
+        .pip_install(pin)
+        .pip_install_from_pyproject(str(REPO / "pyproject.toml"), optional_dependencies=extras)
+        .env(SERVICE_ENV)
+        .add_local_file(MODEL_LOCAL, MODEL_REMOTE, copy=True)  # baked: see the module docstring
+        .add_local_python_source("runtime", ignore=["**/__pycache__/**"])  # with the page's files (runtime/static)
+    )
+
+
+image = build_image(TARGET)
 audio_volume = modal.Volume.from_name(AUDIO_VOLUME, create_if_missing=True)
 api_secret = modal.Secret.from_name(SECRET_NAME, required_keys=["PERCEPIANO_API_TOKEN"])
 
@@ -73,9 +132,12 @@ api_secret = modal.Secret.from_name(SECRET_NAME, required_keys=["PERCEPIANO_API_
 class ModelContainer:
     """Container lifecycle shared by the web service and the corpus worker (plain runtime code inside)."""
 
+    analyzer = None
+
     @modal.enter(snap=True)
     def load(self) -> None:
-        """Before the snapshot (no GPU yet): imports, CUDA library preload, model bytes into memory."""
+        """Before the snapshot: imports, CUDA library preload, model bytes into memory; on the CPU target (or
+        with PERCEPIANO_GPU_SNAPSHOT=1) the session too, created and warmed up, so the snapshot holds it."""
         import onnxruntime
 
         import runtime.analyze
@@ -84,23 +146,41 @@ class ModelContainer:
         if hasattr(onnxruntime, "preload_dlls") and "CUDAExecutionProvider" in onnxruntime.get_available_providers():
             onnxruntime.preload_dlls()  # dlopen CUDA/cuDNN from the nvidia-* wheels (no CUDA context yet)
         self.model_bytes = Path(os.environ.get("PERCEPIANO_MODEL_PATH", MODEL_REMOTE)).read_bytes()
+        if SESSION_IN_SNAPSHOT:
+            self.create_session()
 
     @modal.enter(snap=False)
     def start(self) -> None:
-        """After restore: create the CUDA session (HEURISTIC conv search, IO binding) and warm it up.
+        """After restore: create the session and warm it up, or, when the snapshot holds it, check it again here."""
+        if self.analyzer is None:
+            self.create_session()
+            return
+        from runtime.self_check import require_passed
+        from runtime.server import Settings
 
-        The warm-up is the model's self-check on this GPU; a failed one, or an int8 model on CUDA, stops the
-        container here rather than serving wrong scores. The app built over this Analyzer is ready at once.
+        # the host (its CPU's kernels, or its GPU) may differ from the one the snapshot was taken on
+        require_passed(self.analyzer.model.run_self_check(),
+                       allow_failed=Settings.from_env().allow_failed_self_check)
+
+    def create_session(self) -> None:
+        """The session (CUDA: HEURISTIC conv search, IO binding), warmed up; the warm-up is the self-check.
+
+        A failed self-check, an int8 model on CUDA or an fp16 one on the CPU stops the container here rather
+        than serving wrong or slow scores. The app built over this Analyzer is ready at once.
         """
         from runtime.analyze import Analyzer
         from runtime.model import OnnxModel
         from runtime.server import Settings, warm_up
 
-        model = OnnxModel(self.model_bytes, device=os.environ.get("PERCEPIANO_DEVICE", "cuda"))
+        threads = os.environ.get("PERCEPIANO_THREADS", "").strip()
+        model = OnnxModel(self.model_bytes, device=os.environ.get("PERCEPIANO_DEVICE", "cuda"),
+                          threads=int(threads) if threads else None)
         refuse_int8_on_cuda(model)
+        refuse_fp16_on_cpu(model)
         settings = Settings.from_env()  # the cap and refusal limit apply to the corpus worker too
-        self.analyzer = Analyzer(model, cap_seconds=settings.cap_seconds, max_seconds=settings.max_seconds)
-        warm_up(self.analyzer, allow_failed_self_check=settings.allow_failed_self_check)
+        analyzer = Analyzer(model, cap_seconds=settings.cap_seconds, max_seconds=settings.max_seconds)
+        warm_up(analyzer, allow_failed_self_check=settings.allow_failed_self_check)
+        self.analyzer = analyzer
         self.model_bytes = b""  # the session holds its own copy
 
     def build_app(self):
@@ -127,8 +207,20 @@ def refuse_int8_on_cuda(model) -> None:
                          "deploy/modal_app.py")
 
 
-@app.cls(image=image, gpu=GPU, enable_memory_snapshot=True, scaledown_window=SCALEDOWN_WINDOW, timeout=300,
-         secrets=[api_secret])
+def refuse_fp16_on_cpu(model) -> None:
+    """fp16 is the GPU variant (onnxruntime's CPU provider has few fp16 kernels): on the CPU deploy int8 or fp32."""
+    from runtime.errors import ModelError
+
+    if model.device == "cpu" and model.info.precision == "fp16":
+        variants = model.info.variants or {}
+        cpu = (variants.get("recommended") or {}).get("cpu", "int8")
+        name = (variants.get("files") or {}).get(cpu, "model.onnx")
+        raise ModelError(f"this is the fp16 model, the variant for GPUs; on the CPU deploy the {cpu} variant "
+                         f"written beside it: PERCEPIANO_MODAL_TARGET=cpu PERCEPIANO_MODEL=artifacts/{name} "
+                         "modal deploy deploy/modal_app.py")
+
+
+@app.cls(image=image, **HARDWARE, **SNAPSHOT, scaledown_window=SCALEDOWN_WINDOW, timeout=300, secrets=[api_secret])
 @modal.concurrent(**WEB_CONCURRENCY)
 class Service(ModelContainer):
     """The HTTP API (same app as local serving) at the URL `modal deploy` prints."""
@@ -138,9 +230,9 @@ class Service(ModelContainer):
         return self.build_app()
 
 
-@app.cls(image=image, gpu=GPU, enable_memory_snapshot=True, scaledown_window=60, timeout=600,
-         volumes={AUDIO_MOUNT: audio_volume}, max_containers=20)
-@modal.concurrent(max_inputs=4)  # one container decodes the next files while the GPU runs
+@app.cls(image=image, **HARDWARE, **SNAPSHOT, scaledown_window=60, timeout=600, volumes={AUDIO_MOUNT: audio_volume},
+         max_containers=20)
+@modal.concurrent(max_inputs=4)  # one container decodes the next files while the model runs
 class CorpusWorker(ModelContainer):
     """Analyses corpus files; the callers fan out over many of these with `.map` (order_outputs=False).
 
@@ -201,7 +293,7 @@ def run_corpus(root: Path, prefix: str, output: str, analyze_many: Callable[[lis
 
 @app.function(image=image, volumes={AUDIO_MOUNT: audio_volume}, timeout=6 * 3600)
 def analyze_corpus(prefix: str = "", output: str = "results/scores.jsonl", cap_seconds: float | None = None) -> dict:
-    """Fan the Volume's files under prefix out over parallel GPU containers; results to output on the Volume."""
+    """Fan the Volume's files under prefix out over parallel containers; results to output on the Volume."""
     worker = CorpusWorker()
 
     def analyze_many(files: list[str]) -> Iterable[dict]:

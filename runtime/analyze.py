@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -13,6 +14,8 @@ from runtime.constants import API_KEYS, AUDIO_INPUT_NAME, FEATURES
 from runtime.errors import AudioError, InputError
 from runtime.features import chunk_audio, chunk_starts, features_from_audio
 from runtime.model import OnnxModel
+
+Infer = Callable[[np.ndarray], np.ndarray]  # model windows (n, ...) -> label-unit scores (n, 19)
 
 
 @dataclass(frozen=True)
@@ -82,13 +85,15 @@ class Analyzer:
         """(n, 128, 128) log-mel windows -> (n, 19) label-unit scores."""
         return self.model.predict(mel, self.batch_size)
 
-    def analyze_audio(self, y: np.ndarray, sample_rate: int, timings: dict[str, float] | None = None) -> Analysis:
+    def analyze_audio(self, y: np.ndarray, sample_rate: int, timings: dict[str, float] | None = None,
+                      infer: Infer | None = None) -> Analysis:
         """Mono float audio at ``sample_rate`` Hz -> Analysis (resampled to 22,050 Hz as load_audio does).
 
-        ``timings``, if given, gets the seconds spent on features and on inference.
+        ``timings``, if given, gets the seconds spent on features and on inference; ``infer`` (windows ->
+        scores) replaces ``chunk_scores``: the service's batcher or its counted direct path.
         """
         y = prepare_audio(y, sample_rate, cap_seconds=self.cap_seconds, max_seconds=self.max_seconds)
-        return self._analyze(y, timings)
+        return self._analyze(y, timings, infer)
 
     def model_inputs(self, y: np.ndarray) -> np.ndarray:
         """What the model takes: log-mel windows, or only the 3 s chunks when its graph holds the front end."""
@@ -102,22 +107,24 @@ class Analyzer:
         """A path or the bytes of an audio file -> Analysis."""
         return self._analyze(load_audio(source, cap_seconds=self.cap_seconds, max_seconds=self.max_seconds))
 
-    def _analyze(self, y: np.ndarray, timings: dict[str, float] | None = None) -> Analysis:
+    def _analyze(self, y: np.ndarray, timings: dict[str, float] | None = None, infer: Infer | None = None) -> Analysis:
         """Mono float32 audio at 22,050 Hz -> Analysis."""
-        return self._score(self.model_inputs, y, len(y) / FEATURES.sample_rate, timings)
+        return self._score(self.model_inputs, y, len(y) / FEATURES.sample_rate, timings, infer)
 
-    def analyze_mel(self, mel: np.ndarray, timings: dict[str, float] | None = None) -> Analysis:
+    def analyze_mel(self, mel: np.ndarray, timings: dict[str, float] | None = None,
+                    infer: Infer | None = None) -> Analysis:
         """A precomputed [time, mel] log-mel spectrogram, cut into 128-frame windows at the audio path's hop."""
         if self.model.input_kind == AUDIO_INPUT_NAME:
             raise InputError("this model takes audio (its graph computes the features); send audio, not a spectrogram")
-        return self._score(windows_from_mel, mel, mel_duration(len(mel)), timings)
+        return self._score(windows_from_mel, mel, mel_duration(len(mel)), timings, infer)
 
-    def _score(self, windows, data: np.ndarray, duration: float, timings: dict[str, float] | None) -> Analysis:
-        """``windows(data)`` -> model windows -> scores, timing the two steps into ``timings``."""
+    def _score(self, windows, data: np.ndarray, duration: float, timings: dict[str, float] | None,
+               infer: Infer | None = None) -> Analysis:
+        """``windows(data)`` -> model windows -> scores (``infer``, else chunk_scores), timed into ``timings``."""
         t0 = time.perf_counter()
         mel = windows(data)
         t1 = time.perf_counter()
-        scores = self.chunk_scores(mel)
+        scores = (infer or self.chunk_scores)(mel)
         if timings is not None:
             timings["features"], timings["inference"] = t1 - t0, time.perf_counter() - t1
         return build_analysis(scores, duration)

@@ -22,7 +22,8 @@ from fastapi import Request
 
 from runtime.analyze import Analysis, Analyzer
 from runtime.audio import load_audio
-from runtime.constants import FEATURES
+from runtime.batcher import Batcher, BatcherClosed, run_in_batches
+from runtime.constants import FEATURES, NUM_DIMENSIONS
 from runtime.errors import AudioError, InputError
 from runtime.http_io import (
     BUSY_HEADERS,
@@ -92,6 +93,7 @@ class Service:
         self.bodies = ByteBudget(settings.body_budget(MULTIPART_SLACK))
         self.executor = ThreadPoolExecutor(settings.max_concurrency, thread_name_prefix="percepiano")
         self.frame_limit = max_frames_for(settings.max_seconds)
+        self.batcher: Batcher | None = None  # cross-request batching, when on (set once the model is loaded)
 
     # --- lifecycle
     def start(self) -> None:
@@ -129,6 +131,13 @@ class Service:
         self.metrics.warmup_seconds.set(model.warmup_seconds or 0.0)
         self.metrics.set_model(version=model.info.version, precision=model.info.precision, device=model.device,
                                providers=model.providers)
+        wait_ms = self.settings.batch_wait_for(model.device)
+        if wait_ms > 0:  # the worker's rule (a lone request never waits): runtime.batcher
+            self.batcher = Batcher(model.run, wait_ms=wait_ms, max_chunks=self.settings.max_batch_chunks,
+                                   item_shape=model.input_shape, outputs=NUM_DIMENSIONS,
+                                   active=lambda: self._running, observe=self.metrics.observe_inference)
+        log.info("cross-request batching %s", f"on: up to {wait_ms:g} ms, {self.settings.max_batch_chunks} windows "
+                 "per call" if self.batcher else "off")
         self.analyzer = analyzer
         self.ready.set()
         self.settled.set()
@@ -138,6 +147,19 @@ class Service:
         if self._loader is not None:
             self._loader.join()
         self.executor.shutdown(wait=False, cancel_futures=True)
+        if self.batcher is not None:
+            self.batcher.close()
+
+    def infer(self, windows: np.ndarray) -> np.ndarray:
+        """Model windows -> scores: through the batcher when batching is on, else directly in the analyzer's
+        batches; every inference call is counted in the batch histograms either way."""
+        analyzer = self.require_analyzer()
+        if self.batcher is None:
+            return run_in_batches(analyzer.model.run, windows, analyzer.batch_size, self.metrics.observe_inference)
+        try:
+            return self.batcher.predict(windows)
+        except BatcherClosed:
+            raise ServiceError(503, "not_ready", "the server is shutting down") from None
 
     def require_analyzer(self) -> Analyzer:
         if self.analyzer is not None:
@@ -236,7 +258,7 @@ class Service:
             cap = self.settings.cap_seconds if cap_seconds is None else cap_seconds
             y = load_audio(data, cap_seconds=cap, max_seconds=self.settings.max_seconds)
             timings["decode"] = time.perf_counter() - t0
-            return analyzer.analyze_audio(y, FEATURES.sample_rate, timings), time.perf_counter() - t0
+            return analyzer.analyze_audio(y, FEATURES.sample_rate, timings, self.infer), time.perf_counter() - t0
         except AudioError as exc:
             raise audio_error(exc) from None
         except InputError as exc:
@@ -252,7 +274,7 @@ class Service:
             else:
                 mel = parse_blob(data, max_frames=self.frame_limit)
             timings["decode"] = time.perf_counter() - t0  # parsing the body: this route's decode
-            return analyzer.analyze_mel(mel, timings), time.perf_counter() - t0
+            return analyzer.analyze_mel(mel, timings, self.infer), time.perf_counter() - t0
         except InputError as exc:
             raise input_error(exc) from None
 

@@ -29,6 +29,10 @@ class Settings:
     max_body_memory: int = 256_000_000  # request-body bytes held at once, at most (PERCEPIANO_MAX_BODY_MEMORY)
     allow_failed_self_check: bool = False  # serve a model whose self-check failed (PERCEPIANO_ALLOW_FAILED_SELF_CHECK)
     metrics_auth: bool = True  # /metrics behind the API token when one is set (PERCEPIANO_METRICS_AUTH)
+    # cross-request batching (runtime.batcher): the most ms a request waits for others' windows to share an
+    # inference call; 0 = off, None = auto: 10 ms on CUDA, off on the CPU, decided when the model is loaded
+    batch_wait_ms: float | None = None  # PERCEPIANO_BATCH_WAIT_MS ("auto", or ms)
+    max_batch_chunks: int = 32  # windows per merged inference call, at most (PERCEPIANO_MAX_BATCH_CHUNKS)
 
     ENV = {"max_bytes": ("PERCEPIANO_MAX_BYTES", int), "max_seconds": ("PERCEPIANO_REFUSE_OVER_SECONDS", float),
            "cap_seconds": ("PERCEPIANO_CAP_SECONDS", float),
@@ -36,7 +40,11 @@ class Settings:
            "max_queue": ("PERCEPIANO_MAX_QUEUE", int), "queue_timeout": ("PERCEPIANO_QUEUE_TIMEOUT", float),
            "body_timeout": ("PERCEPIANO_BODY_TIMEOUT", float), "max_body_memory": ("PERCEPIANO_MAX_BODY_MEMORY", int),
            "allow_failed_self_check": ("PERCEPIANO_ALLOW_FAILED_SELF_CHECK", bool),
-           "metrics_auth": ("PERCEPIANO_METRICS_AUTH", bool)}
+           "metrics_auth": ("PERCEPIANO_METRICS_AUTH", bool),
+           "batch_wait_ms": ("PERCEPIANO_BATCH_WAIT_MS", float),
+           "max_batch_chunks": ("PERCEPIANO_MAX_BATCH_CHUNKS", int)}
+    AUTO_BATCH_WAIT_MS = {"cuda": 10.0, "cpu": 0.0}  # batch_wait_ms=None, by the device the model runs on
+    MAX_BATCH_WAIT_MS = 1000.0  # a longer wait would only add latency: refused as a likely unit mistake
 
     def __post_init__(self) -> None:
         if self.max_bytes < 1 or self.max_concurrency < 1 or self.max_queue < 0 or self.queue_timeout < 0 \
@@ -44,6 +52,11 @@ class Settings:
             raise ConfigError(f"invalid service limits: {self}")
         if self.max_seconds is not None and self.max_seconds <= 0:
             raise ConfigError(f"max_seconds must be positive or None, got {self.max_seconds}")
+        if self.batch_wait_ms is not None and not 0 <= self.batch_wait_ms <= self.MAX_BATCH_WAIT_MS:
+            raise ConfigError(f"PERCEPIANO_BATCH_WAIT_MS must be 'auto' or 0 .. {self.MAX_BATCH_WAIT_MS:g} ms "
+                              f"(0 = off), got {self.batch_wait_ms}")
+        if not 1 <= self.max_batch_chunks <= 1024:
+            raise ConfigError(f"PERCEPIANO_MAX_BATCH_CHUNKS must be 1 .. 1024 windows, got {self.max_batch_chunks}")
         from runtime.audio import check_cap  # lazy: reading settings needs no decoder
 
         check_cap(self.cap_seconds, self.max_seconds)
@@ -61,6 +74,9 @@ class Settings:
             if name in ("max_seconds", "cap_seconds") and raw.lower() in ("none", "0"):
                 values[name] = None
                 continue
+            if name == "batch_wait_ms" and raw.lower() == "auto":
+                values[name] = None
+                continue
             if kind is bool:
                 if raw.lower() not in BOOLEANS:
                     raise ConfigError(f"{var}={raw!r} is not one of {sorted(BOOLEANS)}")
@@ -69,7 +85,8 @@ class Settings:
             try:
                 values[name] = kind(raw)
             except ValueError:
-                raise ConfigError(f"{var}={raw!r} is not a valid {kind.__name__}") from None
+                hint = " or 'auto'" if name == "batch_wait_ms" else ""
+                raise ConfigError(f"{var}={raw!r} is not a valid {kind.__name__}{hint}") from None
         settings = cls(**{**values, **overrides})
         if require_token and not settings.api_token:
             raise ConfigError("this deployment requires auth: set PERCEPIANO_API_TOKEN (locally or in a Modal secret)")
@@ -80,6 +97,10 @@ class Settings:
         capped by max_body_memory, but never below one largest body."""
         largest = self.max_bytes + slack
         return max(largest, min((self.max_concurrency + self.max_queue) * largest, self.max_body_memory))
+
+    def batch_wait_for(self, device: str) -> float:
+        """The batching wait in ms for a model on `device` ('cpu' or 'cuda'): the setting, or auto's choice."""
+        return self.AUTO_BATCH_WAIT_MS.get(device, 0.0) if self.batch_wait_ms is None else self.batch_wait_ms
 
     def public(self) -> dict[str, Any]:
         """The limits a client may see (no token)."""

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
 import json
 import os
 import shutil
@@ -16,71 +15,32 @@ import pytest
 modal = pytest.importorskip("modal")
 pytest.importorskip("fastapi")
 
+from modal_recording import fresh_import, import_recording, options  # noqa: E402
+
 REPO = Path(__file__).resolve().parents[1]
 TOKEN = "modal-test-token"
 
 
-def fresh_import():
-    sys.modules.pop("deploy.modal_app", None)
-    return importlib.import_module("deploy.modal_app")
-
-
-def test_imports_without_credentials_or_model(tmp_path):
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MODAL_")}
+@pytest.mark.parametrize(("switches", "printed"), [
+    ({}, ["percepiano", "A10G", "False"]),
+    ({"PERCEPIANO_MODAL_TARGET": "cpu"}, ["percepiano-cpu", "None", "True"]),
+    ({"PERCEPIANO_GPU_SNAPSHOT": "1"}, ["percepiano", "A10G", "True"]),
+])
+def test_imports_without_credentials_or_model(tmp_path, switches, printed):
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MODAL_", "PERCEPIANO_"))}
     env.update(HOME=str(tmp_path), MODAL_CONFIG_PATH=str(tmp_path / "none.toml"),
-               PERCEPIANO_MODEL=str(tmp_path / "absent.onnx"))
-    code = "import deploy.modal_app as m; print(m.app.name, m.GPU)"
+               PERCEPIANO_MODEL=str(tmp_path / "absent.onnx"), **switches)
+    code = "import deploy.modal_app as m; print(m.app.name, m.GPU, m.SESSION_IN_SNAPSHOT)"
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
-    assert out.stdout.split() == ["percepiano", "A10G"]
+    assert out.stdout.split() == printed
 
 
 @pytest.fixture
 def recorded(monkeypatch):
-    """Import the Modal file with Modal's decorators wrapped to record what the file asks of them.
-
-    The real decorators still run, so an option Modal 1.x does not accept fails the import.
-    """
-    calls: list[tuple[str, str, dict]] = []
-
-    names: dict[int, str] = {}  # what an inner decorator returned -> the name of what it wrapped
-
-    def name_of(target) -> str:
-        return names.get(id(target)) or target.__name__
-
-    def recording(kind: str, make_decorator):
-        def decorator(target):
-            calls.append((kind, name_of(target), kwargs_of[id(decorator)]))
-            result = make_decorator()(target)
-            names[id(result)] = name_of(target)
-            return result
-
-        return decorator
-
-    kwargs_of: dict[int, dict] = {}
-
-    def wrap_factory(kind: str, real):
-        def factory(*args, **kwargs):
-            deco = recording(kind, lambda: real(*args, **kwargs))
-            kwargs_of[id(deco)] = kwargs
-            return deco
-
-        return factory
-
-    for kind in ("enter", "asgi_app", "method", "concurrent"):
-        monkeypatch.setattr(modal, kind, wrap_factory(kind, getattr(modal, kind)))
-    for kind in ("cls", "function"):
-        real = getattr(modal.App, kind)
-        monkeypatch.setattr(modal.App, kind, lambda self, _real=real, _kind=kind, **kw:
-                            wrap_factory(_kind, lambda **k: _real(self, **k))(**kw))
-    yield fresh_import(), calls
+    """The default (GPU) variant, recorded."""
+    yield import_recording(monkeypatch)
     sys.modules.pop("deploy.modal_app", None)
-
-
-def options(calls, kind: str, name: str) -> dict:
-    found = [kw for k, n, kw in calls if k == kind and n == name]
-    assert len(found) == 1, (kind, name, calls)
-    return found[0]
 
 
 def test_modal_configuration(recorded):
