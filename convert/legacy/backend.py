@@ -65,7 +65,7 @@ def run_worker(ckpt: Checkpoint, opset: int, workdir: Path) -> dict:
 
 
 def normalise(proto, config):
-    """jax2onnx's conventions on a tf2onnx graph: I/O names, folded weights, dense layers as MatMul."""
+    """jax2onnx's conventions on a tf2onnx graph: I/O names, folded weights, dense layers as MatMul, value types."""
     graph = proto.graph
     if len(graph.input) != 1 or len(graph.output) != 1:
         raise ExportError(f"tf2onnx wrote {len(graph.input)} inputs and {len(graph.output)} outputs, expected 1 and 1")
@@ -75,7 +75,11 @@ def normalise(proto, config):
         node.output[:] = [renames.get(name, name) for name in node.output]
     graph.input[0].name, graph.output[0].name = INPUT_NAME, OUTPUT_NAME
     graph.name = "percepiano_ast"
+    import onnx
+
     out = prepare(proto)  # constant folding, then Gemm -> MatMul + Add
+    # value types of every tensor, as jax2onnx writes them: the fp16 converter needs them to place its Casts
+    out = onnx.shape_inference.infer_shapes(out, strict_mode=True)
     dense = weight_matmuls(out)
     if len(dense) != linear_layers(config):
         raise ExportError(f"the tf2onnx graph has {len(dense)} MatMuls with a constant weight, expected one per "

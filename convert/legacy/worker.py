@@ -15,6 +15,7 @@ import json
 import os
 import sys
 import time
+import warnings
 from importlib import metadata
 from pathlib import Path
 
@@ -80,6 +81,8 @@ def convert(workdir: Path) -> None:
     def forward(mel):
         return model.apply(variables, mel) * scale + mean  # as convert.forward.build_forward
 
+    # the path this backend exists for: graph serialization with enable_xla=False, deprecated (warned) in jax 0.7.1
+    warnings.filterwarnings("ignore", message=".*jax2tf.convert with enable_xla=False", category=DeprecationWarning)
     start = time.perf_counter()
     progress(f"jax2tf: tracing the model ({config.num_layers} layers, width {config.embed_dim}), batch polymorphic")
     tf_forward = jax2tf.convert(forward, polymorphic_shapes=[f"(b, {config.n_frames}, {config.n_mels})"],
