@@ -1,6 +1,6 @@
 """The legacy venv of the tf2onnx backend: made once from requirements-tf2onnx.txt, cached, reused.
 
-It lives at ${PERCEPIANO_CACHE:-~/.cache/percepiano}/venv-tf2onnx-<hash of the requirements file>, so a
+It lives at ${PERCEPIANO_CACHE:-${XDG_CACHE_HOME:-~/.cache}/percepiano}/venv-tf2onnx-<hash of the requirements file>, so a
 changed pin set gets a new venv rather than a half-upgraded old one. It is built under a temporary name and
 renamed into place once complete (a `.complete` marker is written last), so an interrupted creation is never
 reused. PERCEPIANO_TF2ONNX_VENV names an existing venv instead (it must hold the same pins).
@@ -32,7 +32,8 @@ def pins(requirements: Path = REQUIREMENTS) -> list[str]:
 
 
 def cache_root() -> Path:
-    return Path(os.environ.get("PERCEPIANO_CACHE") or Path.home() / ".cache" / "percepiano")
+    xdg = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return Path(os.environ.get("PERCEPIANO_CACHE") or xdg / "percepiano")
 
 
 def env_dir(requirements: Path = REQUIREMENTS) -> Path:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import sys
 import time
 import warnings
@@ -20,6 +21,7 @@ from importlib import metadata
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's start-up banners
+os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")  # plain TF kernels wherever TF folds constants
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 
@@ -97,7 +99,8 @@ def convert(workdir: Path) -> None:
         raise SystemExit(f"tf2onnx left unconverted TensorFlow ops: {unconverted}")
     (workdir / "model.onnx").write_bytes(proto.SerializeToString())
     (workdir / "versions.json").write_text(json.dumps(versions()))
-    progress(f"done in {time.perf_counter() - start:.1f} s")
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    progress(f"converted in {time.perf_counter() - start:.1f} s, worker peak RSS {peak_mb:.0f} MB")
 
 
 def main(argv: list[str]) -> int:
