@@ -27,7 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--opset", type=int, help="ONNX opset (default 23 with jax2onnx, 18 with tf2onnx)")
     exp.add_argument("--backend", choices=("jax2onnx", "tf2onnx"), default="jax2onnx",
                      help="converter: jax2onnx (default), or jax2tf -> TensorFlow -> tf2onnx, the independent second "
-                          "one, run in its own pinned venv (created on first use, ~2 GB; see README)")
+                          "one, run in its own pinned venv (created on first use, 1.9 GB; see README)")
     exp.add_argument("--atol", type=float, help="fp32 parity tolerance in score units (default 1e-5)")
     exp.add_argument("--clips", type=Path, nargs="+",
                      help="real audio files for the parity gate (default: the shipped clips; none is an error)")

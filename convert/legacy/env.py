@@ -1,7 +1,7 @@
 """The legacy venv of the tf2onnx backend: made once from requirements-tf2onnx.txt, cached, reused.
 
-It lives at ${PERCEPIANO_CACHE:-${XDG_CACHE_HOME:-~/.cache}/percepiano}/venv-tf2onnx-<hash of the requirements file>, so a
-changed pin set gets a new venv rather than a half-upgraded old one. It is built under a temporary name and
+It lives at ${PERCEPIANO_CACHE:-${XDG_CACHE_HOME:-~/.cache}/percepiano}/venv-tf2onnx-<hash of the requirements
+file>, so a changed pin set gets a new venv rather than a half-upgraded old one. It is built under a temporary name and
 renamed into place once complete (a `.complete` marker is written last), so an interrupted creation is never
 reused. PERCEPIANO_TF2ONNX_VENV names an existing venv instead (it must hold the same pins).
 """
@@ -60,7 +60,7 @@ def _run(cmd: list[str], what: str) -> None:
 
 
 def ensure_env(requirements: Path = REQUIREMENTS, base_python: str | None = None) -> Path:
-    """The legacy venv's python, creating the venv first if it is not there (one-time, about 2.3 GB)."""
+    """The legacy venv's python, creating the venv first if it is not there (one-time: 0.4 GB download, 1.9 GB)."""
     venv = env_dir(requirements)
     if is_ready(venv):
         return env_python(venv)
@@ -72,7 +72,8 @@ def ensure_env(requirements: Path = REQUIREMENTS, base_python: str | None = None
         raise ExportError(f"the tf2onnx environment is pinned for Python {PYTHON[0]}.{PYTHON[1]}; "
                           f"this is {sys.version_info[0]}.{sys.version_info[1]}")
     listed = ", ".join(pins(requirements))
-    print(f"creating the tf2onnx environment at {venv} (one-time: ~2.3 GB download and install, a few minutes)\n"
+    print(f"creating the tf2onnx environment at {venv} (one-time: ~0.4 GB download, 1.9 GB installed, "
+          f"a few minutes)\n"
           f"  pins: {listed}", file=sys.stderr, flush=True)
     venv.parent.mkdir(parents=True, exist_ok=True)
     building = venv.with_name(f"{venv.name}.building-{os.getpid()}")
@@ -84,12 +85,17 @@ def ensure_env(requirements: Path = REQUIREMENTS, base_python: str | None = None
               "--disable-pip-version-check", "--quiet", "--only-binary", ":all:", "-r", str(requirements)],
              "pip install")
         (building / MARKER).write_text("\n".join(pins(requirements)) + "\n")
-        if venv.exists():  # a stale, incomplete one (a complete one returned above)
-            shutil.rmtree(venv)
-        os.replace(building, venv)
+        if not is_ready(venv):  # another process may have finished first: then its venv is kept
+            shutil.rmtree(venv, ignore_errors=True)  # a stale, incomplete one
+            try:
+                os.replace(building, venv)
+            except OSError:
+                if not is_ready(venv):
+                    raise ExportError(f"could not move the new tf2onnx environment into {venv}") from None
     except BaseException:
         shutil.rmtree(building, ignore_errors=True)
         raise
+    shutil.rmtree(building, ignore_errors=True)  # left only when another process's venv won
     print(f"created {venv}", file=sys.stderr, flush=True)
     return env_python(venv)
 
