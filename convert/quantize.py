@@ -300,7 +300,7 @@ def head_nodes(proto) -> list[str]:
         for name in node.input:
             consumers.setdefault(name, []).append(node)
     frontier = [o for n in proto.graph.node if n.op_type in ("ReduceSum", "ReduceMean")
-                and _reduced_axes(n, constants) in ((1,), None) for o in n.output]
+                and _reduced_axes(n, constants) in ((1,), (-2,), None) for o in n.output]
     seen: dict[str, None] = {}
     while frontier:
         for node in consumers.get(frontier.pop(), []):
