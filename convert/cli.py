@@ -1,4 +1,4 @@
-"""`python -m convert export | demo-checkpoint`: the converter's command line."""
+"""`python -m convert export | quantize | crosscheck | demo-checkpoint`: the converter's command line."""
 
 from __future__ import annotations
 
@@ -24,7 +24,10 @@ def build_parser() -> argparse.ArgumentParser:
     exp = sub.add_parser("export", help="checkpoint -> parity-checked ONNX model")
     exp.add_argument("--checkpoint", type=Path, help="original pickled checkpoint (default: a demo checkpoint)")
     exp.add_argument("--out", type=Path, default=Path("artifacts/model.onnx"), help="output ONNX path")
-    exp.add_argument("--opset", type=int, default=23, help="ONNX opset (default 23)")
+    exp.add_argument("--opset", type=int, help="ONNX opset (default 23 with jax2onnx, 18 with tf2onnx)")
+    exp.add_argument("--backend", choices=("jax2onnx", "tf2onnx"), default="jax2onnx",
+                     help="converter: jax2onnx (default), or jax2tf -> TensorFlow -> tf2onnx, the independent second "
+                          "one, run in its own pinned venv (created on first use, 1.9 GB; see README)")
     exp.add_argument("--atol", type=float, help="fp32 parity tolerance in score units (default 1e-5)")
     exp.add_argument("--clips", type=Path, nargs="+",
                      help="real audio files for the parity gate (default: the shipped clips; none is an error)")
@@ -46,6 +49,17 @@ def build_parser() -> argparse.ArgumentParser:
     qnt.add_argument("--report", type=Path, help="also write the parity report(s) as JSON here")
     add_variant_args(qnt)
     qnt.set_defaults(quantize="int8")
+
+    cross = sub.add_parser("crosscheck", help="export with both backends; compare them with each other and JAX")
+    cross.add_argument("checkpoint", type=Path, help="original pickled checkpoint")
+    cross.add_argument("--clips", type=Path, nargs="+",
+                       help="real audio files to compare on (default: the shipped clips; none is an error)")
+    cross.add_argument("--atol", type=float, help="largest difference allowed between any two (default: fp32's 1e-5)")
+    cross.add_argument("--out-dir", type=Path, help="keep both exports here (default: a temporary folder)")
+    cross.add_argument("--models", type=Path, nargs="+",
+                       help="compare these already exported models instead of exporting")
+    cross.add_argument("--seed", type=int, default=0, help="seed of the exports' random parity inputs")
+    cross.add_argument("--report", type=Path, help="also write the comparison as JSON here")
 
     demo = sub.add_parser("demo-checkpoint", help="write a checkpoint in the original pickle format")
     demo.add_argument("out", type=Path)
@@ -81,7 +95,8 @@ def cmd_export(args: argparse.Namespace) -> int:
 
         export = partial(export_audio, dft=args.dft)
     try:
-        result = export(args.checkpoint, args.out, opset=args.opset, atol=args.atol, clips=args.clips, seed=args.seed,
+        result = export(args.checkpoint, args.out, opset=args.opset, backend=args.backend, atol=args.atol,
+                        clips=args.clips, seed=args.seed,
                         quantize=args.quantize, int8_atol=args.int8_atol, fp16_atol=args.fp16_atol,
                         per_channel=args.per_channel, reduce_range=args.reduce_range, optimize=args.optimize,
                         allow_partial=args.allow_partial)
@@ -128,6 +143,17 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_crosscheck(args: argparse.Namespace) -> int:
+    from convert.crosscheck import crosscheck, format_crosscheck
+
+    report = crosscheck(args.checkpoint, args.clips, atol=args.atol, seed=args.seed, out_dir=args.out_dir,
+                        models=args.models)
+    print(format_crosscheck(report))
+    if args.report:
+        args.report.write_text(json.dumps(report, indent=2))
+    return 0 if report["passed"] else 1
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from convert.demo import make_demo_checkpoint
 
@@ -143,7 +169,8 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     for name in ("convert", "runtime"):
         logging.getLogger(name).setLevel(logging.ERROR if args.quiet else logging.INFO)
-    commands = {"export": cmd_export, "quantize": cmd_quantize, "demo-checkpoint": cmd_demo}
+    commands = {"export": cmd_export, "quantize": cmd_quantize, "crosscheck": cmd_crosscheck,
+                "demo-checkpoint": cmd_demo}
     try:
         return commands[args.command](args)
     except USER_ERRORS as exc:

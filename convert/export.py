@@ -23,6 +23,7 @@ from runtime.model import OnnxModel
 log = logging.getLogger(__name__)
 
 DEFAULT_OPSET = 23
+BACKENDS = ("jax2onnx", "tf2onnx")  # tf2onnx: jax2tf -> TensorFlow -> tf2onnx in its own venv (convert.legacy)
 __all__ = ["DEFAULT_OPSET", "ExportResult", "build_forward", "export", "to_onnx"]
 
 
@@ -56,7 +57,8 @@ def export(
     checkpoint: str | os.PathLike | None,
     out: str | os.PathLike,
     *,
-    opset: int = DEFAULT_OPSET,
+    opset: int | None = None,
+    backend: str = "jax2onnx",
     atol: float | None = None,
     clips: Sequence[Path] | None = None,
     seed: int = 0,
@@ -76,8 +78,11 @@ def export(
     variant failing its gate raises ParityError unless `allow_partial`. `clips`: real audio for the gate
     (None: the shipped clips; an empty set is refused). `demo` marks the metadata `source.demo` for a
     checkpoint the caller knows to be a convert.demo stand-in; an export without a checkpoint makes one and
-    marks it itself.
+    marks it itself. `backend` tf2onnx converts with the second, independent converter (convert.legacy);
+    `opset` defaults to the backend's (23 for jax2onnx, 18 for tf2onnx).
     """
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
     if quantize not in QUANTIZE_CHOICES:
         raise ValueError(f"unknown quantize {quantize!r}; choose one of {QUANTIZE_CHOICES}")
     start = time.perf_counter()
@@ -93,11 +98,18 @@ def export(
         ckpt = load_checkpoint(checkpoint)
         forward = build_forward(ckpt)
         references = clip_references(forward, clips)  # before the trace: a bad clip set fails fast; reused by all
-        log.info("exporting the model (%d layers, width %d) with jax2onnx, opset %d",
-                 ckpt.config.num_layers, ckpt.config.embed_dim, opset)
-        proto = to_onnx(forward, opset)
+        log.info("exporting the model (%d layers, width %d) with %s, opset %s",
+                 ckpt.config.num_layers, ckpt.config.embed_dim, backend, opset or "default")
+        if backend == "tf2onnx":
+            from convert.legacy.backend import DEFAULT_OPSET as TF2ONNX_OPSET
+            from convert.legacy.backend import to_onnx_tf2onnx
+
+            proto, made_by = to_onnx_tf2onnx(ckpt, opset or TF2ONNX_OPSET)
+        else:
+            proto, made_by = to_onnx(forward, opset or DEFAULT_OPSET), None
         tolerance = Tolerance.for_precision("fp32", atol)
-        sections = {**describe(ckpt, "fp32", demo=demo), "self_check": self_check_section(references, tolerance.model)}
+        sections = {**describe(ckpt, "fp32", demo=demo, backend=made_by),
+                    "self_check": self_check_section(references, tolerance.model)}
         set_metadata(proto, sections)
         model = OnnxModel(proto.SerializeToString(), device="cpu")  # the runtime's own loader checks it
         report = run_gate(forward, model, tolerance=tolerance, seed=seed, references=references)

@@ -29,11 +29,27 @@ def package_versions() -> dict[str, str]:
     return out
 
 
-def describe(ckpt: Checkpoint, precision: str, *, demo: bool = False) -> dict:
+def jax2onnx_backend() -> dict:
+    """The `backend` section of a model made by the main exporter (convert.export.to_onnx)."""
+    return {"name": "jax2onnx", "versions": {k: v for k, v in package_versions().items() if k != "onnxruntime"}}
+
+
+def backend_of(proto) -> dict | None:
+    """The `backend` section already in a ModelProto's metadata (None if it has none)."""
+    import json
+
+    for prop in proto.metadata_props:
+        if prop.key == METADATA_KEY:
+            return json.loads(prop.value).get("backend")
+    return None
+
+
+def describe(ckpt: Checkpoint, precision: str, *, demo: bool = False, backend: dict | None = None) -> dict:
     """The metadata sections every variant carries (parity and the self-check are added once measured).
 
     `demo`: the checkpoint is a random-weight stand-in (convert.demo); its scores mean nothing, and it carries
     no fine-tuning results (`finetuning_results` is then null). A real checkpoint's results are copied as they are.
+    `backend`: the converter that made the graph and its versions (default: jax2onnx, this environment's).
     """
     return {
         "precision": precision,
@@ -45,6 +61,7 @@ def describe(ckpt: Checkpoint, precision: str, *, demo: bool = False) -> dict:
         "source": {"sha256": ckpt.sha256, "filename": Path(ckpt.path).name, "demo": bool(demo),
                    "finetuning_results": ckpt.finetuning_results},
         "versions": package_versions(),
+        "backend": backend or jax2onnx_backend(),
         "io": {"input": INPUT_NAME, "output": OUTPUT_NAME, "output_units": "label (0-1 score scale), not clipped"},
     }
 

@@ -228,7 +228,9 @@ def int8_float_layers(proto) -> dict[str, list[str]]:
     (the embedding sees raw dB values, the head writes the 19 scores), for 0.2 % of the multiply-adds.
     """
     dense = weight_matmuls(proto)
-    first_norm = next((i for i, n in enumerate(proto.graph.node) if "LayerNormalization" in n.op_type), None)
+    # the first LayerNorm, or its first statistic where a converter wrote it as plain ops (tf2onnx: ReduceSum)
+    first_norm = next((i for i, n in enumerate(proto.graph.node)
+                       if "LayerNormalization" in n.op_type or n.op_type.startswith("Reduce")), None)
     before_norm = {n.name for n in proto.graph.node[:first_norm]} if first_norm is not None else set()
     embedding = [name for name in dense if name in before_norm]
     head = [name for name in head_nodes(proto) if name in set(dense)]
@@ -277,13 +279,33 @@ def quantize_int8(proto, *, per_channel: bool = False, reduce_range: bool = True
     return fuse_int8_matmuls(quantized)[0] if fuse else quantized
 
 
+def _reduced_axes(node, constants: dict) -> tuple[int, ...] | None:
+    """A Reduce node's axes, from its attribute (opset < 18) or its constant second input; None if unknown."""
+    from onnx import numpy_helper
+
+    for attr in node.attribute:
+        if attr.name == "axes":
+            return tuple(attr.ints)
+    if len(node.input) > 1 and node.input[1] in constants:
+        return tuple(int(a) for a in np.atleast_1d(numpy_helper.to_array(constants[node.input[1]])))
+    return None
+
+
 def head_nodes(proto) -> list[str]:
-    """Names of the nodes after the mean over patches (ReduceSum/ReduceMean): the regression head."""
+    """Names of the nodes after the mean over patches (ReduceSum/ReduceMean over axis 1): the regression head.
+
+    Reductions over the last axis (LayerNorm statistics, softmax sums, where a converter wrote them as plain
+    ops) are not the pooling.
+    """
+    constants = {init.name: init for init in proto.graph.initializer}
+    constants.update({n.output[0]: n.attribute[0].t for n in proto.graph.node
+                      if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value"})
     consumers: dict[str, list] = {}
     for node in proto.graph.node:
         for name in node.input:
             consumers.setdefault(name, []).append(node)
-    frontier = [o for n in proto.graph.node if n.op_type in ("ReduceSum", "ReduceMean") for o in n.output]
+    frontier = [o for n in proto.graph.node if n.op_type in ("ReduceSum", "ReduceMean")
+                and _reduced_axes(n, constants) in ((1,), (-2,), None) for o in n.output]
     seen: dict[str, None] = {}
     while frontier:
         for node in consumers.get(frontier.pop(), []):

@@ -9,7 +9,7 @@ from convert.checkpoint import load_checkpoint
 from convert.errors import ExportError, ParityError
 from convert.files import write_atomic
 from convert.forward import build_forward
-from convert.metadata import describe, self_check_section, set_metadata
+from convert.metadata import backend_of, describe, self_check_section, set_metadata
 from convert.parity import Tolerance, clip_references, run_gate
 from convert.quantize import QUANTIZE_CHOICES, Variant, make_variant, op_counts
 from runtime.model import PRECISIONS, OnnxModel, parse_metadata
@@ -54,10 +54,11 @@ def gate_variant(variant: Variant, forward, sections: dict, references, atol: fl
                     references=references)
 
 
-def variant_sections(ckpt, precision: str, references, atol: float | None, demo: bool) -> dict:
+def variant_sections(ckpt, precision: str, references, atol: float | None, demo: bool,
+                     backend: dict | None = None) -> dict:
     """describe() plus the self-check windows with this variant's model tolerance."""
     tol = Tolerance.for_precision(precision, atol).model
-    return {**describe(ckpt, precision, demo=demo), "self_check": self_check_section(references, tol)}
+    return {**describe(ckpt, precision, demo=demo, backend=backend), "self_check": self_check_section(references, tol)}
 
 
 def variants_doc(
@@ -107,6 +108,7 @@ def publish_variants(
     if references is None:  # librosa + JAX on the clips, computed once for every variant's gate
         references = clip_references(forward, clips)
     reports, made, failures = {"fp32": fp32_report}, {}, []
+    backend = backend_of(fp32)  # the variants record the converter that made their fp32 graph
     for precision in precisions:
         if precision == "fp32" and not optimized:
             made[precision] = Variant("fp32", fp32, {"optimized": False, "nodes": op_counts(fp32)})
@@ -115,7 +117,7 @@ def publish_variants(
         variant = make_variant(
             fp32, precision, ckpt.config, optimized=optimized, per_channel=per_channel, reduce_range=reduce_range
         )
-        sections = variant_sections(ckpt, precision, references, atol.get(precision), demo)
+        sections = variant_sections(ckpt, precision, references, atol.get(precision), demo, backend)
         try:
             reports[precision] = gate_variant(variant, forward, sections, references, atol.get(precision), seed)
         except ParityError as exc:
@@ -135,7 +137,7 @@ def publish_variants(
     paths = variant_paths(Path(out), tuple(made), recommended["cpu"] if recommended else precisions[0])
     for precision, variant in made.items():
         doc = variants_doc(precision, made, reports, paths, recommended)
-        sections = variant_sections(ckpt, precision, references, atol.get(precision), demo)
+        sections = variant_sections(ckpt, precision, references, atol.get(precision), demo, backend)
         set_metadata(variant.proto, {**sections, "parity": reports[precision], "variants": doc})
         write_atomic(paths[precision], lambda fh, v=variant: fh.write(v.proto.SerializeToString()))
         log.info("wrote %s (%s, %.1f MB)", paths[precision], precision, paths[precision].stat().st_size / 1e6)
