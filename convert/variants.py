@@ -7,11 +7,12 @@ from pathlib import Path
 
 from convert.checkpoint import load_checkpoint
 from convert.errors import ExportError, ParityError
-from convert.files import write_atomic
+from convert.files import write_model
 from convert.forward import build_forward
 from convert.metadata import describe, self_check_section, set_metadata
-from convert.parity import Tolerance, clip_references, run_gate
+from convert.parity import Tolerance, clip_references, random_references, run_gate
 from convert.quantize import QUANTIZE_CHOICES, Variant, make_variant, op_counts
+from convert.staging import DEFAULT_PREOPTIMIZE, Staged, publish, release_weights, stage
 from runtime.model import PRECISIONS, OnnxModel, parse_metadata
 
 log = logging.getLogger(__name__)
@@ -46,12 +47,23 @@ def gate_summary(report: dict) -> dict:
             **{k: report[k] for k in SUMMARY_KEYS if k in report}}
 
 
-def gate_variant(variant: Variant, forward, sections: dict, references, atol: float | None, seed: int) -> dict:
+def gate_variant(variant: Variant, forward, sections: dict, references, atol: float | None, seed: int,
+                 randoms=None) -> dict:
     """Run the fp32 parity gate on a variant, through the runtime's own loader (CPU). Raises ParityError."""
     set_metadata(variant.proto, sections)
     model = OnnxModel(variant.proto.SerializeToString(), device="cpu")
     return run_gate(forward, model, tolerance=Tolerance.for_precision(variant.precision, atol), seed=seed,
-                    references=references)
+                    references=references, randoms=randoms)
+
+
+def gate_staged(staged: Staged, precision: str, references, randoms, atol: float | None, seed: int) -> dict:
+    """The parity gate on a staged file, loaded by the runtime as it will be served (CPU). Raises ParityError."""
+    model = OnnxModel(staged.path, device="cpu")
+    try:
+        return run_gate(None, model, tolerance=Tolerance.for_precision(precision, atol), seed=seed,
+                        references=references, randoms=randoms)
+    finally:
+        del model
 
 
 def variant_sections(ckpt, precision: str, references, atol: float | None, demo: bool) -> dict:
@@ -62,7 +74,7 @@ def variant_sections(ckpt, precision: str, references, atol: float | None, demo:
 
 def variants_doc(
     this: str,
-    made: dict[str, Variant],
+    builds: dict[str, dict],
     reports: dict[str, dict],
     paths: dict[str, Path],
     recommended: dict[str, str] | None,
@@ -70,8 +82,8 @@ def variants_doc(
     """The `variants` metadata section: this file's build, every gate run, sibling files, recommendations."""
     doc = {
         "this": this,
-        "build": made[this].build,
-        "files": {p: paths[p].name for p in made},
+        "build": builds[this],
+        "files": {p: paths[p].name for p in builds if p in paths},
         "gates": {p: gate_summary(r) for p, r in reports.items()},
     }
     if recommended:
@@ -80,7 +92,7 @@ def variants_doc(
 
 
 def publish_variants(
-    fp32,
+    fp32: Staged,
     ckpt,
     forward,
     out: Path,
@@ -88,6 +100,7 @@ def publish_variants(
     *,
     fp32_report: dict,
     references=None,
+    randoms=None,
     clips=None,
     seed: int = 0,
     atol: dict[str, float | None] | None = None,
@@ -96,34 +109,47 @@ def publish_variants(
     optimized: bool = False,
     allow_partial: bool = False,
     demo: bool = False,
+    preoptimize: str = DEFAULT_PREOPTIMIZE,
+    scratch: Path | None = None,
 ) -> tuple[dict[str, dict], dict[str, Path]]:
-    """Make, gate and write the variants `quantize` asks for from a gated fp32 proto; (reports, written paths).
+    """Make, gate and write the variants `quantize` asks for from a gated, staged fp32 graph; (reports, paths).
 
     Every variant is gated before anything is written. One that fails raises ParityError and nothing is
     written, unless `quantize` is auto and `allow_partial`: then it is left out, the others are written and
-    the recommendation falls back to fp32.
+    the recommendation falls back to fp32. One variant is in memory at a time: each is staged to a file in
+    `scratch`, gated from it, and published from it at the end. `forward` is needed only when `references`
+    or `randoms` is not given. fp16 (for GPUs) is never pre-optimised for the CPU.
     """
+    import onnx
+
     precisions, atol = plan(quantize), atol or {}
     if references is None:  # librosa + JAX on the clips, computed once for every variant's gate
         references = clip_references(forward, clips)
-    reports, made, failures = {"fp32": fp32_report}, {}, []
+    if randoms is None:
+        randoms = random_references(forward, seed)
+    scratch = Path(scratch or fp32.path.parent)
+    reports, made, builds, failures = {"fp32": fp32_report}, {}, {}, []
     for precision in precisions:
         if precision == "fp32" and not optimized:
-            made[precision] = Variant("fp32", fp32, {"optimized": False, "nodes": op_counts(fp32)})
+            made[precision] = fp32
+            builds[precision] = {"optimized": False, "nodes": op_counts(onnx.load(str(fp32.raw)))}
             continue
         log.info("making the %s variant%s", precision, " (optimized graph)" if optimized else "")
-        variant = make_variant(
-            fp32, precision, ckpt.config, optimized=optimized, per_channel=per_channel, reduce_range=reduce_range
-        )
+        variant = make_variant(onnx.load(str(fp32.raw)), precision, ckpt.config, optimized=optimized,
+                               per_channel=per_channel, reduce_range=reduce_range)
         sections = variant_sections(ckpt, precision, references, atol.get(precision), demo)
+        level = "none" if precision == "fp16" else preoptimize
+        staged = stage(variant.proto, sections, scratch / f"{precision}.onnx", level, keep_raw=False)
+        builds[precision] = variant.build
+        del variant
         try:
-            reports[precision] = gate_variant(variant, forward, sections, references, atol.get(precision), seed)
+            reports[precision] = gate_staged(staged, precision, references, randoms, atol.get(precision), seed)
         except ParityError as exc:
             reports[precision] = exc.report
             failures.append(exc)
             log.warning("%s variant fails its parity gate (%s): not written", precision, exc)
             continue
-        made[precision] = variant
+        made[precision] = staged
     if failures and not (quantize == "auto" and allow_partial and "fp32" in made):
         hint = "; pass --allow-partial to write the variants that passed" if quantize == "auto" else ""
         raise ParityError("; ".join(str(e) for e in failures) + f": nothing written{hint}", failures[0].report)
@@ -133,11 +159,11 @@ def publish_variants(
             log.warning("%s is left from an earlier export: not this export's variant", stale)
     recommended = recommend(reports) if quantize == "auto" else None
     paths = variant_paths(Path(out), tuple(made), recommended["cpu"] if recommended else precisions[0])
-    for precision, variant in made.items():
-        doc = variants_doc(precision, made, reports, paths, recommended)
+    for precision, staged in made.items():
+        doc = variants_doc(precision, builds, reports, paths, recommended)
         sections = variant_sections(ckpt, precision, references, atol.get(precision), demo)
-        set_metadata(variant.proto, {**sections, "parity": reports[precision], "variants": doc})
-        write_atomic(paths[precision], lambda fh, v=variant: fh.write(v.proto.SerializeToString()))
+        publish(staged.path, paths[precision],
+                {**sections, "graph": staged.graph, "parity": reports[precision], "variants": doc})
         log.info("wrote %s (%s, %.1f MB)", paths[precision], precision, paths[precision].stat().st_size / 1e6)
     return reports, paths
 
@@ -158,7 +184,9 @@ def quantize_file(
     `options` are publish_variants' atol, per_channel, reduce_range, optimized and allow_partial; `demo`
     defaults to what the fp32 model's metadata says.
     """
-    import onnx
+    import tempfile
+
+    from runtime.model import graph_section, header_metadata
 
     model = Path(model)
     if not model.is_file():
@@ -167,8 +195,8 @@ def quantize_file(
         raise ExportError(f"cannot quantize to {quantize!r}; choose int8, fp16 or auto")
     if out is None and quantize == "auto":
         raise ExportError("quantize auto writes several files: name the main one with --out")
-    proto = onnx.load(str(model))
-    info = parse_metadata({p.key: p.value for p in proto.metadata_props}, str(model))
+    props = header_metadata(model)
+    info = parse_metadata(props, str(model))
     options.setdefault("demo", bool(info.source.get("demo")))
     if info.precision != "fp32" or not (info.parity or {}).get("passed"):
         raise ExportError(f"{model} is not a gated fp32 export ({info.precision}); quantize the fp32 model")
@@ -179,6 +207,22 @@ def quantize_file(
             f"{ckpt.sha256[:12]}: pass the checkpoint it was exported from"
         )
     out = Path(out) if out else model.with_name(f"{model.stem}.{quantize}{model.suffix}")
-    return publish_variants(
-        proto, ckpt, build_forward(ckpt), out, quantize, fp32_report=info.parity, clips=clips, seed=seed, **options
-    )
+    graph = graph_section(props)
+    forward = build_forward(ckpt)
+    references = clip_references(forward, clips)
+    randoms = random_references(forward, seed)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".percepiano-quantize-", dir=out.parent) as tmp:
+        raw = model
+        if graph.get("optimized", "none") != "none":  # saved optimised: variants are made from the traced graph
+            from convert.trace import to_onnx
+
+            log.info("%s was saved optimised (%s): tracing the checkpoint again for the variants", model.name,
+                     graph["optimized"])
+            raw = Path(tmp) / "fp32.traced.onnx"
+            write_model(raw, to_onnx(forward))
+        del forward
+        release_weights(ckpt)
+        return publish_variants(
+            Staged(model, raw, graph), ckpt, None, out, quantize, fp32_report=info.parity, references=references,
+            randoms=randoms, seed=seed, scratch=Path(tmp), **options)
