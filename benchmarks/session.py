@@ -33,6 +33,7 @@ class Config:
     optimization: str
     entries: dict[str, str] = field(default_factory=dict)
     from_bytes: bool = False
+    arena: bool = True  # onnxruntime's CPU memory arena (SessionOptions.enable_cpu_mem_arena)
     note: str = ""
 
 
@@ -55,6 +56,7 @@ CONFIGS = (
            note="EXTENDED file, intra-op thread spinning off"),
     Config("baseline-no-spin", "original", "all", entries={"session.intra_op.allow_spinning": "0"},
            note="baseline, intra-op thread spinning off"),
+    Config("no-arena", "extended", "none", arena=False, note="EXTENDED file, CPU memory arena off"),
 )
 BY_NAME = {c.name: c for c in CONFIGS}
 
@@ -83,6 +85,7 @@ def session_options_for(config: Config, threads: int):
     from runtime.model import session_options
 
     opts = session_options(threads, config.optimization)
+    opts.enable_cpu_mem_arena = config.arena
     for key, value in config.entries.items():
         opts.add_session_config_entry(key, value)
     return opts

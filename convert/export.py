@@ -15,7 +15,16 @@ from convert.forward import build_forward
 from convert.metadata import describe, self_check_section, set_metadata
 from convert.parity import Tolerance, clip_references, random_references, run_gate
 from convert.quantize import QUANTIZE_CHOICES
-from convert.staging import DEFAULT_PREOPTIMIZE, PREOPTIMIZE_CHOICES, publish, release_weights, stage
+from convert.staging import (
+    DEFAULT_PREOPTIMIZE,
+    PREOPTIMIZE_CHOICES,
+    finish_stage,
+    low_memory_malloc,
+    publish,
+    release_jax,
+    release_weights,
+    write_stage,
+)
 from convert.trace import DEFAULT_OPSET, to_onnx
 from runtime.model import OnnxModel
 
@@ -70,6 +79,7 @@ def export(
     if preoptimize not in PREOPTIMIZE_CHOICES:
         raise ValueError(f"unknown preoptimize {preoptimize!r}; choose one of {PREOPTIMIZE_CHOICES}")
     start = time.perf_counter()
+    low_memory_malloc()
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     # Scratch files beside `out` (same file system; /tmp may be RAM): the demo checkpoint, the staged models.
@@ -83,17 +93,19 @@ def export(
         log.info("loading checkpoint %s", checkpoint)
         ckpt = load_checkpoint(checkpoint)
         forward = build_forward(ckpt)
+        release_weights(ckpt)  # the forward function holds JAX's copy
         references = clip_references(forward, clips)  # before the trace: a bad clip set fails fast; reused by all
         randoms = random_references(forward, seed)  # likewise: with both, no gate needs JAX again
         log.info("exporting the model (%d layers, width %d) with jax2onnx, opset %d",
                  ckpt.config.num_layers, ckpt.config.embed_dim, opset)
         proto = to_onnx(forward, opset)
         del forward
-        release_weights(ckpt)
+        release_jax()
         tolerance = Tolerance.for_precision("fp32", atol)
         sections = {**describe(ckpt, "fp32", demo=demo), "self_check": self_check_section(references, tolerance.model)}
-        staged = stage(proto, sections, Path(tmp) / "fp32.onnx", preoptimize)
+        raw = write_stage(proto, sections, Path(tmp) / "fp32.onnx", preoptimize)
         del proto  # from here on the graph is read from the staged files, one model in memory at a time
+        staged = finish_stage(raw, preoptimize)
         model = OnnxModel(staged.path, device="cpu")  # the runtime's own loader checks exactly what is written
         report = run_gate(None, model, tolerance=tolerance, seed=seed, references=references, randoms=randoms)
         del model

@@ -42,19 +42,24 @@ def graph_section(preoptimize: str) -> dict:
             "load_with": "none on the CPU (runtime.model.load_optimization)"}
 
 
-def stage(proto, sections: dict, path: Path, preoptimize: str = DEFAULT_PREOPTIMIZE, keep_raw: bool = True) -> Staged:
-    """Write `proto` with `sections` to `path` (and, pre-optimised, beside it); the caller drops the proto after."""
+def write_stage(proto, sections: dict, path: Path, preoptimize: str = DEFAULT_PREOPTIMIZE) -> Path:
+    """Write `proto` with `sections` (and the `graph` record) to `path`; the caller then drops the proto."""
+    set_metadata(proto, {**sections, "graph": graph_section(preoptimize)})
+    return write_model(path, proto)
+
+
+def finish_stage(path: Path, preoptimize: str = DEFAULT_PREOPTIMIZE, keep_raw: bool = True) -> Staged:
+    """The staged file, optimised by onnxruntime at `preoptimize` beside `path` unless that is none."""
     from runtime.model import save_optimized
 
+    release_memory()
     graph = graph_section(preoptimize)
-    set_metadata(proto, {**sections, "graph": graph})
-    write_model(path, proto)
     if preoptimize == "none":
         return Staged(path, path, graph)
     optimized = path.with_name(f"{path.stem}.{preoptimize}{path.suffix}")
-    log.info("optimising the %s graph with onnxruntime (%s, CPU)", sections.get("precision", "?"), preoptimize)
-    gc.collect()
+    log.info("optimising the %s graph with onnxruntime (%s, CPU)", path.stem, preoptimize)
     save_optimized(path, optimized, preoptimize)
+    release_memory()
     if not keep_raw:
         path.unlink()
     return Staged(optimized, path if keep_raw else optimized, graph)
@@ -68,18 +73,52 @@ def publish(staged: Path, out: Path, sections: dict) -> Path:
     set_metadata(proto, sections)
     write_model(out, proto)
     del proto
-    gc.collect()
+    release_memory()
     return out
 
 
 def release_weights(ckpt) -> None:
-    """Drop the checkpoint's weights and JAX's compiled functions once the ONNX graph holds the weights.
+    """Drop the checkpoint's weights (numpy views of the file's bytes) once JAX holds its own copy."""
+    ckpt.params = {}
+    release_memory()
+
+
+def release_jax() -> None:
+    """Drop JAX's compiled functions and traces once the ONNX graph holds the weights.
 
     What an export needs afterwards is the checkpoint's config, scaler and provenance, the graph, and the JAX
     scores already computed for the gate (convert.parity clip and random references).
     """
     import jax
 
-    ckpt.params = {}
     jax.clear_caches()
+    release_memory()
+
+
+MMAP_THRESHOLD = 1 << 20
+
+
+def low_memory_malloc() -> bool:
+    """Serve allocations of 1 MiB and more from mmap, at a fixed threshold, so freeing a model returns its memory.
+
+    glibc otherwise raises the threshold after the first large free, and the next models' buffers come from a
+    heap that does not shrink: each freed proto or session would stay in the process's resident set. False
+    where there is no glibc.
+    """
+    try:
+        import ctypes
+
+        return ctypes.CDLL("libc.so.6").mallopt(-3, MMAP_THRESHOLD) == 1  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        return False
+
+
+def release_memory() -> None:
+    """Collect cycles and hand free heap pages back to the system (malloc_trim, where glibc has it)."""
     gc.collect()
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass

@@ -12,7 +12,16 @@ from convert.forward import build_forward
 from convert.metadata import describe, self_check_section, set_metadata
 from convert.parity import Tolerance, clip_references, random_references, run_gate
 from convert.quantize import QUANTIZE_CHOICES, Variant, make_variant, op_counts
-from convert.staging import DEFAULT_PREOPTIMIZE, Staged, publish, release_weights, stage
+from convert.staging import (
+    DEFAULT_PREOPTIMIZE,
+    Staged,
+    finish_stage,
+    low_memory_malloc,
+    publish,
+    release_jax,
+    release_weights,
+    write_stage,
+)
 from runtime.model import PRECISIONS, OnnxModel, parse_metadata
 
 log = logging.getLogger(__name__)
@@ -139,9 +148,10 @@ def publish_variants(
                                per_channel=per_channel, reduce_range=reduce_range)
         sections = variant_sections(ckpt, precision, references, atol.get(precision), demo)
         level = "none" if precision == "fp16" else preoptimize
-        staged = stage(variant.proto, sections, scratch / f"{precision}.onnx", level, keep_raw=False)
+        raw = write_stage(variant.proto, sections, scratch / f"{precision}.onnx", level)
         builds[precision] = variant.build
         del variant
+        staged = finish_stage(raw, level, keep_raw=False)
         try:
             reports[precision] = gate_staged(staged, precision, references, randoms, atol.get(precision), seed)
         except ParityError as exc:
@@ -208,7 +218,9 @@ def quantize_file(
         )
     out = Path(out) if out else model.with_name(f"{model.stem}.{quantize}{model.suffix}")
     graph = graph_section(props)
+    low_memory_malloc()
     forward = build_forward(ckpt)
+    release_weights(ckpt)
     references = clip_references(forward, clips)
     randoms = random_references(forward, seed)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -222,7 +234,7 @@ def quantize_file(
             raw = Path(tmp) / "fp32.traced.onnx"
             write_model(raw, to_onnx(forward))
         del forward
-        release_weights(ckpt)
+        release_jax()
         return publish_variants(
             Staged(model, raw, graph), ckpt, None, out, quantize, fp32_report=info.parity, references=references,
             randoms=randoms, seed=seed, scratch=Path(tmp), **options)
