@@ -11,6 +11,14 @@ from runtime.model import OnnxModel, graph_section, header_metadata, load_optimi
 
 
 @pytest.fixture(scope="module")
+def preoptimized(tiny_checkpoint, tmp_path_factory):
+    """The tiny preset exported with the defaults: fp32 and int8 pre-optimised for the CPU, fp16 as made."""
+    from convert.export import export
+
+    return export(tiny_checkpoint, tmp_path_factory.mktemp("preopt") / "tiny.onnx", quantize="auto")
+
+
+@pytest.fixture(scope="module")
 def windows(piano_clips):
     from runtime.audio import load_audio
     from runtime.features import features_from_audio
@@ -18,26 +26,46 @@ def windows(piano_clips):
     return features_from_audio(load_audio(piano_clips[0]))[:6]
 
 
-def test_export_writes_the_graph_pre_optimised_and_the_runtime_loads_it_without_optimising(tiny_export, windows):
-    model = OnnxModel(tiny_export.path, device="cpu")
+@pytest.mark.parametrize("precision", ["fp32", "int8"])
+def test_export_writes_cpu_variants_pre_optimised_and_the_runtime_loads_them_as_they_are(preoptimized, windows,
+                                                                                        precision):
+    path = preoptimized.written[precision]
+    model = OnnxModel(path, device="cpu")
+    assert model.info.precision == precision and preoptimized.reports[precision]["passed"]
     assert model.graph["optimized"] == "extended" and model.graph["provider"] == "CPUExecutionProvider"
     assert model.optimization == "none" and model.spinning is False
-    assert tiny_export.reports["fp32"]["passed"]
-    # the gate ran on this very graph: it scores like the same file optimised again at load
-    again = OnnxModel(tiny_export.path, device="cpu", optimization="all")
+    # the gate ran on this very graph; optimising it again at load changes nothing that matters
+    again = OnnxModel(path, device="cpu", optimization="all")
     assert again.optimization == "all"
     np.testing.assert_allclose(model.predict(windows), again.predict(windows), rtol=0, atol=1e-5)
 
 
-def test_an_export_without_pre_optimisation_is_optimised_at_load(tiny_checkpoint, tiny_export, tmp_path, windows):
-    from convert.export import export
-
-    plain = export(tiny_checkpoint, tmp_path / "plain.onnx", preoptimize="none")
-    model = OnnxModel(plain.path, device="cpu")
+def test_fp16_is_not_pre_optimised_for_the_cpu(preoptimized):
+    model = OnnxModel(preoptimized.written["fp16"], device="cpu")
     assert model.graph == {"optimized": "none"} and model.optimization == "all"
-    assert plain.reports["fp32"]["passed"]
-    np.testing.assert_allclose(model.predict(windows), OnnxModel(tiny_export.path, device="cpu").predict(windows),
-                               rtol=0, atol=1e-5)
+
+
+def test_an_export_without_pre_optimisation_is_optimised_at_load(tiny_export, preoptimized, windows):
+    model = OnnxModel(tiny_export.path, device="cpu")  # conftest exports with preoptimize="none"
+    assert model.graph == {"optimized": "none"} and model.optimization == "all"
+    assert tiny_export.reports["fp32"]["passed"]
+    fast = OnnxModel(preoptimized.written["fp32"], device="cpu")
+    np.testing.assert_allclose(model.predict(windows), fast.predict(windows), rtol=0, atol=1e-5)
+
+
+def test_quantize_makes_variants_of_a_pre_optimised_export_from_the_traced_graph(preoptimized, tiny_checkpoint,
+                                                                                 tmp_path):
+    from convert.variants import quantize_file
+
+    reports, written = quantize_file(preoptimized.written["fp32"], tiny_checkpoint, tmp_path / "m.int8.onnx", "int8")
+    model = OnnxModel(written["int8"], device="cpu")
+    assert reports["int8"]["passed"] and model.info.precision == "int8" and model.optimization == "none"
+    built = model.info.variants["build"]["quantization"]
+    assert built["quantized_matmuls"] == preoptimized_build(preoptimized)["quantization"]["quantized_matmuls"]
+
+
+def preoptimized_build(result) -> dict:
+    return OnnxModel(result.written["int8"], device="cpu").info.variants["build"]
 
 
 @pytest.mark.parametrize("options", [{"spinning": True}, {"spinning": False}, {"prepacking": False},
@@ -57,15 +85,21 @@ def test_unknown_optimization_level_is_a_model_error(tiny_model):
         OnnxModel(tiny_model, device="cpu", optimization="fastest")
 
 
-def test_header_metadata_reads_what_onnxruntime_reads(tiny_model, tmp_path):
-    model = OnnxModel(tiny_model, device="cpu")
-    props = header_metadata(tiny_model)
-    assert props == model.session.get_modelmeta().custom_metadata_map
-    assert header_metadata(tiny_model.read_bytes()) == props
-    assert graph_section(props)["optimized"] == "extended"
+@pytest.mark.parametrize("which", ["written by write_model", "saved by onnxruntime"])
+def test_header_metadata_reads_what_onnxruntime_reads(preoptimized, tiny_model, tmp_path, which):
+    from runtime.model import save_optimized
+
+    path = preoptimized.written["fp32"]
+    if which == "saved by onnxruntime":  # metadata after the graph, as protobuf orders fields
+        path = save_optimized(tiny_model, tmp_path / "saved.onnx", "basic")
+    model = OnnxModel(path, device="cpu")
+    props = header_metadata(path)
+    assert props == model.session.get_modelmeta().custom_metadata_map and "percepiano" in props
+    assert header_metadata(path.read_bytes()) == props
     junk = tmp_path / "junk.onnx"
     junk.write_bytes(b"\xff" * 64)
     assert header_metadata(junk) == {} and graph_section({}) == {}
+    assert graph_section(header_metadata(preoptimized.written["fp32"]))["optimized"] == "extended"
     assert load_optimization({"optimized": "extended"}, "cpu") == "none"
     assert load_optimization({"optimized": "extended"}, "cuda") == "all"
     assert load_optimization({}, "cpu") == "all"
