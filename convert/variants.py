@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import tempfile
 from pathlib import Path
 
 from convert.checkpoint import load_checkpoint
@@ -101,7 +103,7 @@ def variants_doc(
 
 
 def publish_variants(
-    fp32: Staged,
+    fp32,
     ckpt,
     forward,
     out: Path,
@@ -121,22 +123,38 @@ def publish_variants(
     preoptimize: str = DEFAULT_PREOPTIMIZE,
     scratch: Path | None = None,
 ) -> tuple[dict[str, dict], dict[str, Path]]:
-    """Make, gate and write the variants `quantize` asks for from a gated, staged fp32 graph; (reports, paths).
+    """Make, gate and write the variants `quantize` asks for from a gated fp32 graph; (reports, written paths).
 
     Every variant is gated before anything is written. One that fails raises ParityError and nothing is
     written, unless `quantize` is auto and `allow_partial`: then it is left out, the others are written and
     the recommendation falls back to fp32. One variant is in memory at a time: each is staged to a file in
-    `scratch`, gated from it, and published from it at the end. `forward` is needed only when `references`
-    or `randoms` is not given. fp16 (for GPUs) is never pre-optimised for the CPU.
+    `scratch` (default: a temporary folder beside `out`), gated from it, and published from it at the end.
+    `fp32`: a convert.staging.Staged file, or an fp32 ModelProto as traced. `forward` is needed only when
+    `references` or `randoms` is not given. fp16 (for GPUs) is never pre-optimised for the CPU.
     """
-    import onnx
-
-    precisions, atol = plan(quantize), atol or {}
+    precisions = plan(quantize)  # refuses an unknown choice before any work
     if references is None:  # librosa + JAX on the clips, computed once for every variant's gate
         references = clip_references(forward, clips)
     if randoms is None:
         randoms = random_references(forward, seed)
-    scratch = Path(scratch or fp32.path.parent)
+    with contextlib.ExitStack() as stack:
+        if scratch is None:
+            Path(out).parent.mkdir(parents=True, exist_ok=True)
+            scratch = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix=".percepiano-variants-",
+                                                                           dir=Path(out).parent)))
+        if not isinstance(fp32, Staged):  # a gated fp32 proto, as traced
+            fp32 = Staged(write_model(Path(scratch) / "fp32.onnx", fp32), Path(scratch) / "fp32.onnx",
+                          {"optimized": "none"})
+        return _publish(fp32, ckpt, Path(out), quantize, precisions, fp32_report, references, randoms, seed,
+                        atol or {}, per_channel, reduce_range, optimized, allow_partial, demo, preoptimize,
+                        Path(scratch))
+
+
+def _publish(fp32: Staged, ckpt, out: Path, quantize: str, precisions: tuple[str, ...], fp32_report: dict,
+             references, randoms, seed: int, atol: dict, per_channel: bool, reduce_range: bool, optimized: bool,
+             allow_partial: bool, demo: bool, preoptimize: str, scratch: Path) -> tuple[dict, dict]:
+    import onnx
+
     reports, made, builds, failures = {"fp32": fp32_report}, {}, {}, []
     for precision in precisions:
         if precision == "fp32" and not optimized:
