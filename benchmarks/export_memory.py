@@ -3,7 +3,8 @@
     python -m benchmarks.export_memory [--preset production|tiny] [--out DIR] [--only fp32|auto]
 
 The figure is the benchmark's accounting: VmHWM (peak resident set) of the exporting process, read when it
-ends (or the highest VmRSS sample, where the kernel's batched counters leave VmHWM a few pages behind). Each phase of the export (a log line of convert.*) is tagged with the process's resident memory when it
+ends (or the highest VmRSS sample, where the kernel's batched counters leave VmHWM a few pages behind).
+Each phase of the export (a log line of convert.*) is tagged with the process's resident memory when it
 starts and the highest resident memory seen (sampled every 20 ms) until the next one, so the output says
 where the peak is. The worker (`python -m benchmarks.export_memory worker -- EXPORT ARGS`) runs the converter's
 own command line in-process and prints one JSON line.

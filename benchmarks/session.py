@@ -40,7 +40,7 @@ class Config:
 CONFIGS = (
     Config("baseline", "original", "all", note="the file as given, optimised at load (ORT_ENABLE_ALL)"),
     Config("runtime", "original", "auto", note="the file as given, loaded by runtime.model.OnnxModel with its "
-           "defaults (on the CPU: optimisation none for a pre-optimised file, else all; no spinning)"),
+           "defaults (on the CPU: optimisation none for a pre-optimised file, else all)"),
     Config("preopt-extended", "extended", "none", note="saved optimised at EXTENDED (portable), loaded with none"),
     Config("preopt-extended+basic", "extended", "basic", note="the same file, loaded with basic"),
     Config("preopt-all", "all", "none", note="saved optimised at ALL (this CPU's layouts), loaded with none"),
@@ -48,8 +48,8 @@ CONFIGS = (
     Config("ort-format", "ort", "none", note="ORT format (EXTENDED), loaded from the file"),
     Config("ort-format-bytes", "ort", "none", from_bytes=True,
            entries={"session.use_ort_model_bytes_directly": "1"},
-           note="ORT format read into bytes, used without a copy (adding use_ort_model_bytes_for_initializers "
-                "crashes session creation from Python, onnxruntime 1.32)"),
+           note="ORT format read into bytes, used in place (with use_ort_model_bytes_for_initializers too, "
+                "session creation crashes from Python: onnxruntime 1.32)"),
     Config("no-prepack", "extended", "none", entries={"session.disable_prepacking": "1"},
            note="EXTENDED file, prepacking of weights off"),
     Config("no-spin", "extended", "none", entries={"session.intra_op.allow_spinning": "0"},

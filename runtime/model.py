@@ -299,9 +299,8 @@ class OnnxModel:
     ):
         """`optimization`: auto (none for a graph the export saved optimised for the CPU, when it runs on the
         CPU; else all), or none / basic / extended / all. `spinning`: onnxruntime's intra-op spin-waiting
-        (None: off on the CPU, where spinning threads take the CPUs the other threads and processes need; on
-        with CUDA). `prepacking`: onnxruntime's weight prepacking (on: faster warm runs). The figures behind
-        these defaults: `python -m benchmarks.session` (README, cold start)."""
+        (None: its default, on). `prepacking`: onnxruntime's weight prepacking (off: less memory, slower
+        runs). The figures behind these defaults: `python -m benchmarks.session` (README, Benchmarks)."""
         import onnxruntime as ort
 
         where = "model bytes" if isinstance(source, bytes) else str(source)
@@ -315,8 +314,9 @@ class OnnxModel:
         on_cpu = not any((p[0] if isinstance(p, tuple) else p) == CUDA for p in providers)
         self.optimization = load_optimization(self.graph, "cpu" if on_cpu else "cuda") if optimization == "auto" \
             else optimization
-        self.spinning = (not on_cpu) if spinning is None else spinning  # CUDA: onnxruntime's default (on)
-        opts = session_options(threads, self.optimization, spinning=self.spinning, prepacking=prepacking)
+        self.spinning = spinning  # None: onnxruntime's default (on)
+        self.prepacking = prepacking
+        opts = session_options(threads, self.optimization, spinning=spinning, prepacking=prepacking)
         started = time.perf_counter()
         try:
             self.session = ort.InferenceSession(source, opts, providers=providers)
