@@ -125,7 +125,12 @@ def header_lines(results: dict) -> list[str]:
 
 
 def tables(results: dict) -> list[Table]:
-    return [cold_table(results), warm_table(results), parity_table(results)]
+    out = [cold_table(results), warm_table(results), parity_table(results)]
+    if results.get("session", {}).get("results"):
+        from benchmarks.session import session_table
+
+        out.append(session_table(results["session"]))
+    return out
 
 
 def markdown(results: dict) -> str:

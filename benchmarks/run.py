@@ -51,6 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "1 with --quick)")
     parser.add_argument("--gemm-size", type=int, default=2048, help="square float32 matmul for the GEMM rate")
     parser.add_argument("--no-plots", action="store_true", help="skip the PNG plots (no matplotlib needed)")
+    parser.add_argument("--session-runs", type=int, help="fresh processes per session configuration (benchmarks."
+                        "session; default: --cold-runs; 0 skips the session table)")
     return parser
 
 
@@ -132,21 +134,45 @@ def benchmark(args: argparse.Namespace, cpus: list[int]) -> dict:
         art = prepare(args.out, args.checkpoint, preset, args.audio, args.model, {p for p, d in devices.items() if d},
                       display.note)
         ort_runs = sum(1 for p, d in devices.items() if d and art.models[p].available)
-        display.set_total(1 + 2 + 1 + args.cold_runs * (2 + ort_runs))  # prepare, GEMM x2, JAX first run, cold starts
+        # prepare, GEMM x2, JAX first run, cold starts, the session table
+        display.set_total(1 + 2 + 1 + args.cold_runs * (2 + ort_runs) + (1 if args.session_runs else 0))
         display.step("GEMM rate (before the variants)")
         before = gemm(cpus, args.gemm_size, GEMM_REPEATS, display.note)
         raw = run_variants(art, args, cpus, devices, display)
+        session = session_configurations(art, args, cpus, display)
         display.step("GEMM rate (after the variants)")
         gemm_rate = best_gemm([before, gemm(cpus, args.gemm_size, GEMM_REPEATS, display.note)])
     settings = {"preset": preset if art.demo else None, "quick": args.quick, "runs": args.runs,
                 "cold_runs": args.cold_runs,
                 "warmup": args.warmup, "batches": [int(b) for b in args.batches.split(",")], "device": args.device}
-    return assemble(art, raw, gemm_rate, env, settings, VARIANTS, BASELINE, started, time.monotonic() - clock)
+    results = assemble(art, raw, gemm_rate, env, settings, VARIANTS, BASELINE, started, time.monotonic() - clock)
+    if session:
+        results["session"] = session
+    return results
+
+
+def session_configurations(art, args, cpus: list[int], display: Display) -> dict | None:
+    """The session-creation table (benchmarks.session) for the CPU variants, or None when skipped."""
+    from benchmarks.session import session_section
+    from benchmarks.workers import WorkerError
+
+    models = {p: art.models[p].path for p in ("fp32", "int8") if art.models[p].available}
+    if not args.session_runs or not models:
+        return None
+    display.step("session creation: ways of saving and loading the model")
+    try:
+        return session_section(models, args.out / "session", cpus, args.session_runs, min(args.runs, 5),
+                               mel=art.mel, note=display.note)
+    except WorkerError as exc:
+        log.error("session table: %s", exc)
+        return {"failed": str(exc)}
 
 
 def check_args(args: argparse.Namespace) -> None:
     if args.cold_runs is None:
         args.cold_runs = 1 if args.quick else 3
+    if args.session_runs is None:
+        args.session_runs = args.cold_runs
     if args.runs < 1 or args.warmup < 0 or args.cold_runs < 1:
         raise BenchmarkError(f"--runs and --cold-runs must be >= 1 and --warmup >= 0 "
                              f"(got {args.runs}, {args.cold_runs}, {args.warmup})")

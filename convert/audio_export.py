@@ -152,6 +152,7 @@ def export_audio(checkpoint: str | os.PathLike | None, out: str | os.PathLike, *
 
             checkpoint = make_demo_checkpoint(Path(tmp) / "demo_checkpoint.pkl", preset="production", seed=seed)
         (Path(tmp) / "mel").mkdir()
+        options.setdefault("preoptimize", "none")  # composed with the front end below: the graphs as traced
         mel = export(checkpoint, Path(tmp) / "mel" / out.name, atol=atol, int8_atol=int8_atol, fp16_atol=fp16_atol,
                      clips=clips, seed=seed, **options)
         forward = build_forward(load_checkpoint(checkpoint))

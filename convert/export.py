@@ -11,20 +11,27 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from convert.checkpoint import load_checkpoint
-from convert.errors import ExportError
-from convert.files import write_atomic
-from convert.forward import Forward, build_forward
-from convert.metadata import describe, self_check_section, set_metadata
-from convert.parity import Tolerance, clip_references, run_gate
+from convert.forward import build_forward
+from convert.metadata import describe, jax2onnx_backend, self_check_section, set_metadata
+from convert.parity import Tolerance, clip_references, random_references, run_gate
 from convert.quantize import QUANTIZE_CHOICES
-from runtime.constants import FEATURES, INPUT_NAME, OUTPUT_NAME
+from convert.staging import (
+    DEFAULT_PREOPTIMIZE,
+    PREOPTIMIZE_CHOICES,
+    finish_stage,
+    low_memory_malloc,
+    publish,
+    release_jax,
+    release_weights,
+    write_stage,
+)
+from convert.trace import DEFAULT_OPSET, to_onnx
 from runtime.model import OnnxModel
 
 log = logging.getLogger(__name__)
 
-DEFAULT_OPSET = 23
 BACKENDS = ("jax2onnx", "tf2onnx")  # tf2onnx: jax2tf -> TensorFlow -> tf2onnx in its own venv (convert.legacy)
-__all__ = ["DEFAULT_OPSET", "ExportResult", "build_forward", "export", "to_onnx"]
+__all__ = ["DEFAULT_OPSET", "ExportResult", "build_forward", "export", "set_metadata", "to_onnx"]
 
 
 @dataclass
@@ -37,20 +44,6 @@ class ExportResult:
     seconds: float
     reports: dict[str, dict] = field(default_factory=dict)
     written: dict[str, Path] = field(default_factory=dict)
-
-
-def to_onnx(forward: Forward, opset: int = DEFAULT_OPSET):
-    """Trace the forward function into an ONNX ModelProto with a dynamic batch axis."""
-    import jax2onnx
-
-    logging.getLogger("onnx_ir.serde").setLevel(logging.ERROR)  # noisy, harmless shape-value warnings
-    try:
-        return jax2onnx.to_onnx(
-            forward, [("batch", FEATURES.n_frames, FEATURES.n_mels)], model_name="percepiano_ast", opset=opset,
-            input_names=[INPUT_NAME], output_names=[OUTPUT_NAME], normalization_mode="prefer_native",
-        )
-    except Exception as exc:
-        raise ExportError(f"jax2onnx could not export the model at opset {opset}: {exc}") from exc
 
 
 def export(
@@ -70,6 +63,7 @@ def export(
     optimize: bool = False,
     allow_partial: bool = False,
     demo: bool = False,
+    preoptimize: str = DEFAULT_PREOPTIMIZE,
 ) -> ExportResult:
     """Export a checkpoint (a demo one when None) to a parity-checked ONNX model at `out`.
 
@@ -79,15 +73,23 @@ def export(
     (None: the shipped clips; an empty set is refused). `demo` marks the metadata `source.demo` for a
     checkpoint the caller knows to be a convert.demo stand-in; an export without a checkpoint makes one and
     marks it itself. `backend` tf2onnx converts with the second, independent converter (convert.legacy);
-    `opset` defaults to the backend's (23 for jax2onnx, 18 for tf2onnx).
+    `opset` defaults to the backend's (23 for jax2onnx, 18 for tf2onnx). `preoptimize` (extended, or none):
+    the fp32 and int8 files are saved as onnxruntime optimises them for the CPU at that level, gated as
+    written, and marked so that the runtime does not optimise them again on the CPU (convert.staging). Peak
+    memory: one large model at a time.
     """
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
     if quantize not in QUANTIZE_CHOICES:
         raise ValueError(f"unknown quantize {quantize!r}; choose one of {QUANTIZE_CHOICES}")
+    if preoptimize not in PREOPTIMIZE_CHOICES:
+        raise ValueError(f"unknown preoptimize {preoptimize!r}; choose one of {PREOPTIMIZE_CHOICES}")
     start = time.perf_counter()
+    low_memory_malloc()
     out = Path(out)
-    with tempfile.TemporaryDirectory(prefix="percepiano-demo-") as tmp:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # Scratch files beside `out` (same file system; /tmp may be RAM): the demo checkpoint, the staged models.
+    with tempfile.TemporaryDirectory(prefix=".percepiano-export-", dir=out.parent) as tmp:
         if checkpoint is None:
             from convert.demo import make_demo_checkpoint
 
@@ -97,33 +99,44 @@ def export(
         log.info("loading checkpoint %s", checkpoint)
         ckpt = load_checkpoint(checkpoint)
         forward = build_forward(ckpt)
+        if backend == "jax2onnx":
+            release_weights(ckpt)  # the forward function holds JAX's copy (tf2onnx still needs them: below)
         references = clip_references(forward, clips)  # before the trace: a bad clip set fails fast; reused by all
+        randoms = random_references(forward, seed)  # likewise: with both, no gate needs JAX again
         log.info("exporting the model (%d layers, width %d) with %s, opset %s",
                  ckpt.config.num_layers, ckpt.config.embed_dim, backend, opset or "default")
-        if backend == "tf2onnx":
+        if backend == "tf2onnx":  # converted in its own venv from the checkpoint's weights (still held here)
             from convert.legacy.backend import DEFAULT_OPSET as TF2ONNX_OPSET
             from convert.legacy.backend import to_onnx_tf2onnx
 
             proto, made_by = to_onnx_tf2onnx(ckpt, opset or TF2ONNX_OPSET)
+            release_weights(ckpt)  # the graph holds its own copy now
         else:
-            proto, made_by = to_onnx(forward, opset or DEFAULT_OPSET), None
+            opset = opset or DEFAULT_OPSET
+            proto, made_by = to_onnx(forward, opset), {**jax2onnx_backend(), "opset": opset}
+        del forward
+        release_jax()
         tolerance = Tolerance.for_precision("fp32", atol)
         sections = {**describe(ckpt, "fp32", demo=demo, backend=made_by),
                     "self_check": self_check_section(references, tolerance.model)}
-        set_metadata(proto, sections)
-        model = OnnxModel(proto.SerializeToString(), device="cpu")  # the runtime's own loader checks it
-        report = run_gate(forward, model, tolerance=tolerance, seed=seed, references=references)
-        set_metadata(proto, {**sections, "parity": report})
+        raw = write_stage(proto, sections, Path(tmp) / "fp32.onnx", preoptimize)
+        del proto  # from here on the graph is read from the staged files, one model in memory at a time
+        staged = finish_stage(raw, preoptimize)
+        model = OnnxModel(staged.path, device="cpu")  # the runtime's own loader checks exactly what is written
+        report = run_gate(None, model, tolerance=tolerance, seed=seed, references=references, randoms=randoms)
+        del model
         if quantize == "none" and not optimize:
-            write_atomic(out, lambda fh: fh.write(proto.SerializeToString()))
+            publish(staged.path, out, {**sections, "graph": staged.graph, "parity": report})
             log.info("wrote %s (%.1f MB)", out, out.stat().st_size / 1e6)
             reports, written = {"fp32": report}, {"fp32": out}
         else:  # each variant is made from the gated fp32 graph and passes the same gate before it is written
             from convert.variants import publish_variants
 
             reports, written = publish_variants(
-                proto, ckpt, forward, out, quantize, fp32_report=report, references=references, seed=seed,
-                atol={"int8": int8_atol, "fp16": fp16_atol}, per_channel=per_channel, reduce_range=reduce_range,
-                optimized=optimize, allow_partial=allow_partial, demo=demo)
+                staged, ckpt, None, out, quantize, fp32_report=report, references=references, randoms=randoms,
+                seed=seed, atol={"int8": int8_atol, "fp16": fp16_atol}, per_channel=per_channel,
+                reduce_range=reduce_range, optimized=optimize, allow_partial=allow_partial, demo=demo,
+                preoptimize=preoptimize, scratch=Path(tmp))
     return ExportResult(path=out, checkpoint=Path(checkpoint), demo=demo, seconds=time.perf_counter() - start,
                         reports=reports, written=written)
+

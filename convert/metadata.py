@@ -34,16 +34,6 @@ def jax2onnx_backend() -> dict:
     return {"name": "jax2onnx", "versions": {k: v for k, v in package_versions().items() if k != "onnxruntime"}}
 
 
-def backend_of(proto) -> dict | None:
-    """The `backend` section already in a ModelProto's metadata (None if it has none)."""
-    import json
-
-    for prop in proto.metadata_props:
-        if prop.key == METADATA_KEY:
-            return json.loads(prop.value).get("backend")
-    return None
-
-
 def describe(ckpt: Checkpoint, precision: str, *, demo: bool = False, backend: dict | None = None) -> dict:
     """The metadata sections every variant carries (parity and the self-check are added once measured).
 

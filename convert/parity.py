@@ -117,13 +117,33 @@ def clip_references(forward: Forward, clips: Sequence[Path] | None = None) -> li
     return refs
 
 
-def model_checks(forward: Forward, model: OnnxModel, refs: Sequence[ClipReference], atol: float,
-                 seed: int) -> list[dict]:
+@dataclass(frozen=True)
+class RandomReference:
+    """Random valid inputs and JAX's scores for them (batch 1 and 8 of the gate)."""
+
+    name: str
+    mel: np.ndarray
+    scores: np.ndarray
+
+
+RANDOM_BATCHES = (1, 8)
+
+
+def random_references(forward: Forward, seed: int) -> list[RandomReference]:
+    """JAX's scores for the gate's random inputs: computed once, so the gate itself needs no JAX weights."""
+    refs = []
+    for batch in RANDOM_BATCHES:
+        mel = random_inputs(batch, seed + batch)
+        refs.append(RandomReference(f"random:batch{batch}", mel, np.asarray(forward(mel))))
+    return refs
+
+
+def model_checks(forward: Forward | None, model: OnnxModel, refs: Sequence[ClipReference], atol: float,
+                 seed: int, randoms: Sequence[RandomReference] | None = None) -> list[dict]:
     """(a) librosa features of real clips and (b) random inputs at batch 1 and 8, JAX vs ONNX."""
     checks = [compare(f"clip:{r.clip.name}", r.scores, model.predict(r.mel, 8), atol) for r in refs]
-    for batch in (1, 8):
-        mel = random_inputs(batch, seed + batch)
-        checks.append(compare(f"random:batch{batch}", forward(mel), model.run(mel), atol))
+    for r in randoms if randoms is not None else random_references(forward, seed):
+        checks.append(compare(r.name, r.scores, model.run(r.mel), atol))
     return checks
 
 
@@ -140,12 +160,14 @@ def end_to_end_checks(model: OnnxModel, refs: Sequence[ClipReference], atol: flo
     return checks
 
 
-def run_gate(forward: Forward, model: OnnxModel, clips: Sequence[Path] | None = None,
+def run_gate(forward: Forward | None, model: OnnxModel, clips: Sequence[Path] | None = None,
              tolerance: Tolerance | None = None, seed: int = 0,
-             references: Sequence[ClipReference] | None = None) -> dict:
+             references: Sequence[ClipReference] | None = None,
+             randoms: Sequence[RandomReference] | None = None) -> dict:
     """Run every check, then return the report if all pass or raise one ParityError that carries it.
 
-    `references` (from clip_references) saves recomputing librosa + JAX when several variants are gated.
+    `references` (from clip_references) saves recomputing librosa + JAX when several variants are gated;
+    with `randoms` too (from random_references, same seed) the gate runs without JAX (`forward` may be None).
     """
     if references is None:
         references = clip_references(forward, clips)
@@ -154,7 +176,7 @@ def run_gate(forward: Forward, model: OnnxModel, clips: Sequence[Path] | None = 
     precision = model.info.precision
     tol = tolerance or Tolerance.for_precision(precision)
     log.info("parity gate (%s): %d clips + random inputs, atol %.0e", precision, len(references), tol.model)
-    checks = model_checks(forward, model, references, tol.model, seed)
+    checks = model_checks(forward, model, references, tol.model, seed, randoms)
     checks += end_to_end_checks(model, references, tol.end_to_end)
     failed = [c["name"] for c in checks if not c["passed"]]
     report = {"precision": precision, "tolerance": {"model": tol.model, "end_to_end": tol.end_to_end},

@@ -349,6 +349,7 @@ def make_variant(
         proto, build["fused_ops"] = optimize(fp32, config)
     else:
         proto = prepare(fp32) if precision != "fp32" else _copy(fp32)
+    del fp32  # memory: a caller that hands over its proto (convert.variants) gets it freed here
     if precision == "int8":
         kept = int8_float_layers(proto) if keep_float else {}
         proto = quantize_int8(proto, per_channel=per_channel, reduce_range=reduce_range, keep_float=keep_float)

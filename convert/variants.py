@@ -2,16 +2,28 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import tempfile
 from pathlib import Path
 
 from convert.checkpoint import load_checkpoint
 from convert.errors import ExportError, ParityError
-from convert.files import write_atomic
+from convert.files import write_model
 from convert.forward import build_forward
-from convert.metadata import backend_of, describe, self_check_section, set_metadata
-from convert.parity import Tolerance, clip_references, run_gate
+from convert.metadata import describe, self_check_section, set_metadata
+from convert.parity import Tolerance, clip_references, random_references, run_gate
 from convert.quantize import QUANTIZE_CHOICES, Variant, make_variant, op_counts
+from convert.staging import (
+    DEFAULT_PREOPTIMIZE,
+    Staged,
+    finish_stage,
+    low_memory_malloc,
+    publish,
+    release_jax,
+    release_weights,
+    write_stage,
+)
 from runtime.model import PRECISIONS, OnnxModel, parse_metadata
 
 log = logging.getLogger(__name__)
@@ -46,12 +58,23 @@ def gate_summary(report: dict) -> dict:
             **{k: report[k] for k in SUMMARY_KEYS if k in report}}
 
 
-def gate_variant(variant: Variant, forward, sections: dict, references, atol: float | None, seed: int) -> dict:
+def gate_variant(variant: Variant, forward, sections: dict, references, atol: float | None, seed: int,
+                 randoms=None) -> dict:
     """Run the fp32 parity gate on a variant, through the runtime's own loader (CPU). Raises ParityError."""
     set_metadata(variant.proto, sections)
     model = OnnxModel(variant.proto.SerializeToString(), device="cpu")
     return run_gate(forward, model, tolerance=Tolerance.for_precision(variant.precision, atol), seed=seed,
-                    references=references)
+                    references=references, randoms=randoms)
+
+
+def gate_staged(staged: Staged, precision: str, references, randoms, atol: float | None, seed: int) -> dict:
+    """The parity gate on a staged file, loaded by the runtime as it will be served (CPU). Raises ParityError."""
+    model = OnnxModel(staged.path, device="cpu")
+    try:
+        return run_gate(None, model, tolerance=Tolerance.for_precision(precision, atol), seed=seed,
+                        references=references, randoms=randoms)
+    finally:
+        del model
 
 
 def variant_sections(ckpt, precision: str, references, atol: float | None, demo: bool,
@@ -63,7 +86,7 @@ def variant_sections(ckpt, precision: str, references, atol: float | None, demo:
 
 def variants_doc(
     this: str,
-    made: dict[str, Variant],
+    builds: dict[str, dict],
     reports: dict[str, dict],
     paths: dict[str, Path],
     recommended: dict[str, str] | None,
@@ -71,8 +94,8 @@ def variants_doc(
     """The `variants` metadata section: this file's build, every gate run, sibling files, recommendations."""
     doc = {
         "this": this,
-        "build": made[this].build,
-        "files": {p: paths[p].name for p in made},
+        "build": builds[this],
+        "files": {p: paths[p].name for p in builds if p in paths},
         "gates": {p: gate_summary(r) for p, r in reports.items()},
     }
     if recommended:
@@ -89,6 +112,7 @@ def publish_variants(
     *,
     fp32_report: dict,
     references=None,
+    randoms=None,
     clips=None,
     seed: int = 0,
     atol: dict[str, float | None] | None = None,
@@ -97,35 +121,65 @@ def publish_variants(
     optimized: bool = False,
     allow_partial: bool = False,
     demo: bool = False,
+    preoptimize: str = DEFAULT_PREOPTIMIZE,
+    scratch: Path | None = None,
 ) -> tuple[dict[str, dict], dict[str, Path]]:
-    """Make, gate and write the variants `quantize` asks for from a gated fp32 proto; (reports, written paths).
+    """Make, gate and write the variants `quantize` asks for from a gated fp32 graph; (reports, written paths).
 
     Every variant is gated before anything is written. One that fails raises ParityError and nothing is
     written, unless `quantize` is auto and `allow_partial`: then it is left out, the others are written and
-    the recommendation falls back to fp32.
+    the recommendation falls back to fp32. One variant is in memory at a time: each is staged to a file in
+    `scratch` (default: a temporary folder beside `out`), gated from it, and published from it at the end.
+    `fp32`: a convert.staging.Staged file, or an fp32 ModelProto as traced. `forward` is needed only when
+    `references` or `randoms` is not given. fp16 (for GPUs) is never pre-optimised for the CPU.
     """
-    precisions, atol = plan(quantize), atol or {}
+    precisions = plan(quantize)  # refuses an unknown choice before any work
     if references is None:  # librosa + JAX on the clips, computed once for every variant's gate
         references = clip_references(forward, clips)
-    reports, made, failures = {"fp32": fp32_report}, {}, []
-    backend = backend_of(fp32)  # the variants record the converter that made their fp32 graph
+    if randoms is None:
+        randoms = random_references(forward, seed)
+    with contextlib.ExitStack() as stack:
+        if scratch is None:
+            Path(out).parent.mkdir(parents=True, exist_ok=True)
+            scratch = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix=".percepiano-variants-",
+                                                                           dir=Path(out).parent)))
+        if not isinstance(fp32, Staged):  # a gated fp32 proto, as traced
+            fp32 = Staged(write_model(Path(scratch) / "fp32.onnx", fp32), Path(scratch) / "fp32.onnx",
+                          {"optimized": "none"})
+        return _publish(fp32, ckpt, Path(out), quantize, precisions, fp32_report, references, randoms, seed,
+                        atol or {}, per_channel, reduce_range, optimized, allow_partial, demo, preoptimize,
+                        Path(scratch))
+
+
+def _publish(fp32: Staged, ckpt, out: Path, quantize: str, precisions: tuple[str, ...], fp32_report: dict,
+             references, randoms, seed: int, atol: dict, per_channel: bool, reduce_range: bool, optimized: bool,
+             allow_partial: bool, demo: bool, preoptimize: str, scratch: Path) -> tuple[dict, dict]:
+    import onnx
+
+    reports, made, builds, failures = {"fp32": fp32_report}, {}, {}, []
+    backend = staged_backend(fp32)  # the variants record the converter that made their fp32 graph
     for precision in precisions:
         if precision == "fp32" and not optimized:
-            made[precision] = Variant("fp32", fp32, {"optimized": False, "nodes": op_counts(fp32)})
+            made[precision] = fp32
+            builds[precision] = {"optimized": False, "nodes": op_counts(onnx.load(str(fp32.raw)))}
             continue
         log.info("making the %s variant%s", precision, " (optimized graph)" if optimized else "")
-        variant = make_variant(
-            fp32, precision, ckpt.config, optimized=optimized, per_channel=per_channel, reduce_range=reduce_range
-        )
+        variant = make_variant(onnx.load(str(fp32.raw)), precision, ckpt.config, optimized=optimized,
+                               per_channel=per_channel, reduce_range=reduce_range)
         sections = variant_sections(ckpt, precision, references, atol.get(precision), demo, backend)
+        level = "none" if precision == "fp16" else preoptimize
+        raw = write_stage(variant.proto, sections, scratch / f"{precision}.onnx", level)
+        builds[precision] = variant.build
+        del variant
+        staged = finish_stage(raw, level, keep_raw=False)
         try:
-            reports[precision] = gate_variant(variant, forward, sections, references, atol.get(precision), seed)
+            reports[precision] = gate_staged(staged, precision, references, randoms, atol.get(precision), seed)
         except ParityError as exc:
             reports[precision] = exc.report
             failures.append(exc)
             log.warning("%s variant fails its parity gate (%s): not written", precision, exc)
             continue
-        made[precision] = variant
+        made[precision] = staged
     if failures and not (quantize == "auto" and allow_partial and "fp32" in made):
         hint = "; pass --allow-partial to write the variants that passed" if quantize == "auto" else ""
         raise ParityError("; ".join(str(e) for e in failures) + f": nothing written{hint}", failures[0].report)
@@ -135,13 +189,35 @@ def publish_variants(
             log.warning("%s is left from an earlier export: not this export's variant", stale)
     recommended = recommend(reports) if quantize == "auto" else None
     paths = variant_paths(Path(out), tuple(made), recommended["cpu"] if recommended else precisions[0])
-    for precision, variant in made.items():
-        doc = variants_doc(precision, made, reports, paths, recommended)
+    for precision, staged in made.items():
+        doc = variants_doc(precision, builds, reports, paths, recommended)
         sections = variant_sections(ckpt, precision, references, atol.get(precision), demo, backend)
-        set_metadata(variant.proto, {**sections, "parity": reports[precision], "variants": doc})
-        write_atomic(paths[precision], lambda fh, v=variant: fh.write(v.proto.SerializeToString()))
+        publish(staged.path, paths[precision],
+                {**sections, "graph": staged.graph, "parity": reports[precision], "variants": doc})
         log.info("wrote %s (%s, %.1f MB)", paths[precision], precision, paths[precision].stat().st_size / 1e6)
     return reports, paths
+
+
+def staged_backend(staged: Staged) -> dict | None:
+    """The `backend` section of a staged fp32 file's metadata (the converter that made the graph), if any."""
+    import json
+
+    from runtime.model import METADATA_KEY, header_metadata
+
+    doc = header_metadata(staged.path).get(METADATA_KEY)
+    return json.loads(doc).get("backend") if doc else None
+
+
+def retrace(forward, ckpt, backend: dict):
+    """The fp32 graph as its converter wrote it (before onnxruntime's optimisation), at the export's opset."""
+    if backend.get("name") == "tf2onnx":
+        from convert.legacy.backend import DEFAULT_OPSET as TF2ONNX_OPSET
+        from convert.legacy.backend import to_onnx_tf2onnx
+
+        return to_onnx_tf2onnx(ckpt, int(backend.get("opset") or TF2ONNX_OPSET))[0]
+    from convert.trace import DEFAULT_OPSET, to_onnx
+
+    return to_onnx(forward, int(backend.get("opset") or DEFAULT_OPSET))
 
 
 def quantize_file(
@@ -160,7 +236,9 @@ def quantize_file(
     `options` are publish_variants' atol, per_channel, reduce_range, optimized and allow_partial; `demo`
     defaults to what the fp32 model's metadata says.
     """
-    import onnx
+    import tempfile
+
+    from runtime.model import graph_section, header_metadata
 
     model = Path(model)
     if not model.is_file():
@@ -169,8 +247,8 @@ def quantize_file(
         raise ExportError(f"cannot quantize to {quantize!r}; choose int8, fp16 or auto")
     if out is None and quantize == "auto":
         raise ExportError("quantize auto writes several files: name the main one with --out")
-    proto = onnx.load(str(model))
-    info = parse_metadata({p.key: p.value for p in proto.metadata_props}, str(model))
+    props = header_metadata(model)
+    info = parse_metadata(props, str(model))
     options.setdefault("demo", bool(info.source.get("demo")))
     if info.precision != "fp32" or not (info.parity or {}).get("passed"):
         raise ExportError(f"{model} is not a gated fp32 export ({info.precision}); quantize the fp32 model")
@@ -181,6 +259,25 @@ def quantize_file(
             f"{ckpt.sha256[:12]}: pass the checkpoint it was exported from"
         )
     out = Path(out) if out else model.with_name(f"{model.stem}.{quantize}{model.suffix}")
-    return publish_variants(
-        proto, ckpt, build_forward(ckpt), out, quantize, fp32_report=info.parity, clips=clips, seed=seed, **options
-    )
+    graph = graph_section(props)
+    backend = info.raw.get("backend") or {}
+    low_memory_malloc()
+    forward = build_forward(ckpt)
+    if backend.get("name") != "tf2onnx":
+        release_weights(ckpt)  # JAX holds its copy; tf2onnx converts from these weights (below)
+    references = clip_references(forward, clips)
+    randoms = random_references(forward, seed)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".percepiano-quantize-", dir=out.parent) as tmp:
+        raw = model
+        if graph.get("optimized", "none") != "none":  # saved optimised: variants are made from the traced graph
+            log.info("%s was saved optimised (%s): converting the checkpoint again (%s) for the variants",
+                     model.name, graph["optimized"], backend.get("name", "jax2onnx"))
+            raw = Path(tmp) / "fp32.traced.onnx"
+            write_model(raw, retrace(forward, ckpt, backend))
+        release_weights(ckpt)
+        del forward
+        release_jax()
+        return publish_variants(
+            Staged(model, raw, graph), ckpt, None, out, quantize, fp32_report=info.parity, references=references,
+            randoms=randoms, seed=seed, scratch=Path(tmp), **options)

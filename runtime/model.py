@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 
@@ -19,6 +20,7 @@ from runtime.self_check import SelfCheckResult, run_self_check
 log = logging.getLogger(__name__)
 
 METADATA_KEY = "percepiano"  # one JSON document in the ONNX model's metadata_props
+METADATA_FIELD = 14  # ModelProto.metadata_props
 FORMAT_VERSION = 1
 PRECISIONS = ("fp32", "int8", "fp16")
 DEVICES = ("auto", "cpu", "cuda")
@@ -160,8 +162,82 @@ def check_version(info: ModelInfo, serving: str) -> None:
                     "for that version; the self-check at load measures this one", serving, gated)
 
 
-def session_options(threads: int | None = None, optimization: str = "all"):
-    """onnxruntime SessionOptions: thread count and graph optimization level."""
+def _read_varint(fh: BinaryIO) -> int:
+    value, shift = 0, 0
+    while True:
+        byte = fh.read(1)
+        if not byte or shift > 63:
+            raise ValueError("truncated or malformed varint")
+        value |= (byte[0] & 0x7F) << shift
+        if byte[0] < 0x80:
+            return value
+        shift += 7
+
+
+def _string_entry(data: bytes) -> tuple[str, str]:
+    """A StringStringEntryProto (1: key, 2: value)."""
+    fh, out = io.BytesIO(data), {1: "", 2: ""}
+    while fh.tell() < len(data):
+        tag = _read_varint(fh)
+        if tag & 7 != 2:
+            raise ValueError("unexpected wire type in a metadata entry")
+        out[tag >> 3] = fh.read(_read_varint(fh)).decode()
+    return out[1], out[2]
+
+
+def header_metadata(source: str | os.PathLike | bytes) -> dict[str, str]:
+    """The metadata_props of an ONNX model, read from its top-level protobuf fields without parsing the graph.
+
+    Lets the loader choose session options before it creates the session; {} for anything unreadable (an
+    ORT-format file, a foreign file): the session's own checks then decide.
+    """
+    fh = io.BytesIO(source) if isinstance(source, bytes) else open(source, "rb")  # noqa: SIM115
+    props: dict[str, str] = {}
+    try:
+        with fh:
+            size = fh.seek(0, io.SEEK_END)
+            fh.seek(0)
+            while fh.tell() < size:
+                tag = _read_varint(fh)
+                kind = tag & 7
+                if kind == 0:
+                    _read_varint(fh)
+                elif kind == 1 or kind == 5:
+                    fh.seek(8 if kind == 1 else 4, io.SEEK_CUR)
+                elif kind == 2:
+                    length = _read_varint(fh)
+                    if tag >> 3 == METADATA_FIELD:
+                        key, value = _string_entry(fh.read(length))
+                        props[key] = value
+                    else:
+                        fh.seek(length, io.SEEK_CUR)
+                else:
+                    return {}
+    except (OSError, ValueError, UnicodeDecodeError):
+        return {}
+    return props
+
+
+def graph_section(props: dict[str, str]) -> dict[str, Any]:
+    """The `graph` section of a model's metadata (how its graph was saved), {} when it has none."""
+    try:
+        return dict(json.loads(props[METADATA_KEY]).get("graph") or {})
+    except (KeyError, ValueError, TypeError, AttributeError):
+        return {}
+
+
+def load_optimization(graph: dict[str, Any], device: str) -> str:
+    """The optimisation level to load with under `auto`: none for a graph saved optimised for the CPU, on the CPU.
+
+    Such a graph was optimised by onnxruntime at export (convert.staging); optimising it again costs the
+    session creation time it saves. On CUDA the level stays `all` (CUDA's own fusions still apply).
+    """
+    return "none" if graph.get("optimized") in ("extended", "all") and device == "cpu" else "all"
+
+
+def session_options(threads: int | None = None, optimization: str = "all", *, spinning: bool | None = None,
+                    prepacking: bool = True):
+    """onnxruntime SessionOptions: thread count, graph optimization level, intra-op spinning, weight prepacking."""
     import onnxruntime as ort
 
     levels = {
@@ -177,8 +253,34 @@ def session_options(threads: int | None = None, optimization: str = "all"):
     if threads:
         opts.intra_op_num_threads = int(threads)
         opts.inter_op_num_threads = 1
+    if spinning is not None:
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
+    if not prepacking:
+        opts.add_session_config_entry("session.disable_prepacking", "1")
     opts.log_severity_level = 3  # errors only; the runtime logs what matters itself
     return opts
+
+
+def save_optimized(source: str | os.PathLike | bytes, out: str | os.PathLike, level: str = "extended", *,
+                   external: bool = False, ort_format: bool = False) -> Path:
+    """Write `source` as onnxruntime optimises it for the CPU at `level` (a session with optimized_model_filepath).
+
+    `external`: the weights go to OUT.data beside it; `ort_format`: the ORT flatbuffer format instead of ONNX.
+    EXTENDED keeps standard and onnxruntime contrib ops only; ALL adds this CPU's layouts (not portable).
+    """
+    import onnxruntime as ort
+
+    out = Path(out)
+    opts = session_options(None, level)
+    opts.optimized_model_filepath = str(out)
+    if external:
+        opts.add_session_config_entry("session.optimized_model_external_initializers_file_name", out.name + ".data")
+        opts.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
+    if ort_format:
+        opts.add_session_config_entry("session.save_model_format", "ORT")
+    src = source if isinstance(source, bytes) else str(source)
+    ort.InferenceSession(src, opts, providers=["CPUExecutionProvider"])
+    return out
 
 
 class OnnxModel:
@@ -190,9 +292,15 @@ class OnnxModel:
         *,
         device: str = "auto",
         threads: int | None = None,
-        optimization: str = "all",
+        optimization: str = "auto",
         io_binding: bool | None = None,
+        spinning: bool | None = None,
+        prepacking: bool = True,
     ):
+        """`optimization`: auto (none for a graph the export saved optimised for the CPU, when it runs on the
+        CPU; else all), or none / basic / extended / all. `spinning`: onnxruntime's intra-op spin-waiting
+        (None: its default, on). `prepacking`: onnxruntime's weight prepacking (off: less memory, slower
+        runs). The figures behind these defaults: `python -m benchmarks.session` (README, Benchmarks)."""
         import onnxruntime as ort
 
         where = "model bytes" if isinstance(source, bytes) else str(source)
@@ -202,9 +310,16 @@ class OnnxModel:
                 raise ModelError(f"model file not found: {path}")
             source = str(path)
         providers = pick_providers(device)
+        self.graph = graph_section(header_metadata(source))  # how the export saved the graph ({}: as traced)
+        on_cpu = not any((p[0] if isinstance(p, tuple) else p) == CUDA for p in providers)
+        self.optimization = load_optimization(self.graph, "cpu" if on_cpu else "cuda") if optimization == "auto" \
+            else optimization
+        self.spinning = spinning  # None: onnxruntime's default (on)
+        self.prepacking = prepacking
+        opts = session_options(threads, self.optimization, spinning=spinning, prepacking=prepacking)
         started = time.perf_counter()
         try:
-            self.session = ort.InferenceSession(source, session_options(threads, optimization), providers=providers)
+            self.session = ort.InferenceSession(source, opts, providers=providers)
         except Exception as exc:  # onnxruntime raises its own Fail/InvalidProtobuf types
             raise ModelError(f"{where}: onnxruntime cannot load it ({str(exc).splitlines()[0]})") from None
         self.load_seconds = time.perf_counter() - started  # session creation (reported by /metrics)

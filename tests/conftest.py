@@ -48,10 +48,12 @@ def tiny_raw(tiny_checkpoint) -> dict:
 
 @pytest.fixture(scope="session")
 def tiny_export(tmp_path_factory, tiny_checkpoint):
-    """The tiny preset exported through the real pipeline, parity gate included."""
+    """The tiny preset exported through the real pipeline, parity gate included; the graph as traced (not
+    pre-optimised for the CPU: tests make variants from it and compose it; tests/test_cold_start.py covers the
+    default, pre-optimised export)."""
     from convert.export import export
 
-    return export(tiny_checkpoint, tmp_path_factory.mktemp("onnx") / "tiny.onnx")
+    return export(tiny_checkpoint, tmp_path_factory.mktemp("onnx") / "tiny.onnx", preoptimize="none")
 
 
 @pytest.fixture(scope="session")

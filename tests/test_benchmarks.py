@@ -149,6 +149,17 @@ def test_cost_table_is_priced_from_this_runs_timings(results, quick_run):
     assert "ESTIMATE" in (out / "summary.md").read_text() and "costs on Modal" in proc.stdout
 
 
+def test_session_table_covers_the_cpu_variants(results, quick_run):
+    from benchmarks.session import CONFIGS
+
+    section = results["session"]
+    assert set(section["results"]) == {"fp32", "int8"} and section["runs"] == results["settings"]["cold_runs"]
+    for precision, rows in section["results"].items():
+        assert list(rows) == [c.name for c in CONFIGS], precision
+        assert all(r["session_s"] > 0 and r["peak_rss_bytes"] > 0 for r in rows.values()), precision
+    assert "Session creation and first run" in (quick_run[0] / "summary.md").read_text()
+
+
 def test_median_cold_keeps_the_first_runs_warm_figures():
     from benchmarks.workers import median_cold
 

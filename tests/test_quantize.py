@@ -77,10 +77,12 @@ def constant_error(forward) -> float:
 
 @pytest.fixture(scope="module")
 def auto(tiny_model, tiny_checkpoint, tmp_path_factory):
-    """`export(quantize="auto")` of the tiny preset: fp32, int8 and fp16, each through its parity gate."""
+    """`export(quantize="auto")` of the tiny preset: fp32, int8 and fp16, each through its parity gate; the graphs
+    as the quantizer makes them (tests/test_cold_start.py covers the default, pre-optimised files)."""
     with pytest.MonkeyPatch.context() as mp:
         _reuse_trace(mp, tiny_model)
-        return export(tiny_checkpoint, tmp_path_factory.mktemp("auto") / "model.onnx", quantize="auto")
+        return export(tiny_checkpoint, tmp_path_factory.mktemp("auto") / "model.onnx", quantize="auto",
+                      preoptimize="none")
 
 
 def test_prepare_is_exact_and_makes_every_dense_layer_a_matmul(fp32, ckpt):
