@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import statistics
 import sys
 import time
@@ -23,6 +24,7 @@ from collections.abc import Sequence
 from functools import partial
 from pathlib import Path
 
+from benchmarks.cold import PROGRESS_PREFIX
 from runtime.analyze import Analyzer
 from runtime.audio import load_audio
 from runtime.constants import FEATURES
@@ -129,6 +131,19 @@ def format_concurrency(section: dict) -> str:
     return head + "\n".join(lines)
 
 
+def concurrency_table(section: dict) -> tuple[str, list[str], list[list[str]]]:
+    """The section as a benchmark table (benchmarks.report): title, headers, rows."""
+    headers = ["clients", "batching", "requests/s", "chunks/s", "median latency ms", "chunks/call", "requests/call"]
+    rows = [[str(r["concurrency"]), str(r["batching"]), f"{r['requests_per_s']:.2f}", f"{r['chunks_per_s']:.1f}",
+             f"{r['median_latency_s'] * 1000:.0f}", _fmt(r["chunks_per_call"], ".1f"),
+             _fmt(r["requests_per_call"], ".2f")] for r in section["levels"]]
+    title = (f"Throughput against concurrency, cross-request batching off and on ({section['precision']} on "
+             f"{section['device']}, {section['chunks_per_request']} chunks per request, "
+             f"wait {section['wait_ms']:g} ms, "
+             f"{section['rounds']} requests per client; python -m benchmarks.concurrency)")
+    return title, headers, rows
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.concurrency", description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path, required=True, help="an exported ONNX model")
@@ -140,6 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-batch-chunks", type=int, default=32, help="chunks per merged call, at most")
     parser.add_argument("--cap-seconds", type=float, default=30.0, help="analyse the first N s (0: whole clip)")
     parser.add_argument("--device", choices=("cpu", "cuda", "auto"), default="cpu")
+    parser.add_argument("--json", action="store_true", help="print the section as one JSON line (benchmarks.run)")
     args = parser.parse_args(argv)
     try:
         levels = [int(v) for v in args.levels.split(",") if v.strip()]
@@ -148,8 +164,8 @@ def main(argv: list[str] | None = None) -> int:
     section = concurrency_section(args.model, args.clip, args.cpus, levels, rounds=args.rounds, wait_ms=args.wait_ms,
                                   max_batch_chunks=args.max_batch_chunks, device=args.device,
                                   cap_seconds=args.cap_seconds or None,
-                                  progress=lambda msg: print(msg, file=sys.stderr))
-    print(format_concurrency(section))
+                                  progress=lambda msg: print(PROGRESS_PREFIX + msg, file=sys.stderr, flush=True))
+    print(json.dumps(section) if args.json else format_concurrency(section), flush=True)
     return 0
 
 

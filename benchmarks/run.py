@@ -51,6 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "1 with --quick)")
     parser.add_argument("--gemm-size", type=int, default=2048, help="square float32 matmul for the GEMM rate")
     parser.add_argument("--no-plots", action="store_true", help="skip the PNG plots (no matplotlib needed)")
+    parser.add_argument("--concurrency", default="1,2,4",
+                        help="clients for the throughput table of the CPU model, batching off and on (default "
+                        "%(default)s; empty skips it)")
     parser.add_argument("--session-runs", type=int, help="fresh processes per session configuration (benchmarks."
                         "session; default: --cold-runs; 0 skips the session table)")
     return parser
@@ -135,11 +138,13 @@ def benchmark(args: argparse.Namespace, cpus: list[int]) -> dict:
                       display.note)
         ort_runs = sum(1 for p, d in devices.items() if d and art.models[p].available)
         # prepare, GEMM x2, JAX first run, cold starts, the session table
-        display.set_total(1 + 2 + 1 + args.cold_runs * (2 + ort_runs) + (1 if args.session_runs else 0))
+        display.set_total(1 + 2 + 1 + args.cold_runs * (2 + ort_runs) + (1 if args.session_runs else 0)
+                          + (1 if args.concurrency else 0))
         display.step("GEMM rate (before the variants)")
         before = gemm(cpus, args.gemm_size, GEMM_REPEATS, display.note)
         raw = run_variants(art, args, cpus, devices, display)
         session = session_configurations(art, args, cpus, display)
+        concurrency = concurrency_levels(art, args, cpus, display)
         display.step("GEMM rate (after the variants)")
         gemm_rate = best_gemm([before, gemm(cpus, args.gemm_size, GEMM_REPEATS, display.note)])
     settings = {"preset": preset if art.demo else None, "quick": args.quick, "runs": args.runs,
@@ -148,7 +153,26 @@ def benchmark(args: argparse.Namespace, cpus: list[int]) -> dict:
     results = assemble(art, raw, gemm_rate, env, settings, VARIANTS, BASELINE, started, time.monotonic() - clock)
     if session:
         results["session"] = session
+    if concurrency:
+        results["concurrency"] = concurrency
     return results
+
+
+def concurrency_levels(art, args, cpus: list[int], display: Display) -> dict | None:
+    """Throughput against concurrency, batching off and on (benchmarks.concurrency), for the CPU model."""
+    from benchmarks.workers import WorkerError, run_module
+
+    precision = "int8" if art.models["int8"].available else "fp32"
+    if not args.concurrency or not art.models[precision].available:
+        return None
+    display.step(f"throughput against concurrency ({precision}, batching off and on)")
+    argv = ["--model", str(art.models[precision].path), "--clip", str(art.audio), "--levels", args.concurrency,
+            "--rounds", "2" if args.quick else "3", "--cpus", str(len(cpus)), "--json"]
+    try:
+        return run_module("benchmarks.concurrency", argv, cpus, "cpu", display.note)
+    except WorkerError as exc:
+        log.error("concurrency table: %s", exc)
+        return {"failed": str(exc)}
 
 
 def session_configurations(art, args, cpus: list[int], display: Display) -> dict | None:
@@ -173,6 +197,12 @@ def check_args(args: argparse.Namespace) -> None:
         args.cold_runs = 1 if args.quick else 3
     if args.session_runs is None:
         args.session_runs = args.cold_runs
+    try:
+        levels = [int(v) for v in args.concurrency.split(",") if v.strip()]
+    except ValueError:
+        raise BenchmarkError(f"--concurrency {args.concurrency!r}: expected integers such as 1,2,4") from None
+    if levels and min(levels) < 1:
+        raise BenchmarkError(f"--concurrency {args.concurrency!r}: client counts must be positive")
     if args.runs < 1 or args.warmup < 0 or args.cold_runs < 1:
         raise BenchmarkError(f"--runs and --cold-runs must be >= 1 and --warmup >= 0 "
                              f"(got {args.runs}, {args.cold_runs}, {args.warmup})")

@@ -192,3 +192,15 @@ def test_bad_thread_count_is_one_line_error(tmp_path, capsys):
     assert main(["--quick", "--threads", "4096", "--out", str(tmp_path)]) == 1
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: --threads 4096") and "\n" not in err
+
+
+def test_concurrency_table_measures_every_level_with_batching_off_and_on(results, quick_run):
+    section = results["concurrency"]
+    assert section["precision"] == "int8" and section["device"] == "cpu"
+    assert [(r["concurrency"], r["batching"]) for r in section["levels"]] == [
+        (n, mode) for n in (1, 2, 4) for mode in ("off", "on")]
+    assert all(r["requests_per_s"] > 0 and r["chunks_per_s"] > 0 for r in section["levels"])
+    # every request's chunks ran: chunks/s is requests/s times the chunks of one request
+    for r in section["levels"]:
+        assert abs(r["chunks_per_s"] - r["requests_per_s"] * section["chunks_per_request"]) <= 1e-6 * r["chunks_per_s"]
+    assert "Throughput against concurrency" in (quick_run[0] / "summary.md").read_text()

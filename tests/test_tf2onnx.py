@@ -21,6 +21,7 @@ from convert.legacy import env as legacy_env
 from convert.legacy.backend import MAX_OPSET
 from convert.parity import clip_references
 from convert.quantize import linear_layers, weight_matmuls
+from convert.variants import quantize_file
 from runtime.analyze import Analyzer
 from runtime.constants import API_KEYS, INPUT_NAME, OUTPUT_NAME
 from runtime.model import METADATA_KEY, OnnxModel
@@ -60,8 +61,10 @@ def tf_export(tmp_path_factory, tiny_checkpoint, legacy_python):
     guard = _ImportGuard()
     sys.meta_path.insert(0, guard)
     try:
+        # preoptimize none: the tests below inspect the graph as this backend writes it; the default (saved
+        # pre-optimised) goes through crosscheck and quantize below
         result = export(tiny_checkpoint, tmp_path_factory.mktemp("tf2onnx") / "tiny.onnx", backend="tf2onnx",
-                        quantize="auto")
+                        quantize="auto", preoptimize="none")
     finally:
         sys.meta_path.remove(guard)
     return result, guard.attempts
@@ -136,6 +139,14 @@ def test_crosscheck_agrees_on_the_shared_clips(tiny_checkpoint, piano_clips, leg
     assert [p["pair"] for p in doc["pairs"]] == ["jax vs jax2onnx", "jax vs tf2onnx", "jax2onnx vs tf2onnx"]
     assert all(0 < p["max_abs"] <= 1e-5 for p in doc["pairs"][:2])  # two real conversions: not bit-identical to JAX
     assert "AGREE" in out and all(key[:26] in out for key in API_KEYS)  # the per-dimension table
+    # crosscheck's tf2onnx export is saved pre-optimised: its int8 variant is converted again by tf2onnx
+    tf_fp32 = tmp_path / "model.tf2onnx.onnx"
+    assert _doc(tf_fp32)["graph"]["optimized"] != "none"
+    _, written = quantize_file(tf_fp32, tiny_checkpoint, quantize="int8", clips=piano_clips[:1])
+    doc = _doc(written["int8"])
+    assert doc["backend"]["name"] == "tf2onnx" and doc["backend"]["opset"] == MAX_OPSET
+    config = load_checkpoint(tiny_checkpoint).config
+    assert doc["variants"]["build"]["quantization"]["quantized_matmuls"] == linear_layers(config) - 3
 
 
 def test_crosscheck_fails_on_a_model_that_differs_in_one_dimension(tf_export, tiny_model, tiny_checkpoint,
