@@ -80,12 +80,15 @@ def _drop_unused_initializers(graph) -> None:
     graph.initializer.extend(kept)
 
 
-def fold_constants(proto):
-    """Evaluate every node whose inputs are all initializers (e.g. Reshape of a weight) into an initializer."""
+def fold_constants(proto, copy: bool = True):
+    """Evaluate every node whose inputs are all initializers (e.g. Reshape of a weight) into an initializer.
+
+    `copy` False rewrites `proto` itself (memory: no second copy of the weights).
+    """
     from onnx import helper, numpy_helper
     from onnx.reference import ReferenceEvaluator
 
-    proto = _copy(proto)
+    proto = _copy(proto) if copy else proto
     graph = proto.graph
     inits = {init.name: init for init in graph.initializer}
     kept, folded = [], 0
@@ -112,13 +115,20 @@ def fold_constants(proto):
     return proto
 
 
-def gemm_to_matmul(proto):
-    """Rewrite Gemm(A, W, C) with a constant W as MatMul(A, W') + Add(C): the form int8 quantization handles."""
+def gemm_to_matmul(proto, copy: bool = True):
+    """Rewrite Gemm(A, W, C) with a constant W as MatMul(A, W') + Add(C): the form int8 quantization handles.
+
+    `copy` False rewrites `proto` itself; a weight only its Gemm uses is then replaced where it lies, so the
+    old and new forms of all weights are never held at once.
+    """
+    from collections import Counter
+
     from onnx import helper, numpy_helper
 
-    proto = _copy(proto)
+    proto = _copy(proto) if copy else proto
     graph = proto.graph
     inits = {init.name: init for init in graph.initializer}
+    uses = Counter(name for node in graph.node for name in node.input)
     nodes = []
     for node in graph.node:
         attrs = _attrs(node)
@@ -127,8 +137,13 @@ def gemm_to_matmul(proto):
             continue
         weight = numpy_helper.to_array(inits[node.input[1]]).astype(np.float32)
         weight = (weight.T if attrs.get("transB", 0) else weight) * np.float32(attrs.get("alpha", 1.0))
-        w_name = f"{node.name}_weight"
-        graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(weight), w_name))
+        if not copy and uses[node.input[1]] == 1:  # in place: this Gemm is the weight's only reader
+            w_name = node.input[1]
+            inits[w_name].CopyFrom(numpy_helper.from_array(np.ascontiguousarray(weight), w_name))
+        else:
+            w_name = f"{node.name}_weight"
+            graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(weight), w_name))
+        del weight
         beta = attrs.get("beta", 1.0)
         has_bias = len(node.input) > 2 and bool(node.input[2]) and beta != 0
         product = f"{node.output[0]}_matmul" if has_bias else node.output[0]
@@ -146,9 +161,12 @@ def gemm_to_matmul(proto):
     return proto
 
 
-def prepare(proto):
-    """Same function, standard ONNX ops: weights folded to initializers and every Dense layer a MatMul."""
-    return gemm_to_matmul(fold_constants(proto))
+def prepare(proto, copy: bool = True):
+    """Same function, standard ONNX ops: weights folded to initializers and every Dense layer a MatMul.
+
+    `copy` False rewrites `proto` itself (for a caller that hands it over).
+    """
+    return gemm_to_matmul(fold_constants(proto, copy=copy), copy=False)
 
 
 def _gelu_to_contrib(proto):
@@ -340,15 +358,19 @@ def make_variant(
     per_channel: bool = False,
     reduce_range: bool = True,
     keep_float: bool = True,
+    owned: bool = False,
 ) -> Variant:
-    """The `precision` variant of a gated fp32 model (metadata is left to the caller)."""
+    """The `precision` variant of a gated fp32 model (metadata is left to the caller).
+
+    `owned`: the caller hands `fp32` over (it is rewritten in place instead of copied: memory).
+    """
     if precision not in PRECISIONS:
         raise ValueError(f"unknown precision {precision!r}; choose one of {PRECISIONS}")
     build: dict = {"optimized": optimized}
     if optimized:
         proto, build["fused_ops"] = optimize(fp32, config)
     else:
-        proto = prepare(fp32) if precision != "fp32" else _copy(fp32)
+        proto = prepare(fp32, copy=not owned) if precision != "fp32" else (fp32 if owned else _copy(fp32))
     del fp32  # memory: a caller that hands over its proto (convert.variants) gets it freed here
     if precision == "int8":
         kept = int8_float_layers(proto) if keep_float else {}

@@ -165,7 +165,7 @@ def _publish(fp32: Staged, ckpt, out: Path, quantize: str, precisions: tuple[str
             continue
         log.info("making the %s variant%s", precision, " (optimized graph)" if optimized else "")
         variant = make_variant(onnx.load(str(fp32.raw)), precision, ckpt.config, optimized=optimized,
-                               per_channel=per_channel, reduce_range=reduce_range)
+                               per_channel=per_channel, reduce_range=reduce_range, owned=True)
         sections = variant_sections(ckpt, precision, references, atol.get(precision), demo, backend)
         level = "none" if precision == "fp16" else preoptimize
         raw = write_stage(variant.proto, sections, scratch / f"{precision}.onnx", level)
