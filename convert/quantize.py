@@ -269,8 +269,11 @@ def quantize_int8(proto, *, per_channel: bool = False, reduce_range: bool = True
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
+    from convert.files import write_model
+
     prepared = prepare(proto) if any(n.op_type == "Gemm" for n in proto.graph.node) else proto
     excluded = [name for names in int8_float_layers(prepared).values() for name in names] if keep_float else []
+    del proto
     # It warns through logging.warning() ("consider pre-processing"): silence the root logger meanwhile, with a
     # handler in place so that logging.warning() does not call basicConfig() on an application's behalf.
     root, guard = logging.getLogger(), logging.NullHandler()
@@ -279,9 +282,12 @@ def quantize_int8(proto, *, per_channel: bool = False, reduce_range: bool = True
     root.setLevel(logging.ERROR)
     try:
         with tempfile.TemporaryDirectory(prefix="percepiano-int8-") as tmp:
-            out = Path(tmp) / "int8.onnx"
+            # from a file: given a ModelProto, onnxruntime deep-copies it, saves the copy and loads it back
+            # (three copies of the weights at once); from a path it loads one
+            source, out = write_model(Path(tmp) / "fp32.onnx", prepared), Path(tmp) / "int8.onnx"
+            del prepared
             quantize_dynamic(
-                prepared,
+                source,
                 out,
                 op_types_to_quantize=["MatMul"],
                 per_channel=per_channel,
@@ -333,7 +339,7 @@ def head_nodes(proto) -> list[str]:
     return list(seen)
 
 
-def to_fp16(proto, keep_fp32: tuple[str, ...] = FP16_KEEP_FP32):
+def to_fp16(proto, keep_fp32: tuple[str, ...] = FP16_KEEP_FP32, copy: bool = True):
     """float16 weights and compute, float32 inputs and outputs.
 
     `keep_fp32` operator types stay float32, and so does the regression head after the mean over patches:
@@ -342,7 +348,7 @@ def to_fp16(proto, keep_fp32: tuple[str, ...] = FP16_KEEP_FP32):
     """
     from onnxruntime.transformers.onnx_model import OnnxModel
 
-    model = OnnxModel(_copy(proto))
+    model = OnnxModel(_copy(proto) if copy else proto)  # copy False: `proto` itself is converted (memory)
     model.convert_float_to_float16(keep_io_types=True, op_block_list=list(keep_fp32), node_block_list=head_nodes(proto))
     model.topological_sort()  # the converter appends its input Cast at the end
     del model.model.graph.value_info[:]  # stale: some claim float16 for initializers that stayed float32
@@ -374,7 +380,9 @@ def make_variant(
     del fp32  # memory: a caller that hands over its proto (convert.variants) gets it freed here
     if precision == "int8":
         kept = int8_float_layers(proto) if keep_float else {}
-        proto = quantize_int8(proto, per_channel=per_channel, reduce_range=reduce_range, keep_float=keep_float)
+        held = [proto]  # popped into the call, the float graph's only reference is quantize_int8's: it frees it
+        del proto
+        proto = quantize_int8(held.pop(), per_channel=per_channel, reduce_range=reduce_range, keep_float=keep_float)
         counts = op_counts(proto)
         quantized = counts.get("MatMulInteger", 0) + counts.get(f"{MS_DOMAIN}:{INT8_FUSED}", 0)
         expected = linear_layers(config) - sum(map(len, kept.values()))
@@ -393,7 +401,7 @@ def make_variant(
             raise ExportError(f"int8: {quantized} of {linear_layers(config)} linear layers were quantized, "
                               f"expected {expected}")
     elif precision == "fp16":
-        proto = to_fp16(proto)
+        proto = to_fp16(proto, copy=not owned)
         build["float16"] = {"io": "float32", "kept_float32": [*FP16_KEEP_FP32, "regression head"]}
     build["nodes"] = op_counts(proto)
     return Variant(precision, proto, build)

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from convert.files import write_model
 from convert.metadata import set_metadata
+from runtime.memory import LARGE, return_large_buffers_to_the_os
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +96,7 @@ def release_jax() -> None:
     release_memory()
 
 
-MMAP_THRESHOLD = 1 << 20
+MMAP_THRESHOLD = LARGE
 
 
 def low_memory_malloc() -> bool:
@@ -105,12 +106,7 @@ def low_memory_malloc() -> bool:
     heap that does not shrink: each freed proto or session would stay in the process's resident set. False
     where there is no glibc.
     """
-    try:
-        import ctypes
-
-        return ctypes.CDLL("libc.so.6").mallopt(-3, MMAP_THRESHOLD) == 1  # M_MMAP_THRESHOLD
-    except (OSError, AttributeError):
-        return False
+    return return_large_buffers_to_the_os(MMAP_THRESHOLD)
 
 
 def release_memory() -> None:

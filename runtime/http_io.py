@@ -8,9 +8,7 @@ not on the event loop.
 
 from __future__ import annotations
 
-import ctypes
 import logging
-import sys
 import threading
 from typing import Any
 
@@ -123,18 +121,6 @@ class Reservation:
     def __exit__(self, *_: object) -> None:
         if not self.handed_off:
             self.release()
-
-
-def return_large_buffers_to_the_os(threshold: int = 1 << 20) -> bool:
-    """glibc only: serve every allocation of `threshold` bytes or more from mmap, so freeing a body or a decoded
-    signal gives its pages back. (glibc otherwise raises that threshold to the largest block freed so far, up to
-    32 MB, and keeps such blocks in its heaps: RSS then stays high after a burst of large uploads.)"""
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        return ctypes.CDLL("libc.so.6").mallopt(-3, threshold) == 1  # M_MMAP_THRESHOLD (fixed: no dynamic raise)
-    except (OSError, AttributeError):  # not glibc (e.g. musl)
-        return False
 
 
 # ---------------------------------------------------------------------------------------------- reading a body

@@ -39,9 +39,9 @@ from runtime.http_io import (
     error_responses,
     mel_body,
     mel_kind,
-    return_large_buffers_to_the_os,
 )
 from runtime.http_ops import Format, TokenCheck, add_metrics_route, install_error_handlers
+from runtime.memory import return_large_buffers_to_the_os
 from runtime.original import OriginalError, OriginalSuccess
 from runtime.request_log import RequestLog
 from runtime.schemas import (
