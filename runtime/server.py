@@ -64,6 +64,7 @@ CAP_QUERY = Query(gt=0, allow_inf_nan=False, description=(
     "analyse only the first N seconds, cut after resampling to 22,050 Hz as the original's 30 s cap did; "
     "longer audio is then not refused (default: PERCEPIANO_CAP_SECONDS, else the whole recording)"))
 
+
 def create_app(source: Source, *, settings: Settings | None = None) -> FastAPI:
     """The FastAPI app: `source` is an ONNX model path, a loaded Analyzer, or a function returning one."""
     settings = settings or Settings.from_env()
