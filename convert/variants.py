@@ -11,9 +11,9 @@ from convert.checkpoint import load_checkpoint
 from convert.errors import ExportError, ParityError
 from convert.files import write_model
 from convert.forward import build_forward
-from convert.metadata import describe, self_check_section, set_metadata
+from convert.metadata import describe, self_check_section
 from convert.parity import Tolerance, clip_references, random_references, run_gate
-from convert.quantize import QUANTIZE_CHOICES, Variant, make_variant, op_counts
+from convert.quantize import QUANTIZE_CHOICES, make_variant, op_counts
 from convert.staging import (
     DEFAULT_PREOPTIMIZE,
     Staged,
@@ -56,15 +56,6 @@ def gate_summary(report: dict) -> dict:
     return {"passed": report["passed"], "atol": report["tolerance"]["model"],
             "atol_end_to_end": report["tolerance"]["end_to_end"],
             **{k: report[k] for k in SUMMARY_KEYS if k in report}}
-
-
-def gate_variant(variant: Variant, forward, sections: dict, references, atol: float | None, seed: int,
-                 randoms=None) -> dict:
-    """Run the fp32 parity gate on a variant, through the runtime's own loader (CPU). Raises ParityError."""
-    set_metadata(variant.proto, sections)
-    model = OnnxModel(variant.proto.SerializeToString(), device="cpu")
-    return run_gate(forward, model, tolerance=Tolerance.for_precision(variant.precision, atol), seed=seed,
-                    references=references, randoms=randoms)
 
 
 def gate_staged(staged: Staged, precision: str, references, randoms, atol: float | None, seed: int) -> dict:

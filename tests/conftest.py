@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -59,3 +60,12 @@ def tiny_export(tmp_path_factory, tiny_checkpoint):
 @pytest.fixture(scope="session")
 def tiny_model(tiny_export) -> Path:
     return tiny_export.path
+
+
+@pytest.fixture
+def recorded(monkeypatch):
+    """The Modal app file's default (GPU) variant, imported with modal's API recorded (tests/modal_recording.py)."""
+    from modal_recording import import_recording
+
+    yield import_recording(monkeypatch)
+    sys.modules.pop("deploy.modal_app", None)

@@ -79,5 +79,3 @@ def image_steps(calls, step: str) -> list[dict]:
 def gate_onnxruntime() -> str:
     extras = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]
     return next(d for d in extras["convert"] if d.startswith("onnxruntime==")).split("==")[1]
-
-

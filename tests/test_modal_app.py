@@ -15,7 +15,7 @@ import pytest
 modal = pytest.importorskip("modal")
 pytest.importorskip("fastapi")
 
-from modal_recording import fresh_import, import_recording, options  # noqa: E402
+from modal_recording import fresh_import, options  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 TOKEN = "modal-test-token"
@@ -34,13 +34,6 @@ def test_imports_without_credentials_or_model(tmp_path, switches, printed):
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == printed
-
-
-@pytest.fixture
-def recorded(monkeypatch):
-    """The default (GPU) variant, recorded."""
-    yield import_recording(monkeypatch)
-    sys.modules.pop("deploy.modal_app", None)
 
 
 def test_modal_configuration(recorded):

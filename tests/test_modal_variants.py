@@ -17,13 +17,6 @@ from modal_recording import REPO, fresh_import, gate_onnxruntime, image_steps, i
 TOKEN = "modal-test-token"
 
 
-@pytest.fixture
-def recorded(monkeypatch):
-    """The default (GPU) variant, recorded."""
-    yield import_recording(monkeypatch)
-    sys.modules.pop("deploy.modal_app", None)
-
-
 def test_the_gpu_variant_pins_onnxruntime_gpu_and_snapshots_cpu_memory_only(recorded):
     m, calls = recorded
     gpu_pin = f"onnxruntime-gpu[cuda,cudnn]=={m.ONNXRUNTIME_GPU}"

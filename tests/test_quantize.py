@@ -13,7 +13,7 @@ from convert.checkpoint import load_checkpoint
 from convert.errors import ExportError, ParityError
 from convert.export import build_forward, export
 from convert.metadata import describe, set_metadata
-from convert.parity import DEFAULT_ATOL, clip_references, random_inputs
+from convert.parity import DEFAULT_ATOL, Tolerance, clip_references, random_inputs, run_gate
 from convert.quantize import (
     FP16_KEEP_FP32,
     check_fusions,
@@ -24,12 +24,20 @@ from convert.quantize import (
     prepare,
     quantize_int8,
 )
-from convert.variants import gate_variant, publish_variants
+from convert.variants import publish_variants
 from runtime.analyze import Analyzer
 from runtime.constants import API_KEYS
 from runtime.model import OnnxModel
 
 FUSED_INT8 = "com.microsoft:MatMulIntegerToFloat"
+
+
+def gate_variant(variant, forward, sections: dict, references, atol, seed: int) -> dict:
+    """The fp32 parity gate on an in-memory variant, through the runtime's own loader (CPU)."""
+    set_metadata(variant.proto, sections)
+    model = OnnxModel(variant.proto.SerializeToString(), device="cpu")
+    return run_gate(forward, model, tolerance=Tolerance.for_precision(variant.precision, atol), seed=seed,
+                    references=references)
 
 
 def _ort(proto):
