@@ -20,6 +20,9 @@ from convert.config import ModelConfig
 from convert.errors import ExportError
 from convert.int8_fusion import FUSED as INT8_FUSED
 from convert.int8_fusion import fuse_int8_matmuls
+from convert.prepare import attributes as _attrs
+from convert.prepare import copy_proto as _copy
+from convert.prepare import fold_constants, gemm_to_matmul, prepare  # noqa: F401 (re-exported)
 from runtime.model import PRECISIONS
 
 log = logging.getLogger(__name__)
@@ -57,116 +60,6 @@ def op_counts(proto) -> dict[str, int]:
 def linear_layers(config: ModelConfig) -> int:
     """Dense layers of the model: patch embedding, q/k/v/out and two MLP layers per block, two in the head."""
     return 1 + 6 * config.num_layers + 2
-
-
-def _copy(proto):
-    import onnx
-
-    out = onnx.ModelProto()
-    out.CopyFrom(proto)
-    return out
-
-
-def _attrs(node) -> dict:
-    from onnx import helper
-
-    return {a.name: helper.get_attribute_value(a) for a in node.attribute}
-
-
-def _drop_unused_initializers(graph) -> None:
-    used = {name for node in graph.node for name in node.input} | {o.name for o in graph.output}
-    kept = [init for init in graph.initializer if init.name in used]
-    del graph.initializer[:]
-    graph.initializer.extend(kept)
-
-
-def fold_constants(proto, copy: bool = True):
-    """Evaluate every node whose inputs are all initializers (e.g. Reshape of a weight) into an initializer.
-
-    `copy` False rewrites `proto` itself (memory: no second copy of the weights).
-    """
-    from onnx import helper, numpy_helper
-    from onnx.reference import ReferenceEvaluator
-
-    proto = _copy(proto) if copy else proto
-    graph = proto.graph
-    inits = {init.name: init for init in graph.initializer}
-    kept, folded = [], 0
-    for node in graph.node:
-        if node.op_type == "Constant" or not node.input or not all(name in inits for name in node.input if name):
-            kept.append(node)
-            continue
-        single = helper.make_graph(
-            [node],
-            "fold",
-            [],
-            [helper.make_tensor_value_info(o, 0, None) for o in node.output],
-            initializer=[inits[name] for name in node.input if name],
-        )
-        values = ReferenceEvaluator(helper.make_model(single, opset_imports=proto.opset_import)).run(None, {})
-        for name, value in zip(node.output, values, strict=True):
-            inits[name] = numpy_helper.from_array(np.asarray(value), name)
-            graph.initializer.append(inits[name])
-        folded += 1
-    del graph.node[:]
-    graph.node.extend(kept)
-    _drop_unused_initializers(graph)
-    log.debug("folded %d constant nodes", folded)
-    return proto
-
-
-def gemm_to_matmul(proto, copy: bool = True):
-    """Rewrite Gemm(A, W, C) with a constant W as MatMul(A, W') + Add(C): the form int8 quantization handles.
-
-    `copy` False rewrites `proto` itself; a weight only its Gemm uses is then replaced where it lies, so the
-    old and new forms of all weights are never held at once.
-    """
-    from collections import Counter
-
-    from onnx import helper, numpy_helper
-
-    proto = _copy(proto) if copy else proto
-    graph = proto.graph
-    inits = {init.name: init for init in graph.initializer}
-    uses = Counter(name for node in graph.node for name in node.input)
-    nodes = []
-    for node in graph.node:
-        attrs = _attrs(node)
-        if node.op_type != "Gemm" or node.input[1] not in inits or attrs.get("transA", 0):
-            nodes.append(node)
-            continue
-        weight = numpy_helper.to_array(inits[node.input[1]]).astype(np.float32)
-        weight = (weight.T if attrs.get("transB", 0) else weight) * np.float32(attrs.get("alpha", 1.0))
-        if not copy and uses[node.input[1]] == 1:  # in place: this Gemm is the weight's only reader
-            w_name = node.input[1]
-            inits[w_name].CopyFrom(numpy_helper.from_array(np.ascontiguousarray(weight), w_name))
-        else:
-            w_name = f"{node.name}_weight"
-            graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(weight), w_name))
-        del weight
-        beta = attrs.get("beta", 1.0)
-        has_bias = len(node.input) > 2 and bool(node.input[2]) and beta != 0
-        product = f"{node.output[0]}_matmul" if has_bias else node.output[0]
-        nodes.append(helper.make_node("MatMul", [node.input[0], w_name], [product], name=f"{node.name}_MatMul"))
-        if has_bias:
-            if node.input[2] not in inits:
-                raise ExportError(f"Gemm {node.name}: its bias {node.input[2]} is not a constant")
-            bias = numpy_helper.to_array(inits[node.input[2]]).astype(np.float32) * np.float32(beta)
-            b_name = f"{node.name}_bias"
-            graph.initializer.append(numpy_helper.from_array(bias, b_name))
-            nodes.append(helper.make_node("Add", [product, b_name], [node.output[0]], name=f"{node.name}_Add"))
-    del graph.node[:]
-    graph.node.extend(nodes)
-    _drop_unused_initializers(graph)
-    return proto
-
-
-def prepare(proto, copy: bool = True):
-    """Same function, standard ONNX ops: weights folded to initializers and every Dense layer a MatMul.
-
-    `copy` False rewrites `proto` itself (for a caller that hands it over).
-    """
-    return gemm_to_matmul(fold_constants(proto, copy=copy), copy=False)
 
 
 def _gelu_to_contrib(proto):
@@ -339,6 +232,23 @@ def head_nodes(proto) -> list[str]:
     return list(seen)
 
 
+def _float16_model(proto):
+    """proto in onnxruntime.transformers' OnnxModel, less its runtime shape inference.
+
+    The float16 converter's Cast clean-up runs symbolic shape inference on a copy of the whole model (+330 MB at
+    peak on the production preset) to find Casts between equal types. On these graphs that inference fails ("shape
+    inference failed which might impact useless cast node detection"): without it, the production preset's fp16
+    graph came out node for node the same. onnxruntime drops such Casts when it loads a model anyway.
+    """
+    from onnxruntime.transformers.onnx_model import OnnxModel
+
+    class Float16Model(OnnxModel):
+        def infer_runtime_shape(self, dynamic_axis_mapping=None, update=False):
+            return None
+
+    return Float16Model(proto)
+
+
 def to_fp16(proto, keep_fp32: tuple[str, ...] = FP16_KEEP_FP32, copy: bool = True):
     """float16 weights and compute, float32 inputs and outputs.
 
@@ -346,9 +256,7 @@ def to_fp16(proto, keep_fp32: tuple[str, ...] = FP16_KEEP_FP32, copy: bool = Tru
     (B, D) vectors, nothing to gain from half precision, while rounding the 19 scores to float16 alone would
     cost up to 2.4e-4 near 0.5.
     """
-    from onnxruntime.transformers.onnx_model import OnnxModel
-
-    model = OnnxModel(_copy(proto) if copy else proto)  # copy False: `proto` itself is converted (memory)
+    model = _float16_model(_copy(proto) if copy else proto)  # copy False: `proto` itself is converted (memory)
     model.convert_float_to_float16(keep_io_types=True, op_block_list=list(keep_fp32), node_block_list=head_nodes(proto))
     model.topological_sort()  # the converter appends its input Cast at the end
     del model.model.graph.value_info[:]  # stale: some claim float16 for initializers that stayed float32
