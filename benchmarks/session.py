@@ -34,13 +34,17 @@ class Config:
     entries: dict[str, str] = field(default_factory=dict)
     from_bytes: bool = False
     arena: bool = True  # onnxruntime's CPU memory arena (SessionOptions.enable_cpu_mem_arena)
+    external_weights: bool = True  # the runtime's loader only (optimization "auto"): OnnxModel(external_weights)
     note: str = ""
 
 
 CONFIGS = (
     Config("baseline", "original", "all", note="the file as given, optimised at load (ORT_ENABLE_ALL)"),
     Config("runtime", "original", "auto", note="the file as given, loaded by runtime.model.OnnxModel with its "
-           "defaults (on the CPU: optimisation none for a pre-optimised file, else all)"),
+           "defaults (on the CPU: optimisation none for a pre-optimised file, else all; the weights read from "
+           "the file in place, runtime.protowire)"),
+    Config("runtime-parsed", "original", "auto", external_weights=False,
+           note="the runtime's loader with external_weights=False: onnxruntime parses the whole file"),
     Config("preopt-extended", "extended", "none", note="saved optimised at EXTENDED (portable), loaded with none"),
     Config("preopt-extended+basic", "extended", "basic", note="the same file, loaded with basic"),
     Config("preopt-all", "all", "none", note="saved optimised at ALL (this CPU's layouts), loaded with none"),
@@ -106,7 +110,8 @@ def worker(args: argparse.Namespace) -> dict:
     if config.optimization == "auto":  # the runtime's own loader, defaults and checks included
         from runtime.model import OnnxModel
 
-        session = OnnxModel(args.model, device="cpu", threads=len(args.cpus)).session
+        session = OnnxModel(args.model, device="cpu", threads=len(args.cpus),
+                            external_weights=config.external_weights).session
     else:
         opts = session_options_for(config, len(args.cpus))
         source = Path(args.model).read_bytes() if config.from_bytes else args.model

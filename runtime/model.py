@@ -2,25 +2,24 @@
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import numpy as np
 
 from runtime.constants import AUDIO_INPUT_NAME, DIMENSIONS, FEATURES, INPUT_NAME, NUM_DIMENSIONS, OUTPUT_NAME
 from runtime.errors import InputError, ModelError
+from runtime.protowire import external_weights_graph, header_metadata
 from runtime.self_check import SelfCheckResult, run_self_check
 
 log = logging.getLogger(__name__)
 
 METADATA_KEY = "percepiano"  # one JSON document in the ONNX model's metadata_props
-METADATA_FIELD = 14  # ModelProto.metadata_props
 FORMAT_VERSION = 1
 PRECISIONS = ("fp32", "int8", "fp16")
 DEVICES = ("auto", "cpu", "cuda")
@@ -162,62 +161,6 @@ def check_version(info: ModelInfo, serving: str) -> None:
                     "for that version; the self-check at load measures this one", serving, gated)
 
 
-def _read_varint(fh: BinaryIO) -> int:
-    value, shift = 0, 0
-    while True:
-        byte = fh.read(1)
-        if not byte or shift > 63:
-            raise ValueError("truncated or malformed varint")
-        value |= (byte[0] & 0x7F) << shift
-        if byte[0] < 0x80:
-            return value
-        shift += 7
-
-
-def _string_entry(data: bytes) -> tuple[str, str]:
-    """A StringStringEntryProto (1: key, 2: value)."""
-    fh, out = io.BytesIO(data), {1: "", 2: ""}
-    while fh.tell() < len(data):
-        tag = _read_varint(fh)
-        if tag & 7 != 2:
-            raise ValueError("unexpected wire type in a metadata entry")
-        out[tag >> 3] = fh.read(_read_varint(fh)).decode()
-    return out[1], out[2]
-
-
-def header_metadata(source: str | os.PathLike | bytes) -> dict[str, str]:
-    """The metadata_props of an ONNX model, read from its top-level protobuf fields without parsing the graph.
-
-    Lets the loader choose session options before it creates the session; {} for anything unreadable (an
-    ORT-format file, a foreign file): the session's own checks then decide.
-    """
-    fh = io.BytesIO(source) if isinstance(source, bytes) else open(source, "rb")  # noqa: SIM115
-    props: dict[str, str] = {}
-    try:
-        with fh:
-            size = fh.seek(0, io.SEEK_END)
-            fh.seek(0)
-            while fh.tell() < size:
-                tag = _read_varint(fh)
-                kind = tag & 7
-                if kind == 0:
-                    _read_varint(fh)
-                elif kind == 1 or kind == 5:
-                    fh.seek(8 if kind == 1 else 4, io.SEEK_CUR)
-                elif kind == 2:
-                    length = _read_varint(fh)
-                    if tag >> 3 == METADATA_FIELD:
-                        key, value = _string_entry(fh.read(length))
-                        props[key] = value
-                    else:
-                        fh.seek(length, io.SEEK_CUR)
-                else:
-                    return {}
-    except (OSError, ValueError, UnicodeDecodeError):
-        return {}
-    return props
-
-
 def graph_section(props: dict[str, str]) -> dict[str, Any]:
     """The `graph` section of a model's metadata (how its graph was saved), {} when it has none."""
     try:
@@ -283,6 +226,43 @@ def save_optimized(source: str | os.PathLike | bytes, out: str | os.PathLike, le
     return out
 
 
+FOLDER_CONFIG = "session.model_external_initializers_file_folder_path"
+
+
+def create_session(source: str | bytes, make_options, providers: list[Any], external_weights: bool = True):
+    """An onnxruntime InferenceSession of `source`, and how its weights were read: "file" or "parsed".
+
+    With `external_weights`, a model file is given to onnxruntime as its graph with the large weights left in
+    the file (runtime.protowire.external_weights_graph), so they are read from it once instead of parsed and
+    copied. A file that is not a well-formed model, fails to load that way, or changed meanwhile (another inode,
+    size or mtime: an export published over it) is loaded the usual way, whose errors are onnxruntime's own.
+    `make_options()` returns fresh SessionOptions for each attempt.
+    """
+    import onnxruntime as ort
+
+    if external_weights and not isinstance(source, bytes):
+        real = os.path.realpath(source)  # onnxruntime refuses external data outside the model's own folder
+        try:
+            before = os.stat(real)
+            graph = external_weights_graph(real)
+        except (OSError, ValueError):
+            graph = None
+        if graph is not None:
+            opts = make_options()
+            opts.add_session_config_entry(FOLDER_CONFIG, os.path.dirname(real))
+            try:
+                session = ort.InferenceSession(graph, opts, providers=providers)
+                after = os.stat(real)
+            except Exception as exc:  # onnxruntime raises its own types; the usual load below decides
+                log.debug("%s: loading the weights from the file failed (%s); parsing it", source, exc)
+            else:
+                same = ("st_ino", "st_dev", "st_size", "st_mtime_ns")
+                if all(getattr(before, k) == getattr(after, k) for k in same):
+                    return session, "file"
+                log.warning("%s changed while it was loading: loading it again", source)
+    return ort.InferenceSession(source, make_options(), providers=providers), "parsed"
+
+
 class OnnxModel:
     """An exported PercePiano model: mel batches (B, 128, 128) in, label-unit scores (B, 19) out."""
 
@@ -296,11 +276,13 @@ class OnnxModel:
         io_binding: bool | None = None,
         spinning: bool | None = None,
         prepacking: bool = True,
+        external_weights: bool = True,
     ):
         """`optimization`: auto (none for a graph the export saved optimised for the CPU, when it runs on the
         CPU; else all), or none / basic / extended / all. `spinning`: onnxruntime's intra-op spin-waiting
         (None: its default, on). `prepacking`: onnxruntime's weight prepacking (off: less memory, slower
-        runs). The figures behind these defaults: `python -m benchmarks.session` (README, Benchmarks)."""
+        runs). `external_weights`: a file's weights are read from it in place (create_session; off: onnxruntime
+        parses the whole file). The figures behind these defaults: `python -m benchmarks.session` (README)."""
         import onnxruntime as ort
 
         where = "model bytes" if isinstance(source, bytes) else str(source)
@@ -316,10 +298,12 @@ class OnnxModel:
             else optimization
         self.spinning = spinning  # None: onnxruntime's default (on)
         self.prepacking = prepacking
-        opts = session_options(threads, self.optimization, spinning=spinning, prepacking=prepacking)
+        def make_options():
+            return session_options(threads, self.optimization, spinning=spinning, prepacking=prepacking)
+
         started = time.perf_counter()
         try:
-            self.session = ort.InferenceSession(source, opts, providers=providers)
+            self.session, self.weights = create_session(source, make_options, providers, external_weights)
         except Exception as exc:  # onnxruntime raises its own Fail/InvalidProtobuf types
             raise ModelError(f"{where}: onnxruntime cannot load it ({str(exc).splitlines()[0]})") from None
         self.load_seconds = time.perf_counter() - started  # session creation (reported by /metrics)
@@ -337,8 +321,8 @@ class OnnxModel:
         self.self_check: SelfCheckResult | None = None  # set by run_self_check (the warm-up)
         self.warmed = False  # set by runtime.server.warm_up
         self.warmup_seconds: float | None = None  # likewise
-        log.info("loaded %s (%s) on %s with onnxruntime %s", where, self.info.precision, self.providers,
-                 ort.__version__)
+        log.info("loaded %s (%s, weights %s) on %s with onnxruntime %s", where, self.info.precision, self.weights,
+                 self.providers, ort.__version__)
         check_version(self.info, ort.__version__)
 
     def _check_signature(self, where: str) -> None:
