@@ -63,7 +63,8 @@ def test_a_weight_read_twice_is_folded_by_evaluation_and_kept_for_its_other_read
     names = {i.name for i in prepared.graph.initializer}
     assert {"w", "w2"} <= names and "Reshape" not in [n.op_type for n in prepared.graph.node]
     np.testing.assert_allclose(_run(prepared, x), expected, rtol=0, atol=1e-6)
-    assert len(proto.graph.node) == 4 and proto.graph.node[0].op_type == "Reshape"  # copy=True (the default) left the input alone
+    # copy=True (the default) left the input alone
+    assert len(proto.graph.node) == 4 and proto.graph.node[0].op_type == "Reshape"
 
 
 @pytest.mark.parametrize("attrs", [{}, {"transB": 1}, {"alpha": 0.5, "beta": 2.0}, {"beta": 0.0}])

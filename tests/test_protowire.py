@@ -58,7 +58,8 @@ def test_a_model_behind_a_symlink_in_another_folder_is_read_where_it_lies(model_
     os.symlink(model_copy, elsewhere / "model.onnx")
     model = OnnxModel(elsewhere / "model.onnx", device="cpu")
     assert model.weights == "file"
-    np.testing.assert_array_equal(model.run(random_inputs(2, seed=1)), OnnxModel(model_copy, device="cpu").run(random_inputs(2, seed=1)))
+    mel = random_inputs(2, seed=1)
+    np.testing.assert_array_equal(model.run(mel), OnnxModel(model_copy, device="cpu").run(mel))
 
 
 def test_a_file_published_over_the_model_while_it_loads_is_loaded_again_whole(model_copy, tmp_path, monkeypatch):
