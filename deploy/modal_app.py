@@ -133,11 +133,13 @@ class ModelContainer:
     """Container lifecycle shared by the web service and the corpus worker (plain runtime code inside)."""
 
     analyzer = None
+    model_bytes = b""  # the GPU target's model, read before the snapshot (its session is made after restore)
 
     @modal.enter(snap=True)
     def load(self) -> None:
-        """Before the snapshot: imports, CUDA library preload, model bytes into memory; on the CPU target (or
-        with PERCEPIANO_GPU_SNAPSHOT=1) the session too, created and warmed up, so the snapshot holds it."""
+        """Before the snapshot: imports, CUDA library preload, and the model bytes into memory; on the CPU target
+        (or with PERCEPIANO_GPU_SNAPSHOT=1) instead the session, created from the baked file (its weights read
+        in place, runtime.model.create_session) and warmed up, so the snapshot holds it and no model bytes."""
         import onnxruntime
 
         import runtime.analyze
@@ -145,9 +147,11 @@ class ModelContainer:
 
         if hasattr(onnxruntime, "preload_dlls") and "CUDAExecutionProvider" in onnxruntime.get_available_providers():
             onnxruntime.preload_dlls()  # dlopen CUDA/cuDNN from the nvidia-* wheels (no CUDA context yet)
-        self.model_bytes = Path(os.environ.get("PERCEPIANO_MODEL_PATH", MODEL_REMOTE)).read_bytes()
-        if SESSION_IN_SNAPSHOT:
-            self.create_session()
+        path = Path(os.environ.get("PERCEPIANO_MODEL_PATH", MODEL_REMOTE))
+        if SESSION_IN_SNAPSHOT:  # from the file: its weights are read in place, no parse held in the snapshot
+            self.create_session(path)
+        else:
+            self.model_bytes = path.read_bytes()
 
     @modal.enter(snap=False)
     def start(self) -> None:
@@ -162,7 +166,7 @@ class ModelContainer:
         require_passed(self.analyzer.model.run_self_check(),
                        allow_failed=Settings.from_env().allow_failed_self_check)
 
-    def create_session(self) -> None:
+    def create_session(self, source: Path | None = None) -> None:
         """The session (CUDA: HEURISTIC conv search, IO binding), warmed up; the warm-up is the self-check.
 
         A failed self-check, an int8 model on CUDA or an fp16 one on the CPU stops the container here rather
@@ -173,7 +177,7 @@ class ModelContainer:
         from runtime.server import Settings, warm_up
 
         threads = os.environ.get("PERCEPIANO_THREADS", "").strip()
-        model = OnnxModel(self.model_bytes, device=os.environ.get("PERCEPIANO_DEVICE", "cuda"),
+        model = OnnxModel(source or self.model_bytes, device=os.environ.get("PERCEPIANO_DEVICE", "cuda"),
                           threads=int(threads) if threads else None)
         refuse_int8_on_cuda(model)
         refuse_fp16_on_cpu(model)

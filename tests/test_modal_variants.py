@@ -94,6 +94,7 @@ def test_a_session_in_the_snapshot_is_ready_after_load_and_checked_after_restore
         obj.load()  # before the snapshot: the session exists and is warm (its warm-up is the self-check)
         analyzer = obj.analyzer
         assert analyzer is not None and analyzer.model.warmed and obj.model_bytes == b""
+        assert analyzer.model.weights == "file"  # from the baked file, weights read in place: no bytes held
         assert analyzer.model.self_check.status == "passed"
         checks = []
         real_check = analyzer.model.run_self_check
