@@ -8,6 +8,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
 
+from runtime.protowire import GRAPH_FIELD, INITIALIZER_FIELD, LENGTH_DELIMITED
+from runtime.protowire import encode_varint as _varint
+
 
 def write_atomic(path: str | os.PathLike, write: Callable[[BinaryIO], object]) -> Path:
     """Call `write(file)` on a temporary file beside `path`, flush it to disk, then rename it over `path`.
@@ -29,15 +32,6 @@ def write_atomic(path: str | os.PathLike, write: Callable[[BinaryIO], object]) -
     return path
 
 
-def _varint(value: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte, value = value & 0x7F, value >> 7
-        out.append(byte | 0x80 if value else byte)
-        if not value:
-            return bytes(out)
-
-
 def _without(message, name: str):
     """A new message of the same type with every field of `message` but `name` (whose contents are not copied)."""
     part = type(message)()
@@ -53,8 +47,8 @@ def _without(message, name: str):
     return part
 
 
-GRAPH_TAG = bytes([7 << 3 | 2])  # ModelProto.graph: field 7, length-delimited
-INITIALIZER_TAG = bytes([5 << 3 | 2])  # GraphProto.initializer: field 5, length-delimited
+GRAPH_TAG = _varint(GRAPH_FIELD << 3 | LENGTH_DELIMITED)  # ModelProto.graph
+INITIALIZER_TAG = _varint(INITIALIZER_FIELD << 3 | LENGTH_DELIMITED)  # GraphProto.initializer
 
 
 def write_model(path: str | os.PathLike, model) -> Path:

@@ -38,7 +38,8 @@ def _varint(buf, pos: int) -> tuple[int, int]:
         shift += 7
 
 
-def _encode_varint(value: int) -> bytes:
+def encode_varint(value: int) -> bytes:
+    """`value` as a protobuf varint."""
     out = bytearray()
     while True:
         byte, value = value & 0x7F, value >> 7
@@ -73,7 +74,7 @@ def fields(buf, start: int = 0, end: int | None = None) -> Iterator[tuple[int, i
 
 
 def _length_delimited(number: int, payload: bytes) -> bytes:
-    return _encode_varint(number << 3 | LENGTH_DELIMITED) + _encode_varint(len(payload)) + payload
+    return encode_varint(number << 3 | LENGTH_DELIMITED) + encode_varint(len(payload)) + payload
 
 
 def _string_entry(buf, start: int, end: int) -> tuple[str, str]:
@@ -133,7 +134,7 @@ def _tensor(buf, start: int, end: int, location: str) -> bytes:
     for key, value in (("location", location), ("offset", str(offset)), ("length", str(stop - offset))):
         kept += _length_delimited(EXTERNAL_DATA_FIELD, _length_delimited(1, key.encode()) +
                                   _length_delimited(2, value.encode()))
-    return bytes(kept) + _encode_varint(DATA_LOCATION_FIELD << 3) + _encode_varint(1)
+    return bytes(kept) + encode_varint(DATA_LOCATION_FIELD << 3) + encode_varint(1)
 
 
 def external_weights_graph(path: str | os.PathLike) -> bytes:
