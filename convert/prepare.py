@@ -111,8 +111,8 @@ def fold_constants(proto, copy: bool = True):
 def gemm_to_matmul(proto, copy: bool = True):
     """Rewrite Gemm(A, W, C) with a constant W as MatMul(A, W') + Add(C): the form int8 quantization handles.
 
-    W' is W itself unless the Gemm transposes or scales it; then, with `copy` False and the Gemm its only
-    reader, it is replaced where it lies. `copy` False rewrites `proto` itself.
+    W' is W itself unless the Gemm transposes or scales it; then, where the Gemm is its only reader, it is
+    replaced where it lies. `copy` False rewrites `proto` itself.
     """
     from onnx import helper, numpy_helper
 
@@ -130,7 +130,7 @@ def gemm_to_matmul(proto, copy: bool = True):
         if attrs.get("transB", 0) or attrs.get("alpha", 1.0) != 1.0 or inits[w_name].data_type != 1:
             weight = numpy_helper.to_array(inits[w_name]).astype(np.float32)
             weight = (weight.T if attrs.get("transB", 0) else weight) * np.float32(attrs.get("alpha", 1.0))
-            if not copy and uses[w_name] == 1:  # in place: this Gemm is the weight's only reader
+            if uses[w_name] == 1:  # in place (in the copy, or the handed-over proto): its only reader
                 inits[w_name].CopyFrom(numpy_helper.from_array(np.ascontiguousarray(weight), w_name))
             else:
                 w_name = f"{node.name}_weight"

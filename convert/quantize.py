@@ -20,9 +20,7 @@ from convert.config import ModelConfig
 from convert.errors import ExportError
 from convert.int8_fusion import FUSED as INT8_FUSED
 from convert.int8_fusion import fuse_int8_matmuls
-from convert.prepare import attributes as _attrs
-from convert.prepare import copy_proto as _copy
-from convert.prepare import fold_constants, gemm_to_matmul, prepare  # noqa: F401 (re-exported)
+from convert.prepare import attributes, copy_proto, prepare
 from runtime.model import PRECISIONS
 
 log = logging.getLogger(__name__)
@@ -70,11 +68,11 @@ def _gelu_to_contrib(proto):
     """
     from onnx import helper
 
-    proto = _copy(proto)
+    proto = copy_proto(proto)
     nodes = []
     for node in proto.graph.node:
         if node.op_type == "Gelu" and node.domain in ("", "ai.onnx"):
-            op = "FastGelu" if _attrs(node).get("approximate", b"none") in (b"tanh", "tanh") else "Gelu"
+            op = "FastGelu" if attributes(node).get("approximate", b"none") in (b"tanh", "tanh") else "Gelu"
             node = helper.make_node(op, list(node.input), list(node.output), name=node.name, domain=MS_DOMAIN)
         nodes.append(node)
     del proto.graph.node[:]
@@ -88,11 +86,11 @@ def check_fusions(proto) -> None:
     """Refuse a graph whose normalisations lost epsilon 1e-6 or whose GELU became the exact (erf) form."""
     for node in proto.graph.node:
         if "LayerNormalization" in node.op_type:
-            eps = _attrs(node).get("epsilon", 1e-5)
+            eps = attributes(node).get("epsilon", 1e-5)
             if abs(eps - LN_EPSILON) > 1e-9:
                 raise ExportError(f"{node.op_type} {node.name} has epsilon {eps:g}, the model needs {LN_EPSILON:g}")
         exact = node.op_type in ("BiasGelu", "Gelu") and node.domain == MS_DOMAIN
-        if exact or (node.op_type == "Gelu" and _attrs(node).get("approximate", b"none") in (b"none", "none")):
+        if exact or (node.op_type == "Gelu" and attributes(node).get("approximate", b"none") in (b"none", "none")):
             raise ExportError(f"{node.op_type} {node.name} is the exact (erf) GELU; the model uses the tanh form")
 
 
@@ -256,7 +254,7 @@ def to_fp16(proto, keep_fp32: tuple[str, ...] = FP16_KEEP_FP32, copy: bool = Tru
     (B, D) vectors, nothing to gain from half precision, while rounding the 19 scores to float16 alone would
     cost up to 2.4e-4 near 0.5.
     """
-    model = _float16_model(_copy(proto) if copy else proto)  # copy False: `proto` itself is converted (memory)
+    model = _float16_model(copy_proto(proto) if copy else proto)  # copy False: `proto` itself is converted (memory)
     model.convert_float_to_float16(keep_io_types=True, op_block_list=list(keep_fp32), node_block_list=head_nodes(proto))
     model.topological_sort()  # the converter appends its input Cast at the end
     del model.model.graph.value_info[:]  # stale: some claim float16 for initializers that stayed float32
@@ -284,7 +282,7 @@ def make_variant(
     if optimized:
         proto, build["fused_ops"] = optimize(fp32, config)
     else:
-        proto = prepare(fp32, copy=not owned) if precision != "fp32" else (fp32 if owned else _copy(fp32))
+        proto = prepare(fp32, copy=not owned) if precision != "fp32" else (fp32 if owned else copy_proto(fp32))
     del fp32  # memory: a caller that hands over its proto (convert.variants) gets it freed here
     if precision == "int8":
         kept = int8_float_layers(proto) if keep_float else {}

@@ -14,7 +14,7 @@ import numpy as np
 
 from runtime.constants import AUDIO_INPUT_NAME, DIMENSIONS, FEATURES, INPUT_NAME, NUM_DIMENSIONS, OUTPUT_NAME
 from runtime.errors import InputError, ModelError
-from runtime.protowire import external_weights_graph, header_metadata
+from runtime.protowire import EXTERNAL_MIN_BYTES, external_weights_graph, header_metadata
 from runtime.self_check import SelfCheckResult, run_self_check
 
 log = logging.getLogger(__name__)
@@ -218,7 +218,8 @@ def save_optimized(source: str | os.PathLike | bytes, out: str | os.PathLike, le
     opts.optimized_model_filepath = str(out)
     if external:
         opts.add_session_config_entry("session.optimized_model_external_initializers_file_name", out.name + ".data")
-        opts.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
+        opts.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes",
+                                      str(EXTERNAL_MIN_BYTES))
     if ort_format:
         opts.add_session_config_entry("session.save_model_format", "ORT")
     src = source if isinstance(source, bytes) else str(source)
