@@ -130,6 +130,10 @@ def tables(results: dict) -> list[Table]:
         from benchmarks.session import session_table
 
         out.append(session_table(results["session"]))
+    if results.get("breakdown", {}).get("results"):
+        from benchmarks.breakdown import breakdown_table
+
+        out.append(breakdown_table(results["breakdown"]))
     if results.get("concurrency", {}).get("levels"):
         from benchmarks.concurrency import concurrency_table
 

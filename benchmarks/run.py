@@ -56,6 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "%(default)s; empty skips it)")
     parser.add_argument("--session-runs", type=int, help="fresh processes per session configuration (benchmarks."
                         "session; default: --cold-runs; 0 skips the session table)")
+    parser.add_argument("--profile-runs", type=int, default=5, help="profiled batch-15 runs per CPU model for the "
+                        "table of where the time goes (benchmarks.breakdown; default %(default)s, 0 skips it)")
     return parser
 
 
@@ -137,13 +139,14 @@ def benchmark(args: argparse.Namespace, cpus: list[int]) -> dict:
         art = prepare(args.out, args.checkpoint, preset, args.audio, args.model, {p for p, d in devices.items() if d},
                       display.note)
         ort_runs = sum(1 for p, d in devices.items() if d and art.models[p].available)
-        # prepare, GEMM x2, JAX first run, cold starts, the session table
+        # prepare, GEMM x2, JAX first run, cold starts, the session table, the profiles, the concurrency table
         display.set_total(1 + 2 + 1 + args.cold_runs * (2 + ort_runs) + (1 if args.session_runs else 0)
-                          + (1 if args.concurrency else 0))
+                          + (1 if args.profile_runs else 0) + (1 if args.concurrency else 0))
         display.step("GEMM rate (before the variants)")
         before = gemm(cpus, args.gemm_size, GEMM_REPEATS, display.note)
         raw = run_variants(art, args, cpus, devices, display)
         session = session_configurations(art, args, cpus, display)
+        profiles = op_breakdown(art, args, cpus, display)
         concurrency = concurrency_levels(art, args, cpus, display)
         display.step("GEMM rate (after the variants)")
         gemm_rate = best_gemm([before, gemm(cpus, args.gemm_size, GEMM_REPEATS, display.note)])
@@ -153,6 +156,11 @@ def benchmark(args: argparse.Namespace, cpus: list[int]) -> dict:
     results = assemble(art, raw, gemm_rate, env, settings, VARIANTS, BASELINE, started, time.monotonic() - clock)
     if session:
         results["session"] = session
+    if profiles:
+        from benchmarks.breakdown import summary_lines
+
+        results["breakdown"] = with_warm_figures(profiles, results["variants"])
+        results["notes"] += summary_lines(results["breakdown"])
     if concurrency:
         results["concurrency"] = concurrency
     return results
@@ -173,6 +181,27 @@ def concurrency_levels(art, args, cpus: list[int], display: Display) -> dict | N
     except WorkerError as exc:
         log.error("concurrency table: %s", exc)
         return {"failed": str(exc)}
+
+
+def op_breakdown(art, args, cpus: list[int], display: Display) -> dict | None:
+    """Where a warm batch-15 run goes, by kind of op (benchmarks.breakdown), for the CPU variants."""
+    from benchmarks.breakdown import section
+
+    models = {p: art.models[p].path for p in ("fp32", "int8") if art.models[p].available}
+    if not args.profile_runs or not models:
+        return None
+    display.step("where the time goes: onnxruntime's profiler, batch 15")
+    return section(models, cpus, args.profile_runs, args.warmup, mel=art.mel, note=display.note)
+
+
+def with_warm_figures(profiles: dict, variants: dict) -> dict:
+    """The breakdown's summary with this run's warm batch-15 medians of JAX and int8 (the floor's ratio to JAX)."""
+    from benchmarks.breakdown import BATCH, summary
+
+    def p50(name: str) -> float | None:
+        return ((variants.get(name) or {}).get("warm") or {}).get(str(BATCH), {}).get("p50_s")
+
+    return profiles | {"summary": summary(profiles["results"], jax_warm_s=p50(BASELINE), int8_warm_s=p50("ort-int8"))}
 
 
 def session_configurations(art, args, cpus: list[int], display: Display) -> dict | None:
@@ -203,9 +232,9 @@ def check_args(args: argparse.Namespace) -> None:
         raise BenchmarkError(f"--concurrency {args.concurrency!r}: expected integers such as 1,2,4") from None
     if levels and min(levels) < 1:
         raise BenchmarkError(f"--concurrency {args.concurrency!r}: client counts must be positive")
-    if args.runs < 1 or args.warmup < 0 or args.cold_runs < 1:
-        raise BenchmarkError(f"--runs and --cold-runs must be >= 1 and --warmup >= 0 "
-                             f"(got {args.runs}, {args.cold_runs}, {args.warmup})")
+    if args.runs < 1 or args.warmup < 0 or args.cold_runs < 1 or args.profile_runs < 0:
+        raise BenchmarkError(f"--runs and --cold-runs must be >= 1, --warmup and --profile-runs >= 0 "
+                             f"(got {args.runs}, {args.cold_runs}, {args.warmup}, {args.profile_runs})")
     try:
         batches = [int(b) for b in args.batches.split(",")]
     except ValueError:

@@ -204,3 +204,65 @@ def test_concurrency_table_measures_every_level_with_batching_off_and_on(results
     for r in section["levels"]:
         assert abs(r["chunks_per_s"] - r["requests_per_s"] * section["chunks_per_request"]) <= 1e-6 * r["chunks_per_s"]
     assert "Throughput against concurrency" in (quick_run[0] / "summary.md").read_text()
+
+
+def test_breakdown_profiles_every_node_of_both_cpu_models(results, quick_run, tmp_path):
+    import onnx
+
+    from runtime.model import graph_section, load_optimization, save_optimized
+    from runtime.protowire import header_metadata
+
+    section = results["breakdown"]
+    assert set(section["results"]) == {"fp32", "int8"} and section["batch"] == 15
+    for precision, record in section["results"].items():
+        groups = {g["group"]: g for g in record["groups"]}
+        # loaded as the runtime loads it: the level it picks for this file, the weights read in place
+        level = load_optimization(graph_section(header_metadata(record["model"])), "cpu")
+        assert record["optimization"] == level and record["weights"] == "file", precision
+        # every node of the graph that ran (the file's, or what onnxruntime optimises it to) is in one group
+        ran = record["model"] if level == "none" else save_optimized(record["model"], tmp_path / f"{precision}.onnx",
+                                                                    level)
+        assert sum(g["nodes"] for g in groups.values()) == len(onnx.load(ran).graph.node), precision
+        assert abs(sum(g["seconds"] for g in groups.values()) - record["node_total_s"]) < 1e-9
+        assert "attention GEMMs" in groups and "float weight GEMMs" in groups, precision
+    assert "int8 weight GEMMs" not in {g["group"] for g in section["results"]["fp32"]["groups"]}
+    assert {g["group"]: g["nodes"] for g in section["results"]["int8"]["groups"]}["int8 weight GEMMs"] > 0
+    summary, variants = section["summary"], results["variants"]
+    int8_p50, jax_p50 = variants["ort-int8"]["warm"]["15"]["p50_s"], variants["jax"]["warm"]["15"]["p50_s"]
+    assert math.isclose(summary["int8_gemm_floor_s"], int8_p50 * section["results"]["int8"]["gemm_share"])
+    assert math.isclose(summary["int8_floor_ratio_to_jax"], jax_p50 / summary["int8_gemm_floor_s"])
+    assert summary["int8_floor_ratio_to_jax"] > summary["int8_ratio_to_jax"] > 0
+    assert "Where a warm batch-15 run goes" in (quick_run[0] / "summary.md").read_text()
+    assert any(note.startswith("if every op but its GEMMs were free") for note in results["notes"])
+
+
+def test_breakdown_groups_nodes_by_what_they_multiply():
+    from benchmarks.breakdown import grouped, node_medians
+
+    def event(name, op, dur, params=0):
+        return {"cat": "Node", "name": f"{name}_kernel_time", "dur": dur,
+                "args": {"op_name": op, "parameter_size": str(params)}}
+
+    trace = [{"cat": "Session", "name": "model_run", "dur": 1}]
+    for run, slow in enumerate((1000, 1, 1)):  # the first run (warm-up) is slow and must not count
+        trace += [event("q_proj", "MatMul", 10 * slow, params=4096), event("scores", "FusedMatMul", 4 * slow),
+                  event("fc1", "DynamicQuantizeMatMul", 6 * slow, params=1024), event("act", "Gelu", 2 * slow),
+                  event("fence", "Gelu", 0)]  # a zero-length node still counts as a node
+    nodes = node_medians(trace, skip=1)
+    assert {n: v["runs"] for n, v in nodes.items()} == dict.fromkeys(("q_proj", "scores", "fc1", "act", "fence"), 2)
+    out = grouped(nodes)
+    assert [(g["group"], g["nodes"]) for g in out["groups"]] == [
+        ("int8 weight GEMMs", 1), ("float weight GEMMs", 1), ("attention GEMMs", 1), ("Gelu", 2)]
+    assert math.isclose(out["node_total_s"], 22e-6) and math.isclose(out["gemm_share"], 20 / 22)
+
+
+def test_breakdown_summary_needs_both_profiles():
+    from benchmarks.breakdown import summary
+
+    int8 = {"groups": [{"group": "int8 weight GEMMs", "seconds": 0.2}, {"group": "float weight GEMMs", "seconds": 0.01},
+                       {"group": "Gelu", "seconds": 0.05}], "gemm_share": 0.8}
+    fp32 = {"groups": [{"group": "float weight GEMMs", "seconds": 0.81}]}
+    both = summary({"fp32": fp32, "int8": int8}, jax_warm_s=0.9, int8_warm_s=0.3)
+    assert math.isclose(both["int8_gemm_speedup"], 4.0) and math.isclose(both["int8_gemm_floor_s"], 0.24)
+    assert math.isclose(both["int8_floor_ratio_to_jax"], 3.75) and math.isclose(both["int8_ratio_to_jax"], 3.0)
+    assert summary({"int8": int8}) == {} and "int8_gemm_speedup" not in summary({"fp32": fp32, "int8": {"failed": "x"}})
