@@ -244,7 +244,7 @@ def test_breakdown_groups_nodes_by_what_they_multiply():
                 "args": {"op_name": op, "parameter_size": str(params)}}
 
     trace = [{"cat": "Session", "name": "model_run", "dur": 1}]
-    for run, slow in enumerate((1000, 1, 1)):  # the first run (warm-up) is slow and must not count
+    for slow in (1000, 1, 1):  # the first run (warm-up) is slow and must not count
         trace += [event("q_proj", "MatMul", 10 * slow, params=4096), event("scores", "FusedMatMul", 4 * slow),
                   event("fc1", "DynamicQuantizeMatMul", 6 * slow, params=1024), event("act", "Gelu", 2 * slow),
                   event("fence", "Gelu", 0)]  # a zero-length node still counts as a node
