@@ -2,7 +2,8 @@
 
 Per chunk: ``librosa.feature.melspectrogram`` (periodic Hann window, ``center=True`` with zero padding,
 power 2, Slaney mel scale and norm) -> ``librosa.power_to_db(S, ref=np.max)`` -> ``[time, mel]`` ->
-cropped or padded with -80 dB to 128 frames. The STFT runs batched over chunks and in float64.
+cropped or padded with -80 dB to 128 frames. The STFT runs in float64, one chunk at a time in buffers
+reused from chunk to chunk (FeatureBuffers).
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ from runtime.errors import AudioError
 
 logger = logging.getLogger(__name__)
 
-_CHUNKS_PER_BATCH = 16  # bounds the STFT's working memory (~70 MB per batch of 3 s chunks)
 
 
 def _hz_to_mel(hz: np.ndarray) -> np.ndarray:
@@ -63,15 +63,38 @@ def _hann(n_fft: int) -> np.ndarray:
     return window
 
 
-def _log_mel_batch(y: np.ndarray, params: FeatureParams) -> np.ndarray:
-    """Log-mel of equal-length signals ``(B, n) -> (B, 1 + n // hop, n_mels)`` float64, each referenced to its max."""
-    half = params.n_fft // 2
-    padded = np.pad(y.astype(np.float64, copy=False), ((0, 0), (half, half)))  # center=True, zeros
-    frames = np.lib.stride_tricks.sliding_window_view(padded, params.n_fft, axis=-1)[:, :: params.hop_length]
-    spectrum = np.fft.rfft(frames * _hann(params.n_fft), axis=-1)  # (B, T, 1 + n_fft // 2)
-    power = np.abs(spectrum) ** params.power  # as librosa's _spectrogram
-    mel = power @ mel_filterbank(params).T.astype(np.float64)  # (B, T, n_mels)
-    return _power_to_db(mel, params)
+class FeatureBuffers:
+    """The STFT's working arrays for signals of one length (about 5 MB for a 3 s chunk), reused by each `log_mel`.
+
+    Every chunk's transform writes into the same memory instead of new arrays: the working set stays in the CPU's
+    caches, and a process touches these pages once instead of once per chunk (fresh pages are what the first
+    request of a process pays for, and every request of one that returns freed buffers to the system, as the
+    server does). Every chunk's result is the one its own transform gives, bit for bit (tests/test_features.py).
+    """
+
+    def __init__(self, n_samples: int, params: FeatureParams = FEATURES):
+        self.params, self.n_samples, half = params, n_samples, params.n_fft // 2
+        n_frames, n_bins = 1 + n_samples // params.hop_length, 1 + params.n_fft // 2
+        self.padded = np.zeros(n_samples + 2 * half)  # center=True: the zero margins are never written
+        self.frames = np.lib.stride_tricks.sliding_window_view(self.padded, params.n_fft)[:: params.hop_length]
+        self.windowed = np.empty((n_frames, params.n_fft))
+        self.spectrum = np.empty((n_frames, n_bins), np.complex128)
+        self.power = np.empty((n_frames, n_bins))
+        self.mel = np.empty((n_frames, params.n_mels))
+        self.filterbank = mel_filterbank(params).T.astype(np.float64)
+
+    def log_mel(self, y: np.ndarray) -> np.ndarray:
+        """Log-mel ``(1 + n // hop, n_mels)`` float64 of one signal of this length: a new array, the rest reused."""
+        params, half = self.params, self.params.n_fft // 2
+        if y.shape != (self.n_samples,):
+            raise AudioError(f"these buffers take signals of {self.n_samples} samples, got {y.shape}")
+        self.padded[half : half + self.n_samples] = y
+        np.multiply(self.frames, _hann(params.n_fft), out=self.windowed)
+        np.fft.rfft(self.windowed, axis=-1, out=self.spectrum)
+        np.abs(self.spectrum, out=self.power)
+        np.power(self.power, params.power, out=self.power)
+        np.matmul(self.power, self.filterbank, out=self.mel)
+        return _power_to_db(self.mel[None], params)[0]
 
 
 def _power_to_db(mel: np.ndarray, params: FeatureParams) -> np.ndarray:
@@ -87,7 +110,7 @@ def log_mel(y: np.ndarray, params: FeatureParams = FEATURES) -> np.ndarray:
     y = np.asarray(y)
     if y.ndim != 1:
         raise AudioError(f"log_mel expects mono audio of shape (n,), got {y.shape}")
-    return _log_mel_batch(y[None, :], params)[0].astype(np.float32)
+    return FeatureBuffers(y.shape[0], params).log_mel(y).astype(np.float32)
 
 
 def fit_frames(m: np.ndarray, params: FeatureParams = FEATURES) -> np.ndarray:
@@ -132,8 +155,8 @@ def features_from_audio(y: np.ndarray, params: FeatureParams = FEATURES) -> np.n
         raise AudioError("the audio contains NaN or infinite samples")
     chunks = chunk_audio(y, params)
     out = np.empty((chunks.shape[0], params.n_frames, params.n_mels), dtype=np.float32)
-    for i in range(0, chunks.shape[0], _CHUNKS_PER_BATCH):
-        batch = chunks[i : i + _CHUNKS_PER_BATCH]
-        out[i : i + batch.shape[0]] = fit_frames(_log_mel_batch(batch, params), params)
+    buffers = FeatureBuffers(chunks.shape[1], params)
+    for i, chunk in enumerate(chunks):
+        out[i] = fit_frames(buffers.log_mel(chunk), params)
     logger.debug("features: %d samples -> %d chunks", y.shape[0], chunks.shape[0])
     return out

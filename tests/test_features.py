@@ -125,6 +125,28 @@ def test_log_mel_shape_and_batch_agree() -> None:
     np.testing.assert_array_equal(fit_frames(m), features_from_audio(_seconds(3.0))[0])
 
 
+def test_every_chunk_equals_its_own_transform() -> None:
+    """The buffers reused from chunk to chunk carry nothing over: a loud chunk before quiet and silent ones
+    changes none of their windows, bit for bit, against each chunk computed on its own."""
+    rng = np.random.default_rng(3)
+    loud = rng.standard_normal(3 * SR).astype(np.float32)
+    quiet = (rng.standard_normal(4 * SR) * 1e-3).astype(np.float32)
+    y = np.concatenate([loud, quiet, np.zeros(3 * SR + 1234, np.float32)])
+    chunks = chunk_audio(y)
+    got = features_from_audio(y)
+    assert len(chunks) == len(got) >= 5
+    for i, chunk in enumerate(chunks):
+        np.testing.assert_array_equal(got[i], fit_frames(log_mel(chunk)), err_msg=f"chunk {i}")
+
+
+def test_feature_buffers_take_one_length() -> None:
+    from runtime.features import FeatureBuffers
+
+    buffers = FeatureBuffers(FEATURES.chunk_samples)
+    with pytest.raises(AudioError, match="66150 samples"):
+        buffers.log_mel(np.zeros(FEATURES.chunk_samples - 1, np.float32))
+
+
 def test_fit_frames_crops_and_pads() -> None:
     long = np.zeros((130, 128), dtype=np.float32)
     assert fit_frames(long).shape == (128, 128)
