@@ -165,7 +165,8 @@ def test_page_in_firefox_at_phone_width(firefox, server, piano_clips):
                       ["value"].values()))
     firefox.command("WebDriver:SwitchToFrame", {"element": frame})
     try:
-        firefox.wait("!document.querySelector('#app').hidden")
+        # the frame's document may still be the initial about:blank (no #app yet) right after the switch
+        firefox.wait("document.querySelector('#app')?.hidden === false")
         assert firefox.js("return innerWidth") == 390
         firefox.upload("#take-a input.file", clip)
         firefox.wait("document.querySelector('#take-a .status-text.done')")
