@@ -19,7 +19,6 @@ from runtime.errors import AudioError
 logger = logging.getLogger(__name__)
 
 
-
 def _hz_to_mel(hz: np.ndarray) -> np.ndarray:
     """Slaney mel scale: linear below 1 kHz, logarithmic above (as ``librosa.hz_to_mel(htk=False)``)."""
     hz = np.asarray(hz, dtype=np.float64)
@@ -70,6 +69,7 @@ class FeatureBuffers:
     caches, and a process touches these pages once instead of once per chunk (fresh pages are what the first
     request of a process pays for, and every request of one that returns freed buffers to the system, as the
     server does). Every chunk's result is the one its own transform gives, bit for bit (tests/test_features.py).
+    Not for sharing between threads: each `features_from_audio` call makes its own.
     """
 
     def __init__(self, n_samples: int, params: FeatureParams = FEATURES):
