@@ -22,7 +22,8 @@ import tempfile
 import time
 from pathlib import Path
 
-BATCH = 15  # the windows of a 30 s clip
+from benchmarks.session import BATCH, batch_windows, model_precision
+
 INT8_GEMMS = frozenset({"DynamicQuantizeMatMul", "MatMulIntegerToFloat", "MatMulInteger", "QGemm",
                         "DynamicQuantizeLinear", "QLinearMatMul"})
 FLOAT_GEMMS = frozenset({"MatMul", "Gemm", "FusedMatMul", "FusedGemm"})
@@ -82,8 +83,6 @@ def worker(args: argparse.Namespace) -> dict:
     from benchmarks.environment import pin
 
     pin(args.cpus)
-    import numpy as np
-
     from runtime.model import create_session, graph_section, load_optimization, session_options
     from runtime.protowire import header_metadata
 
@@ -97,8 +96,7 @@ def worker(args: argparse.Namespace) -> dict:
 
         session, weights = create_session(args.model, make_options, ["CPUExecutionProvider"])
         name = session.get_inputs()[0].name
-        mel = np.load(args.mel)[:BATCH] if args.mel else np.random.default_rng(0).uniform(-80, 0, (BATCH, 128, 128))
-        feed = {name: np.ascontiguousarray(mel, dtype=np.float32)}
+        feed = {name: batch_windows(args.mel)}
         walls = []
         for i in range(args.warmup + args.runs):
             started = time.perf_counter()
@@ -207,8 +205,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.runs < 1 or args.warmup < 0:
         print(f"error: --runs must be >= 1 and --warmup >= 0 (got {args.runs}, {args.warmup})", file=sys.stderr)
         return 2
-    from benchmarks.session import model_precision
-
     models = {model_precision(m): m for m in args.model}
     out = section(models, args.cpus or sorted(os.sched_getaffinity(0)), args.runs, args.warmup, args.mel,
                   note=lambda m: print(m, file=sys.stderr))

@@ -118,8 +118,7 @@ def worker(args: argparse.Namespace) -> dict:
         session = ort.InferenceSession(source, opts, providers=["CPUExecutionProvider"])
     created = time.monotonic()
     name = session.get_inputs()[0].name
-    mel = np.load(args.mel)[:BATCH] if args.mel else np.random.default_rng(0).uniform(-80, 0, (BATCH, 128, 128))
-    mel = np.ascontiguousarray(mel, dtype=np.float32)
+    mel = batch_windows(args.mel)
     first = session.run(None, {name: mel})[0]
     ran = time.monotonic()
     peak = peak_rss_bytes()
@@ -131,6 +130,14 @@ def worker(args: argparse.Namespace) -> dict:
     return {"config": config.name, "import_s": imported - started, "session_s": created - imported,
             "first_run_s": ran - created, "warm_median_s": statistics.median(warm) if warm else None,
             "peak_rss_bytes": peak, "scores_checksum": float(np.asarray(first, np.float64).sum())}
+
+
+def batch_windows(mel: str | os.PathLike | None):
+    """The first BATCH windows of a (n, 128, 128) .npy file as contiguous float32, or random dB values without one."""
+    import numpy as np
+
+    windows = np.load(mel)[:BATCH] if mel else np.random.default_rng(0).uniform(-80, 0, (BATCH, 128, 128))
+    return np.ascontiguousarray(windows, dtype=np.float32)
 
 
 def measure(model: Path, folder: Path, cpus: list[int], runs: int = 3, warm_runs: int = 3,
