@@ -28,8 +28,8 @@ from benchmarks.cold import PROGRESS_PREFIX
 from runtime.analyze import Analyzer
 from runtime.audio import load_audio
 from runtime.constants import FEATURES
-from runtime.service import Service, warm_up
-from runtime.settings import Settings
+from runtime.serve.service import Service, warm_up
+from runtime.serve.settings import Settings
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_PIANO = REPO.parent / "shared" / "data" / "piano"
@@ -68,7 +68,7 @@ def measure_level(analyzer: Analyzer, data: bytes, clients: int, rounds: int, wa
                   max_batch_chunks: int, cap_seconds: float | None) -> dict:
     """One concurrency level in one mode (wait_ms 0: batching off)."""
     settings = Settings(max_concurrency=clients, max_queue=clients, queue_timeout=600.0, batch_wait_ms=wait_ms,
-                        max_batch_chunks=max_batch_chunks, max_seconds=None, cap_seconds=cap_seconds)
+                        max_batch_chunks=max_batch_chunks, refuse_over_seconds=None, cap_seconds=cap_seconds)
     service = Service(analyzer, settings)
     service.start()  # over a warmed analyzer: ready at once
     try:
@@ -96,10 +96,10 @@ def concurrency_section(model_path: str | Path, audio_path: str | Path | None = 
     if not levels or min(levels) < 1 or rounds < 1:
         raise ValueError(f"levels must be >= 1 and rounds >= 1, got {list(levels)} and {rounds}")
     audio_path = Path(audio_path) if audio_path else default_clip()
-    analyzer = Analyzer.from_path(model_path, device=device, threads=cpus, max_seconds=None)
+    analyzer = Analyzer.from_path(model_path, device=device, threads=cpus, refuse_over_seconds=None)
     warm_up(analyzer)
     data = audio_path.read_bytes()
-    chunks = len(analyzer.analyze_audio(load_audio(data, cap_seconds=cap_seconds, max_seconds=None),
+    chunks = len(analyzer.analyze_audio(load_audio(data, cap_seconds=cap_seconds, refuse_over_seconds=None),
                                         FEATURES.sample_rate).timeline)
     rows = []
     for level in levels:

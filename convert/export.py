@@ -14,15 +14,13 @@ from convert.checkpoint import load_checkpoint
 from convert.forward import build_forward
 from convert.metadata import describe, jax2onnx_backend, self_check_section, set_metadata
 from convert.parity import Tolerance, clip_references, random_references, run_gate
+from convert.process_memory import low_memory_malloc, release_jax, release_weights
 from convert.quantize import QUANTIZE_CHOICES
 from convert.staging import (
     DEFAULT_PREOPTIMIZE,
     PREOPTIMIZE_CHOICES,
     finish_stage,
-    low_memory_malloc,
     publish,
-    release_jax,
-    release_weights,
     write_stage,
 )
 from convert.trace import DEFAULT_OPSET, to_onnx
@@ -30,7 +28,7 @@ from runtime.model import OnnxModel
 
 log = logging.getLogger(__name__)
 
-BACKENDS = ("jax2onnx", "tf2onnx")  # tf2onnx: jax2tf -> TensorFlow -> tf2onnx in its own venv (convert.legacy)
+BACKENDS = ("jax2onnx", "tf2onnx")  # tf2onnx: jax2tf -> TensorFlow -> tf2onnx in its own venv (convert.tf2onnx)
 __all__ = ["DEFAULT_OPSET", "ExportResult", "build_forward", "export", "set_metadata", "to_onnx"]
 
 
@@ -72,7 +70,7 @@ def export(
     variant failing its gate raises ParityError unless `allow_partial`. `clips`: real audio for the gate
     (None: the shipped clips; an empty set is refused). `demo` marks the metadata `source.demo` for a
     checkpoint the caller knows to be a convert.demo stand-in; an export without a checkpoint makes one and
-    marks it itself. `backend` tf2onnx converts with the second, independent converter (convert.legacy);
+    marks it itself. `backend` tf2onnx converts with the second, independent converter (convert.tf2onnx);
     `opset` defaults to the backend's (23 for jax2onnx, 18 for tf2onnx). `preoptimize` (extended, or none):
     the fp32 and int8 files are saved as onnxruntime optimises them for the CPU at that level, gated as
     written, and marked so that the runtime does not optimise them again on the CPU (convert.staging). Peak
@@ -106,8 +104,8 @@ def export(
         log.info("exporting the model (%d layers, width %d) with %s, opset %s",
                  ckpt.config.num_layers, ckpt.config.embed_dim, backend, opset or "default")
         if backend == "tf2onnx":  # converted in its own venv from the checkpoint's weights (still held here)
-            from convert.legacy.backend import DEFAULT_OPSET as TF2ONNX_OPSET
-            from convert.legacy.backend import to_onnx_tf2onnx
+            from convert.tf2onnx.backend import DEFAULT_OPSET as TF2ONNX_OPSET
+            from convert.tf2onnx.backend import to_onnx_tf2onnx
 
             proto, made_by = to_onnx_tf2onnx(ckpt, opset or TF2ONNX_OPSET)
             release_weights(ckpt)  # the graph holds its own copy now

@@ -18,9 +18,9 @@ import numpy as np
 
 from convert.config import ModelConfig
 from convert.errors import ExportError
+from convert.graph_rewrites import attributes, copy_proto, prepare
 from convert.int8_fusion import FUSED as INT8_FUSED
 from convert.int8_fusion import fuse_int8_matmuls
-from convert.prepare import attributes, copy_proto, prepare
 from runtime.model import PRECISIONS
 
 log = logging.getLogger(__name__)

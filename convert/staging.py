@@ -9,14 +9,13 @@ the metadata's `graph` section so the runtime loads it without optimising it aga
 
 from __future__ import annotations
 
-import gc
 import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 from convert.files import write_model
 from convert.metadata import set_metadata
-from runtime.memory import LARGE, return_large_buffers_to_the_os
+from convert.process_memory import release_memory
 
 log = logging.getLogger(__name__)
 
@@ -76,45 +75,3 @@ def publish(staged: Path, out: Path, sections: dict) -> Path:
     del proto
     release_memory()
     return out
-
-
-def release_weights(ckpt) -> None:
-    """Drop the checkpoint's weights (numpy views of the file's bytes) once JAX holds its own copy."""
-    ckpt.params = {}
-    release_memory()
-
-
-def release_jax() -> None:
-    """Drop JAX's compiled functions and traces once the ONNX graph holds the weights.
-
-    What an export needs afterwards is the checkpoint's config, scaler and provenance, the graph, and the JAX
-    scores already computed for the gate (convert.parity clip and random references).
-    """
-    import jax
-
-    jax.clear_caches()
-    release_memory()
-
-
-MMAP_THRESHOLD = LARGE
-
-
-def low_memory_malloc() -> bool:
-    """Serve allocations of 1 MiB and more from mmap, at a fixed threshold, so freeing a model returns its memory.
-
-    glibc otherwise raises the threshold after the first large free, and the next models' buffers come from a
-    heap that does not shrink: each freed proto or session would stay in the process's resident set. False
-    where there is no glibc.
-    """
-    return return_large_buffers_to_the_os(MMAP_THRESHOLD)
-
-
-def release_memory() -> None:
-    """Collect cycles and hand free heap pages back to the system (malloc_trim, where glibc has it)."""
-    gc.collect()
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass

@@ -13,15 +13,13 @@ from convert.files import write_model
 from convert.forward import build_forward
 from convert.metadata import describe, self_check_section
 from convert.parity import Tolerance, clip_references, random_references, run_gate
+from convert.process_memory import low_memory_malloc, release_jax, release_weights
 from convert.quantize import QUANTIZE_CHOICES, make_variant, op_counts
 from convert.staging import (
     DEFAULT_PREOPTIMIZE,
     Staged,
     finish_stage,
-    low_memory_malloc,
     publish,
-    release_jax,
-    release_weights,
     write_stage,
 )
 from runtime.model import PRECISIONS, OnnxModel, parse_metadata
@@ -202,8 +200,8 @@ def staged_backend(staged: Staged) -> dict | None:
 def retrace(forward, ckpt, backend: dict):
     """The fp32 graph as its converter wrote it (before onnxruntime's optimisation), at the export's opset."""
     if backend.get("name") == "tf2onnx":
-        from convert.legacy.backend import DEFAULT_OPSET as TF2ONNX_OPSET
-        from convert.legacy.backend import to_onnx_tf2onnx
+        from convert.tf2onnx.backend import DEFAULT_OPSET as TF2ONNX_OPSET
+        from convert.tf2onnx.backend import to_onnx_tf2onnx
 
         return to_onnx_tf2onnx(ckpt, int(backend.get("opset") or TF2ONNX_OPSET))[0]
     from convert.trace import DEFAULT_OPSET, to_onnx

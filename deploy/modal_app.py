@@ -120,7 +120,8 @@ def build_image(target: str) -> modal.Image:
         .pip_install_from_pyproject(str(REPO / "pyproject.toml"), optional_dependencies=extras)
         .env(SERVICE_ENV)
         .add_local_file(MODEL_LOCAL, MODEL_REMOTE, copy=True)  # baked: see the module docstring
-        .add_local_python_source("runtime", ignore=["**/__pycache__/**"])  # with the page's files (runtime/static)
+        # with the page's files (runtime/serve/static)
+        .add_local_python_source("runtime", ignore=["**/__pycache__/**"])
     )
 
 
@@ -143,7 +144,7 @@ class ModelContainer:
         import onnxruntime
 
         import runtime.analyze
-        import runtime.server  # noqa: F401  (imported here so the snapshot holds FastAPI too)
+        import runtime.serve.app  # noqa: F401  (imported here so the snapshot holds FastAPI too)
 
         if hasattr(onnxruntime, "preload_dlls") and "CUDAExecutionProvider" in onnxruntime.get_available_providers():
             onnxruntime.preload_dlls()  # dlopen CUDA/cuDNN from the nvidia-* wheels (no CUDA context yet)
@@ -160,7 +161,7 @@ class ModelContainer:
             self.create_session()
             return
         from runtime.self_check import require_passed
-        from runtime.server import Settings
+        from runtime.serve.app import Settings
 
         # the host (its CPU's kernels, or its GPU) may differ from the one the snapshot was taken on
         require_passed(self.analyzer.model.run_self_check(),
@@ -174,7 +175,7 @@ class ModelContainer:
         """
         from runtime.analyze import Analyzer
         from runtime.model import OnnxModel
-        from runtime.server import Settings, warm_up
+        from runtime.serve.app import Settings, warm_up
 
         threads = os.environ.get("PERCEPIANO_THREADS", "").strip()
         model = OnnxModel(source or self.model_bytes, device=os.environ.get("PERCEPIANO_DEVICE", "cuda"),
@@ -182,20 +183,20 @@ class ModelContainer:
         refuse_int8_on_cuda(model)
         refuse_fp16_on_cpu(model)
         settings = Settings.from_env()  # the cap and refusal limit apply to the corpus worker too
-        analyzer = Analyzer(model, cap_seconds=settings.cap_seconds, max_seconds=settings.max_seconds)
+        analyzer = Analyzer(model, cap_seconds=settings.cap_seconds, refuse_over_seconds=settings.refuse_over_seconds)
         warm_up(analyzer, allow_failed_self_check=settings.allow_failed_self_check)
         self.analyzer = analyzer
         self.model_bytes = b""  # the session holds its own copy
 
     def build_app(self):
-        """The FastAPI app of runtime.server over the warmed Analyzer (no second warm-up), bearer auth required."""
-        from runtime.server import Settings, create_app
+        """The FastAPI app of runtime.serve.app over the warmed Analyzer (no second warm-up), bearer auth required."""
+        from runtime.serve.app import Settings, create_app
 
         return create_app(self.analyzer, settings=Settings.from_env(require_token=True))
 
     def analyze_path(self, relpath: str, cap_seconds: float | None = None) -> dict[str, Any]:
         """One file of the audio Volume -> its result; any failure becomes that file's `error` (never raised)."""
-        from runtime.corpus import analyze_one
+        from runtime.corpus.runner import analyze_one
 
         return analyze_one(self.analyzer, relpath, Path(AUDIO_MOUNT) / relpath, cap_seconds)
 
@@ -251,15 +252,15 @@ class CorpusWorker(ModelContainer):
 
     @modal.method()
     def analyze_bytes(self, name: str, data: bytes, cap_seconds: float | None = None) -> dict[str, Any]:
-        """A file sent by `python -m runtime analyze DIR --out REPORT --modal` (runtime.corpus.modal_results)."""
-        from runtime.corpus import analyze_one
+        """A file sent by `python -m deploy analyze DIR --out REPORT` (deploy.modal_corpus.modal_results)."""
+        from runtime.corpus.runner import analyze_one
 
         return analyze_one(self.analyzer, name, data, cap_seconds)
 
 
 def list_audio(root: Path, prefix: str = "") -> list[str]:
     """Audio files under root/prefix, as sorted paths relative to root."""
-    from runtime.corpus import AUDIO_SUFFIXES
+    from runtime.corpus.runner import AUDIO_SUFFIXES
 
     base = root / prefix
     files = base.rglob("*") if base.is_dir() else []

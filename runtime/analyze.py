@@ -61,25 +61,25 @@ class Analyzer:
     """Runs the whole pipeline with one loaded model; safe to share between threads.
 
     ``cap_seconds`` analyses only the first N seconds (the original's 30 s cap: cut after resampling to
-    22,050 Hz); ``max_seconds`` refuses longer audio with ``AudioTooLongError``. Both apply to every call.
+    22,050 Hz); ``refuse_over_seconds`` refuses longer audio with ``AudioTooLongError``. Both apply to every call.
     """
 
     def __init__(self, model: OnnxModel, *, batch_size: int = 16, cap_seconds: float | None = None,
-                 max_seconds: float | None = None):
+                 refuse_over_seconds: float | None = None):
         if batch_size < 1:
             raise InputError(f"batch size must be at least 1, got {batch_size}")
         self.model = model
         self.batch_size = batch_size
-        self.cap_seconds = check_cap(cap_seconds, max_seconds)
-        self.max_seconds = max_seconds
+        self.cap_seconds = check_cap(cap_seconds, refuse_over_seconds)
+        self.refuse_over_seconds = refuse_over_seconds
 
     @classmethod
     def from_path(cls, path: str | os.PathLike, *, device: str = "auto", threads: int | None = None,
                   batch_size: int = 16, cap_seconds: float | None = None,
-                  max_seconds: float | None = None) -> Analyzer:
-        check_cap(cap_seconds, max_seconds)  # a bad limit is refused before the model loads
+                  refuse_over_seconds: float | None = None) -> Analyzer:
+        check_cap(cap_seconds, refuse_over_seconds)  # a bad limit is refused before the model loads
         return cls(OnnxModel(path, device=device, threads=threads), batch_size=batch_size, cap_seconds=cap_seconds,
-                   max_seconds=max_seconds)
+                   refuse_over_seconds=refuse_over_seconds)
 
     def chunk_scores(self, mel: np.ndarray) -> np.ndarray:
         """(n, 128, 128) log-mel windows -> (n, 19) label-unit scores."""
@@ -92,7 +92,7 @@ class Analyzer:
         ``timings``, if given, gets the seconds spent on features and on inference; ``infer`` (windows ->
         scores) replaces ``chunk_scores``: the service's batcher or its counted direct path.
         """
-        y = prepare_audio(y, sample_rate, cap_seconds=self.cap_seconds, max_seconds=self.max_seconds)
+        y = prepare_audio(y, sample_rate, cap_seconds=self.cap_seconds, refuse_over_seconds=self.refuse_over_seconds)
         return self._analyze(y, timings, infer)
 
     def model_inputs(self, y: np.ndarray) -> np.ndarray:
@@ -105,7 +105,8 @@ class Analyzer:
 
     def analyze_file(self, source: str | os.PathLike | bytes) -> Analysis:
         """A path or the bytes of an audio file -> Analysis."""
-        return self._analyze(load_audio(source, cap_seconds=self.cap_seconds, max_seconds=self.max_seconds))
+        return self._analyze(load_audio(source, cap_seconds=self.cap_seconds,
+                                        refuse_over_seconds=self.refuse_over_seconds))
 
     def _analyze(self, y: np.ndarray, timings: dict[str, float] | None = None, infer: Infer | None = None) -> Analysis:
         """Mono float32 audio at 22,050 Hz -> Analysis."""

@@ -6,7 +6,7 @@ Each decoded block is mixed to mono as ``librosa.to_mono`` does and fed to soxr'
 
 - ``cap_seconds``: analyse the first N seconds, as the original did (``librosa.load``, then the first N s of
   the 22,050 Hz samples). Only what the cap needs is decoded (plus ``CAP_MARGIN_SECONDS``); nothing is refused.
-- ``max_seconds``: the refusal limit; longer audio raises ``AudioTooLongError`` (HTTP 413), before decoding
+- ``refuse_over_seconds``: the refusal limit; longer audio raises ``AudioTooLongError`` (HTTP 413), before decoding
   when the header states the length. ``hard_limit_seconds`` bounds every call whatever the caller asks.
 """
 
@@ -23,14 +23,14 @@ import soundfile as sf
 
 from runtime.constants import FEATURES
 from runtime.errors import AudioDecodeError, AudioError, AudioTooLongError, ConfigError
+from runtime.integrity import opened, truncation
 from runtime.resample import Resampler, join, resample
-from runtime.truncation import opened, truncation
 
 logger = logging.getLogger(__name__)
 
 Source = str | os.PathLike | bytes
 
-HARD_LIMIT_SECONDS = 3600.0  # no request may decode more than this, whatever max_seconds says
+HARD_LIMIT_SECONDS = 3600.0  # no request may decode more than this, whatever refuse_over_seconds says
 # Native audio decoded past a cap, so that the resampled samples before the cut equal those of resampling the
 # whole file (soxr HQ's filter reaches ahead; 0.05 s already gives identical samples from 8 to 384 kHz).
 CAP_MARGIN_SECONDS = 0.1
@@ -49,14 +49,14 @@ def load_audio(
     *,
     sample_rate: int = FEATURES.sample_rate,
     cap_seconds: float | None = None,
-    max_seconds: float | None = None,
+    refuse_over_seconds: float | None = None,
     hard_limit_seconds: float = HARD_LIMIT_SECONDS,
 ) -> np.ndarray:
     """Decode a path or bytes to float32 mono at ``sample_rate`` (= ``librosa.load(sr=...)[0][:cap]``)."""
     name = _describe(source)
     if isinstance(source, bytes | bytearray | memoryview):
         source = bytes(source)
-    plan = DecodePlan(name, sample_rate, cap_seconds, max_seconds, hard_limit_seconds)
+    plan = DecodePlan(name, sample_rate, cap_seconds, refuse_over_seconds, hard_limit_seconds)
     _check_source(source, name)
     try:
         _decode_soundfile(source, name, plan)
@@ -72,7 +72,7 @@ def load_audio(
 
 
 def prepare_audio(y: np.ndarray, sample_rate: int, *, target_rate: int = FEATURES.sample_rate,
-                  cap_seconds: float | None = None, max_seconds: float | None = None,
+                  cap_seconds: float | None = None, refuse_over_seconds: float | None = None,
                   hard_limit_seconds: float = HARD_LIMIT_SECONDS) -> np.ndarray:
     """Mono audio in memory at ``sample_rate`` -> float32 at ``target_rate``, capped and limited as load_audio does."""
     y = np.asarray(y)
@@ -82,7 +82,7 @@ def prepare_audio(y: np.ndarray, sample_rate: int, *, target_rate: int = FEATURE
         raise AudioError(f"expected floating-point samples in [-1, 1], got {y.dtype} (for int16 divide by 32768)")
     if isinstance(sample_rate, bool) or not isinstance(sample_rate, int | np.integer):
         raise AudioError(f"sample_rate must be an integer number of Hz, got {sample_rate!r}")
-    plan = DecodePlan("the audio", target_rate, cap_seconds, max_seconds, hard_limit_seconds)
+    plan = DecodePlan("the audio", target_rate, cap_seconds, refuse_over_seconds, hard_limit_seconds)
     plan.check_stream(int(sample_rate), 1)
     plan.check_declared(y.shape[0] / sample_rate)
     if plan.cap is not None:  # resample only what the cap needs, as load_audio decodes only that
@@ -93,11 +93,12 @@ def prepare_audio(y: np.ndarray, sample_rate: int, *, target_rate: int = FEATURE
     return y if plan.cap is None else y[: plan.cap_samples]
 
 
-def check_cap(cap_seconds: float | None, max_seconds: float | None = None,
+def check_cap(cap_seconds: float | None, refuse_over_seconds: float | None = None,
               hard_limit_seconds: float = HARD_LIMIT_SECONDS) -> float | None:
     """The cap, checked: positive, finite, at most the refusal limit (itself positive or None); else ConfigError."""
-    if max_seconds is not None and not max_seconds > 0:
-        raise ConfigError(f"the refusal limit must be a positive number of seconds or None, got {max_seconds!r}")
+    if refuse_over_seconds is not None and not refuse_over_seconds > 0:
+        raise ConfigError(f"the refusal limit must be a positive number of seconds or None, "
+                          f"got {refuse_over_seconds!r}")
     if cap_seconds is None:
         return None
     try:
@@ -106,27 +107,27 @@ def check_cap(cap_seconds: float | None, max_seconds: float | None = None,
         raise ConfigError(f"the cap must be a number of seconds, got {cap_seconds!r}") from None
     if not math.isfinite(cap) or cap <= 0:
         raise ConfigError(f"the cap must be a positive, finite number of seconds, got {cap_seconds!r}")
-    limit, which = _refusal(max_seconds, hard_limit_seconds)
+    limit, which = _refusal(refuse_over_seconds, hard_limit_seconds)
     if cap > limit:
         raise ConfigError(f"a cap of {cap:g} s is over the {which} of {limit:g} s")
     return cap
 
 
-def _refusal(max_seconds: float | None, hard_limit_seconds: float) -> tuple[float, str]:
-    if max_seconds is not None and max_seconds <= hard_limit_seconds:
-        return float(max_seconds), "limit"
+def _refusal(refuse_over_seconds: float | None, hard_limit_seconds: float) -> tuple[float, str]:
+    if refuse_over_seconds is not None and refuse_over_seconds <= hard_limit_seconds:
+        return float(refuse_over_seconds), "limit"
     return float(hard_limit_seconds), "hard limit"
 
 
 class DecodePlan:
     """One decode: the stream checks, the cap or refusal limit, and the streaming resampler(s) filling the output."""
 
-    def __init__(self, name: str, target_rate: int, cap_seconds: float | None, max_seconds: float | None,
+    def __init__(self, name: str, target_rate: int, cap_seconds: float | None, refuse_over_seconds: float | None,
                  hard_limit_seconds: float) -> None:
         self.name, self.target_rate = name, target_rate
-        self.cap = check_cap(cap_seconds, max_seconds, hard_limit_seconds)
+        self.cap = check_cap(cap_seconds, refuse_over_seconds, hard_limit_seconds)
         self.cap_samples = None if self.cap is None else int(self.cap * target_rate)
-        self.limit, self.which = _refusal(max_seconds, hard_limit_seconds)
+        self.limit, self.which = _refusal(refuse_over_seconds, hard_limit_seconds)
         self.reset()
 
     def reset(self) -> None:

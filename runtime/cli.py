@@ -8,7 +8,7 @@ import logging
 import sys
 from pathlib import Path
 
-from runtime.constants import API_KEYS, ORIGINAL_MAX_SECONDS
+from runtime.constants import API_KEYS, ORIGINAL_CAP_SECONDS
 from runtime.errors import AudioError, ConfigError, InputError, ModelError
 from runtime.model import DEVICES
 from runtime.self_check import ALLOW_ENV, ALLOW_FLAG, require_passed
@@ -31,15 +31,17 @@ def build_parser() -> argparse.ArgumentParser:
     an.add_argument("--batch-size", type=int, default=16, help="chunks per inference batch (default 16)")
     an.add_argument("--device", choices=DEVICES, default="auto")
     an.add_argument("--threads", type=int, help="onnxruntime intra-op threads (default: all cores)")
-    an.add_argument("--max-seconds", type=float, nargs="?", const=ORIGINAL_MAX_SECONDS, metavar="N",
-                    help=f"the original's cap: analyse only the first N s, cut after resampling as the original "
-                         f"did (bare flag: {ORIGINAL_MAX_SECONDS:.0f} s); longer files are not refused")
+    an.add_argument("--cap-seconds", type=float, nargs="?", const=ORIGINAL_CAP_SECONDS, metavar="N",
+                    help=f"the cap: analyse only the first N s, cut after resampling as the original did "
+                         f"(bare flag: {ORIGINAL_CAP_SECONDS:.0f} s); longer files are not refused")
+    an.add_argument("--max-seconds", type=float, nargs="?", const=ORIGINAL_CAP_SECONDS, metavar="N",
+                    dest="deprecated_max_seconds", help="deprecated alias of --cap-seconds (the original's name)")
     an.add_argument("--refuse-over", type=float, metavar="SECONDS",
                     help="refuse (per-file error) audio longer than this (default: only the 1 h hard limit)")
     an.add_argument("--out", type=Path, metavar="REPORT_DIR",
                     help="analyse a corpus: journal, scores.csv, timeline.csv and report.md in REPORT_DIR (resumable)")
     an.add_argument("--recursive", action="store_true", help="with --out: include files in subfolders")
-    an.add_argument("--modal", action="store_true", help="with --out: analyse on the deployed Modal app")
+    an.add_argument("--modal", action="store_true", help=argparse.SUPPRESS)  # moved: python -m deploy analyze
     an.add_argument(ALLOW_FLAG, action="store_true", help=SKIP_HELP)
 
     info = sub.add_parser("info", help="print an exported model's metadata")
@@ -69,8 +71,8 @@ def load_checked(args: argparse.Namespace):
     from runtime.analyze import Analyzer
 
     analyzer = Analyzer.from_path(args.model, device=args.device, threads=args.threads,
-                                  batch_size=args.batch_size, cap_seconds=args.max_seconds,
-                                  max_seconds=args.refuse_over)
+                                  batch_size=args.batch_size, cap_seconds=args.cap_seconds,
+                                  refuse_over_seconds=args.refuse_over)
     warn_about(analyzer.model, args.model)
     require_passed(analyzer.model.run_self_check(), allow_failed=args.skip_self_check)
     return analyzer
@@ -119,15 +121,17 @@ def print_tables(results: list[dict]) -> None:
 
 
 def cmd_corpus(args: argparse.Namespace) -> int:
-    """`analyze DIR ... --out REPORT_DIR`: the corpus run of runtime.corpus."""
-    from runtime.corpus import analyze_corpus, summary_lines
+    """`analyze DIR ... --out REPORT_DIR`: the corpus run of runtime.corpus.runner."""
+    from runtime.corpus.runner import analyze_corpus, summary_lines
 
+    if args.modal:
+        raise ConfigError("--modal moved to the deploy package: python -m deploy analyze DIR --out REPORT_DIR")
     if args.out is None or args.json:
-        raise ConfigError("--recursive and --modal need --out REPORT_DIR (and --out does not take --json)")
+        raise ConfigError("--recursive needs --out REPORT_DIR (and --out does not take --json)")
     try:
-        analyzer = None if args.modal else load_checked(args)  # demo warning and self-check, as for single files
+        analyzer = load_checked(args)  # demo warning and self-check, as for single files
         summary = analyze_corpus(args.files, args.out, model=args.model, recursive=args.recursive,
-                                 cap_seconds=args.max_seconds, modal=args.modal, batch_size=args.batch_size,
+                                 cap_seconds=args.cap_seconds, batch_size=args.batch_size,
                                  device=args.device, threads=args.threads, progress=sys.stderr.isatty(),
                                  analyzer=analyzer)
     except KeyboardInterrupt:
@@ -190,19 +194,34 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from runtime.analyze import Analyzer
-    from runtime.server import Settings, serve, warm_up
+    from runtime.serve.app import Settings, serve, warm_up
 
     settings = Settings.from_env()
     analyzer = Analyzer.from_path(args.model, device=args.device, threads=args.threads,
-                                  max_seconds=settings.max_seconds)
+                                  refuse_over_seconds=settings.refuse_over_seconds)
     warn_about(analyzer.model, args.model)
     warm_up(analyzer, allow_failed_self_check=args.skip_self_check or settings.allow_failed_self_check)
     serve(analyzer, host=args.host, port=args.port, settings=settings)
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The parsed command line, the deprecated spellings folded into their current names."""
     args = build_parser().parse_args(argv)
+    if getattr(args, "deprecated_max_seconds", None) is not None:
+        if args.cap_seconds is not None:
+            raise ConfigError("--max-seconds is the deprecated name of --cap-seconds: give only --cap-seconds")
+        print("warning: --max-seconds is deprecated, use --cap-seconds (the same cap)", file=sys.stderr)
+        args.cap_seconds = args.deprecated_max_seconds
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = parse_args(argv)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     commands = {"analyze": cmd_analyze, "info": cmd_info, "serve": cmd_serve}

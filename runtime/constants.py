@@ -69,4 +69,4 @@ INPUT_NAME = "mel"
 AUDIO_INPUT_NAME = "audio"  # input of a model whose graph holds the front end: 3 s chunks (batch, 66150)
 OUTPUT_NAME = "scores"
 # Original service's length cap (SPEC §3); the runtime offers it as an option, off by default.
-ORIGINAL_MAX_SECONDS = 30.0
+ORIGINAL_CAP_SECONDS = 30.0

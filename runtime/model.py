@@ -320,7 +320,7 @@ class OnnxModel:
             self.session.disable_fallback()  # a CUDA failure at run time raises instead of re-running on the CPU
         self.io_binding = self.device == "cuda" if io_binding is None else io_binding
         self.self_check: SelfCheckResult | None = None  # set by run_self_check (the warm-up)
-        self.warmed = False  # set by runtime.server.warm_up
+        self.warmed = False  # set by runtime.serve.app.warm_up
         self.warmup_seconds: float | None = None  # likewise
         log.info("loaded %s (%s, weights %s) on %s with onnxruntime %s", where, self.info.precision, self.weights,
                  self.providers, ort.__version__)

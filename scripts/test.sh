@@ -6,8 +6,8 @@ source "$(dirname "${BASH_SOURCE[0]}")/_venv.sh"
 if [ "${CI:-}" = true ] || ! command -v chromium >/dev/null; then bash scripts/ci_browser.sh; fi  # page tests
 source scripts/_check_venv.sh
 # the pinned jax2tf -> TensorFlow -> tf2onnx venv of `export --backend tf2onnx` (tests/test_tf2onnx.py): made once
-# (~1.9 GB, from convert/legacy/requirements-tf2onnx.txt) under ~/.cache/percepiano, reused while that file is unchanged
-python -m convert.legacy.env >/dev/null || exit 1
+# (~1.9 GB, from convert/tf2onnx/requirements-tf2onnx.txt) under ~/.cache/percepiano, reused while that file is unchanged
+python -m convert.tf2onnx.env >/dev/null || exit 1
 ruff check .
 # the Node.js client's onnxruntime-node (tests/test_node_client.py); its CUDA binaries are not needed
 ! command -v npm >/dev/null || [ -d clients/node/node_modules/onnxruntime-node ] ||

@@ -53,9 +53,9 @@ def client(analyzer):
     pytest.importorskip("fastapi")
     from fastapi.testclient import TestClient
 
-    from runtime.server import Settings, create_app
+    from runtime.serve.app import Settings, create_app
 
-    app = create_app(analyzer, settings=Settings(max_bytes=2_000_000, max_seconds=60.0))
+    app = create_app(analyzer, settings=Settings(max_bytes=2_000_000, refuse_over_seconds=60.0))
     with TestClient(app) as c:
         wait_ready(c)
         yield c

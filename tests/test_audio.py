@@ -160,8 +160,8 @@ def test_bad_inputs_raise_audio_error(tmp_path: Path, case: str) -> None:
 def test_max_seconds_names_duration_and_limit() -> None:
     seconds = sf.info(CLIPS[0]).duration
     with pytest.raises(AudioError, match=rf"{seconds:.1f} s long, over the limit of 5 s"):
-        load_audio(CLIPS[0], max_seconds=5)
-    assert len(load_audio(CLIPS[0], max_seconds=seconds + 1)) > 0
+        load_audio(CLIPS[0], refuse_over_seconds=5)
+    assert len(load_audio(CLIPS[0], refuse_over_seconds=seconds + 1)) > 0
 
 
 def test_header_claiming_huge_length_refused_before_decoding(tmp_path: Path) -> None:

@@ -98,7 +98,7 @@ def test_audio_export_describes_its_input(tiny_audio_model):
 
 def test_audio_model_self_checks_on_stored_audio_chunks(tiny_audio_model):
     """Its self-check holds 3 s audio chunks (what it takes), not mel windows, and passes as its warm-up."""
-    from runtime.service import warm_up
+    from runtime.serve.service import warm_up
 
     doc = json.loads({p.key: p.value for p in onnx.load(str(tiny_audio_model)).metadata_props}[METADATA_KEY])
     assert doc["self_check"]["inputs"]["shape"] == [2, FEATURES.chunk_samples]
@@ -202,7 +202,7 @@ def test_cli_and_http_service_take_an_audio_model_unchanged(tiny_model, tiny_aud
     from fastapi.testclient import TestClient
 
     from runtime import cli as runtime_cli
-    from runtime.server import Settings, create_app
+    from runtime.serve.app import Settings, create_app
 
     clip = min(piano_clips, key=lambda p: p.stat().st_size)
     want = Analyzer.from_path(tiny_model, device="cpu").analyze_file(clip).scores

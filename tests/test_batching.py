@@ -1,4 +1,4 @@
-"""Cross-request batching (runtime.batcher): the same scores as alone, merged calls on /metrics, bounded waits.
+"""Cross-request batching (runtime.serve.batcher): the same scores as alone, merged calls on /metrics, bounded waits.
 
 Scores are compared at the project's fp32 tolerance (serving.assert_scores: 1e-6), not bit for bit: on the
 CPU, onnxruntime scores a window in a batch of one up to 6e-8 differently from the same window in any larger
@@ -24,10 +24,10 @@ from prometheus_client.parser import text_string_to_metric_families  # noqa: E40
 from serving import assert_error, assert_scores, wait_ready  # noqa: E402
 
 from runtime.analyze import Analyzer  # noqa: E402
-from runtime.batcher import Batcher, BatcherClosed  # noqa: E402
 from runtime.errors import ConfigError, InputError  # noqa: E402
-from runtime.mel_input import encode_blob  # noqa: E402
-from runtime.server import Settings, create_app  # noqa: E402
+from runtime.serve.app import Settings, create_app  # noqa: E402
+from runtime.serve.batcher import Batcher, BatcherClosed  # noqa: E402
+from runtime.serve.mel_input import encode_blob  # noqa: E402
 
 N = 6  # concurrent requests
 FLAC = {"content-type": "audio/flac"}

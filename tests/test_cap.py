@@ -12,12 +12,12 @@ import soundfile as sf
 from runtime import cli
 from runtime.analyze import Analyzer, aggregate
 from runtime.audio import CAP_MARGIN_SECONDS, load_audio
-from runtime.constants import API_KEYS, FEATURES, ORIGINAL_MAX_SECONDS
+from runtime.constants import API_KEYS, FEATURES, ORIGINAL_CAP_SECONDS
 from runtime.errors import AudioTooLongError, ConfigError
-from runtime.settings import Settings
+from runtime.serve.settings import Settings
 
 SR = FEATURES.sample_rate
-CAP = ORIGINAL_MAX_SECONDS
+CAP = ORIGINAL_CAP_SECONDS
 CAP_SAMPLES = int(CAP * SR)
 
 
@@ -130,14 +130,14 @@ def test_a_cap_is_not_refused_and_the_refusal_still_refuses(long_files):
     path = long_files["44100"]
     seconds = sf.info(str(path)).duration
     with pytest.raises(AudioTooLongError, match=rf"{seconds:.1f} s long, over the limit of 35 s"):
-        load_audio(path, max_seconds=35)
+        load_audio(path, refuse_over_seconds=35)
     with pytest.raises(AudioTooLongError, match="over the hard limit of 35 s"):
         load_audio(path, hard_limit_seconds=35)
-    assert len(load_audio(path, cap_seconds=CAP, max_seconds=35)) == CAP_SAMPLES
+    assert len(load_audio(path, cap_seconds=CAP, refuse_over_seconds=35)) == CAP_SAMPLES
     assert len(load_audio(path, cap_seconds=CAP, hard_limit_seconds=35)) == CAP_SAMPLES
     for bad in (0, -1, math.inf, math.nan, 36):
         with pytest.raises(ConfigError, match="cap"):
-            load_audio(path, cap_seconds=bad, max_seconds=35)
+            load_audio(path, cap_seconds=bad, refuse_over_seconds=35)
 
 
 def test_analyze_audio_applies_the_cap_after_resampling(capped, long_files):
@@ -157,16 +157,26 @@ def _cli(capsys, *args: str) -> tuple[int, dict | None, str]:
     return code, (json.loads(out.out) if out.out.strip() else None), out.err
 
 
-def test_cli_max_seconds_is_the_original_cap(tiny_model, long_files, capped, capsys):
+def test_cli_cap_seconds_is_the_original_cap(tiny_model, long_files, capped, capsys):
     path = str(long_files["22050"])
-    code, doc, _ = _cli(capsys, path, "--model", str(tiny_model), "--max-seconds")
+    code, doc, _ = _cli(capsys, path, "--model", str(tiny_model), "--cap-seconds")
     assert code == 0
     (res,) = doc["results"]
     assert res["duration_seconds"] == CAP and len(res["timeline"]) == 15
     want = capped.analyze_file(path).scores
     np.testing.assert_allclose([res["scores"][k] for k in API_KEYS], [want[k] for k in API_KEYS], atol=1e-6)
-    code, doc, _ = _cli(capsys, path, "--model", str(tiny_model), "--max-seconds", "10")
+    code, doc, _ = _cli(capsys, path, "--model", str(tiny_model), "--cap-seconds", "10")
     assert code == 0 and doc["results"][0]["duration_seconds"] == 10.0
+
+
+def test_cli_max_seconds_is_a_deprecated_alias_of_the_cap(tiny_model, long_files, capsys):
+    path = str(long_files["22050"])
+    code, doc, err = _cli(capsys, path, "--model", str(tiny_model), "--max-seconds", "10")
+    assert code == 0 and doc["results"][0]["duration_seconds"] == 10.0
+    assert [line for line in err.splitlines() if "deprecated" in line] == [
+        "warning: --max-seconds is deprecated, use --cap-seconds (the same cap)"]
+    code, doc, err = _cli(capsys, path, "--model", str(tiny_model), "--max-seconds", "10", "--cap-seconds", "5")
+    assert code == 2 and doc is None and "give only --cap-seconds" in err
 
 
 def test_cli_refuse_over_is_a_per_file_error(tiny_model, long_files, piano_clips, capsys):
@@ -175,7 +185,7 @@ def test_cli_refuse_over_is_a_per_file_error(tiny_model, long_files, piano_clips
     assert code == 1 and "1 of 2 file(s) failed" in err
     refused, fine = doc["results"]
     assert "over the limit of 35 s" in refused["error"] and fine["error"] is None
-    code, doc, err = _cli(capsys, str(long_files["22050"]), "--model", str(tiny_model), "--max-seconds", "40",
+    code, doc, err = _cli(capsys, str(long_files["22050"]), "--model", str(tiny_model), "--cap-seconds", "40",
                           "--refuse-over", "35")
     assert code == 2 and doc is None and err.startswith("error: a cap of 40 s is over the limit of 35 s")
 
@@ -183,11 +193,12 @@ def test_cli_refuse_over_is_a_per_file_error(tiny_model, long_files, piano_clips
 # --- settings and the HTTP service ----------------------------------------------------------------------
 
 
-def test_settings_name_the_cap_and_the_refusal():
+def test_settings_name_the_cap_and_the_refusal(caplog):
     s = Settings.from_env({"PERCEPIANO_CAP_SECONDS": "30", "PERCEPIANO_REFUSE_OVER_SECONDS": "120"})
-    assert (s.cap_seconds, s.max_seconds) == (30.0, 120.0)
-    assert Settings.from_env({"PERCEPIANO_MAX_SECONDS": "90"}).max_seconds == 90.0  # the old name still works
-    assert Settings.from_env({}).cap_seconds is None and Settings.from_env({}).max_seconds == 600.0
+    assert (s.cap_seconds, s.refuse_over_seconds) == (30.0, 120.0)
+    assert Settings.from_env({"PERCEPIANO_MAX_SECONDS": "90"}).refuse_over_seconds == 90.0  # the old name still works
+    assert "PERCEPIANO_MAX_SECONDS is deprecated" in caplog.text  # ... with a warning
+    assert Settings.from_env({}).cap_seconds is None and Settings.from_env({}).refuse_over_seconds == 600.0
     assert Settings.from_env({"PERCEPIANO_CAP_SECONDS": "none"}).cap_seconds is None
     with pytest.raises(ConfigError, match="disagree"):
         Settings.from_env({"PERCEPIANO_MAX_SECONDS": "90", "PERCEPIANO_REFUSE_OVER_SECONDS": "120"})
@@ -201,7 +212,7 @@ def _client(analyzer, **settings):
     from fastapi.testclient import TestClient
     from serving import wait_ready
 
-    from runtime.server import create_app
+    from runtime.serve.app import create_app
 
     client = TestClient(create_app(analyzer, settings=Settings(max_bytes=20_000_000, **settings)))
     client.__enter__()
@@ -211,7 +222,7 @@ def _client(analyzer, **settings):
 
 def test_http_cap_query_parameter(analyzer, capped, long_files):
     data = long_files["22050"].read_bytes()
-    client = _client(analyzer, max_seconds=35.0)
+    client = _client(analyzer, refuse_over_seconds=35.0)
     try:
         post = lambda query="": client.post(f"/v1/analyze{query}", content=data,  # noqa: E731
                                             headers={"content-type": "audio/flac"})
@@ -234,7 +245,7 @@ def test_http_cap_query_parameter(analyzer, capped, long_files):
 def test_http_cap_setting_and_truncated_upload(analyzer, long_files):
     import io
 
-    client = _client(analyzer, max_seconds=35.0, cap_seconds=CAP)
+    client = _client(analyzer, refuse_over_seconds=35.0, cap_seconds=CAP)
     try:
         data = long_files["22050"].read_bytes()
         res = client.post("/v1/analyze", content=data, headers={"content-type": "audio/flac"})

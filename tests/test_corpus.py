@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from runtime import corpus
 from runtime.constants import API_KEYS
+from runtime.corpus import runner as corpus
+from runtime.corpus.report import families, write_atomic
 from runtime.errors import InputError
-from runtime.report import families, write_atomic
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONPATH": str(REPO)}
@@ -96,7 +96,7 @@ def test_csv_rows_equal_single_file_json(folder, tiny_model, tmp_path):
 
 SLOW_RUN = """
 import sys, time
-import runtime.corpus as c
+import runtime.corpus.runner as c
 real = c.analyze_one
 def slow(*args, **kwargs):
     time.sleep(0.4)
@@ -214,14 +214,15 @@ class FakeWorker:
 
 
 def test_modal_path_with_the_local_analyzer(folder, analyzer, tiny_model, tmp_path, monkeypatch):
-    from runtime.cli import main
+    from deploy import modal_corpus
+    from deploy.__main__ import main
 
     local = corpus.analyze_corpus([folder], tmp_path / "local", model=tiny_model, recursive=True, device="cpu",
                                   plots=False)
     worker = FakeWorker(analyzer, lose="top2.flac")
-    monkeypatch.setattr(corpus, "lookup_worker", lambda: worker)
+    monkeypatch.setattr(modal_corpus, "lookup_worker", lambda: worker)
     out = tmp_path / "modal"
-    assert main(["analyze", str(folder), "--recursive", "--out", str(out), "--modal"]) == 1
+    assert main(["analyze", str(folder), "--recursive", "--out", str(out)]) == 1
     assert worker.calls[0]["kwargs"] == {"cap_seconds": None}
     assert worker.calls[0]["order_outputs"] is False and worker.calls[0]["return_exceptions"] is True
     rows = {r["path"]: r for r in read_csv(out / "scores.csv")}
@@ -233,7 +234,7 @@ def test_modal_path_with_the_local_analyzer(folder, analyzer, tiny_model, tmp_pa
     assert rows == {p: want[p] for p in rows} and len(rows) == 3
 
     worker.lose = None  # resume: only the lost file is sent again
-    assert main(["analyze", str(folder), "--recursive", "--out", str(out), "--modal"]) == 1
+    assert main(["analyze", str(folder), "--recursive", "--out", str(out)]) == 1
     assert worker.calls[1]["names"] == [str(folder / "top2.flac")]
     rows = {r["path"]: r for r in read_csv(out / "scores.csv")}
     assert rows.pop(str(folder / "bad.wav"))["error"] == bad["error"]
@@ -242,7 +243,7 @@ def test_modal_path_with_the_local_analyzer(folder, analyzer, tiny_model, tmp_pa
 
 UNREACHABLE = """
 import sys
-import runtime.corpus as c
+import deploy.modal_corpus as c
 class NotFoundError(Exception):
     __module__ = "modal.exception"
 class Worker:
@@ -250,14 +251,14 @@ class Worker:
         def map(*args, **kwargs):
             raise NotFoundError("App 'percepiano' not found")
 c.lookup_worker = Worker
-from runtime.cli import main
+from deploy.__main__ import main
 sys.exit(main(sys.argv[1:]))
 """
 
 
 def test_modal_unreachable_is_one_line(folder, tmp_path):
-    run = subprocess.run([sys.executable, "-c", UNREACHABLE, "analyze", str(folder), "--out", str(tmp_path / "r"),
-                          "--modal"], cwd=REPO, env=ENV, capture_output=True, text=True, timeout=60)
+    run = subprocess.run([sys.executable, "-c", UNREACHABLE, "analyze", str(folder), "--out", str(tmp_path / "r")],
+                         cwd=REPO, env=ENV, capture_output=True, text=True, timeout=60)
     assert run.returncode == 2 and "Traceback" not in run.stderr
     assert run.stderr.startswith("error: Modal: App 'percepiano' not found")
     assert len(run.stderr.strip().splitlines()) == 1

@@ -59,12 +59,12 @@ def test_modal_configuration(recorded):
     assert m.SERVICE_ENV["PERCEPIANO_DEVICE"] == "cuda"
 
 
-def test_runtime_looks_up_the_deployed_corpus_worker_by_its_names(recorded):
-    from runtime import corpus
+def test_deploy_looks_up_the_deployed_corpus_worker_by_its_names(recorded):
+    from deploy import modal_corpus as corpus
 
     m, calls = recorded
     assert corpus.MODAL_APP == m.APP_NAME
-    assert options(calls, "cls", corpus.MODAL_WORKER)["volumes"]  # the class `--modal` looks up exists
+    assert options(calls, "cls", corpus.MODAL_WORKER)["volumes"]  # the class `python -m deploy analyze` looks up exists
 
 
 def test_only_current_modal_api_names():

@@ -26,11 +26,11 @@ from schemathesis.python import asgi  # noqa: E402
 from schemathesis.specs.openapi.checks import RejectedPositiveData  # noqa: E402
 from serving import TOKEN  # noqa: E402
 
-from runtime.server import Settings, create_app  # noqa: E402
+from runtime.serve.app import Settings, create_app  # noqa: E402
 
 MAX_EXAMPLES = 60
 MAX_BYTES = 400_000
-SETTINGS = {"max_bytes": MAX_BYTES, "max_seconds": 20.0}
+SETTINGS = {"max_bytes": MAX_BYTES, "refuse_over_seconds": 20.0}
 # Right answers to schema-invalid data, beyond schemathesis' defaults: 408 and 413 are refusals too.
 NEGATIVE_REJECTED = ["400", "401", "403", "404", "405", "406", "408", "413", "415", "422"]
 BINARY_TYPES = ("application/octet-stream", "multipart/form-data", "audio/")

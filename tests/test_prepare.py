@@ -1,4 +1,4 @@
-"""convert.prepare: folding constants and Gemm -> MatMul in place keep the function and the weights' bytes."""
+"""convert.graph_rewrites: folding constants and Gemm -> MatMul in place keep the function and the weights' bytes."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from onnx import TensorProto, helper, numpy_helper
 from onnx.reference import ReferenceEvaluator
 
 from convert.errors import ExportError
-from convert.prepare import drop_unused_initializers, prepare, reshaped_dims
+from convert.graph_rewrites import drop_unused_initializers, prepare, reshaped_dims
 
 RNG = np.random.default_rng(0)
 

@@ -72,7 +72,7 @@ def test_cli_analyze_refuses_a_tampered_model_unless_told(tampered_model, checke
 
 
 def test_the_self_check_replaces_the_plain_warm_up_run(checked_model, tiny_model, tmp_path, monkeypatch):
-    from runtime.server import warm_up
+    from runtime.serve.app import warm_up
 
     shapes: list[tuple] = []
     real_run = OnnxModel.run
@@ -96,7 +96,7 @@ def test_service_refuses_a_tampered_model_and_reports_a_good_one(tampered_model,
     from fastapi.testclient import TestClient
     from serving import assert_error, wait_ready
 
-    from runtime.server import Settings, create_app
+    from runtime.serve.app import Settings, create_app
 
     with TestClient(create_app(tampered_model, settings=Settings(queue_timeout=10))) as c:
         body = assert_error(c.get("/v1/model"), 503, "model_failed")  # waits for the load, then says why
@@ -159,10 +159,10 @@ def test_demo_model_warned_about_once_and_flagged(demo_model, tiny_model, piano_
 
 
 def test_serve_warns_about_a_demo_model(demo_model, monkeypatch, capsys):
-    import runtime.server
+    import runtime.serve.app
 
     served = []
-    monkeypatch.setattr(runtime.server, "serve", lambda analyzer, **kw: served.append(analyzer))
+    monkeypatch.setattr(runtime.serve.app, "serve", lambda analyzer, **kw: served.append(analyzer))
     assert cli.main(["serve", "--model", str(demo_model), "--device", "cpu"]) == 0
     assert capsys.readouterr().err.count("DEMO model") == 1
     assert served[0].model.warmed and served[0].model.self_check is not None  # warmed before serving
@@ -171,7 +171,7 @@ def test_serve_warns_about_a_demo_model(demo_model, monkeypatch, capsys):
 def test_v1_model_shows_the_demo_flag(demo_model):
     from fastapi.testclient import TestClient
 
-    from runtime.server import Settings, create_app
+    from runtime.serve.app import Settings, create_app
 
     with TestClient(create_app(demo_model, settings=Settings())) as c:
         assert c.get("/v1/model").json()["demo"] is True

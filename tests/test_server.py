@@ -18,8 +18,8 @@ from serving import TOKEN, assert_error, assert_matches, wait_ready  # noqa: E40
 
 from runtime.analyze import Analyzer  # noqa: E402
 from runtime.constants import API_KEYS, FEATURES  # noqa: E402
-from runtime.mel_input import encode_blob, max_frames_for  # noqa: E402
-from runtime.server import Service, ServiceError, Settings, create_app  # noqa: E402
+from runtime.serve.app import Service, ServiceError, Settings, create_app  # noqa: E402
+from runtime.serve.mel_input import encode_blob, max_frames_for  # noqa: E402
 
 # ------------------------------------------------------------------------------------------ health, model
 
@@ -108,16 +108,16 @@ def test_analyze_multipart_without_audio_field(client, clip):
 
 def test_size_and_duration_limits(analyzer, clip):
     data = clip.read_bytes()
-    app = create_app(analyzer, settings=Settings(max_bytes=len(data) - 1, max_seconds=5.0))
+    app = create_app(analyzer, settings=Settings(max_bytes=len(data) - 1, refuse_over_seconds=5.0))
     with TestClient(app) as c:
         wait_ready(c)
         assert_error(c.post("/v1/analyze", content=data, headers={"content-type": "audio/flac"}), 413, "too_large")
         assert_error(c.post("/v1/analyze", files={"audio": ("a.flac", data, "audio/flac")}), 413, "too_large")
-        big = encode_blob(np.zeros((len(data) // 512 + 1, 128), np.float32))  # > max_bytes, < max_seconds
+        big = encode_blob(np.zeros((len(data) // 512 + 1, 128), np.float32))  # > max_bytes, < refuse_over_seconds
         assert len(big) > len(data)
         assert_error(c.post("/v1/analyze/mel", content=big, headers={"content-type": "application/octet-stream"}),
                      413, "too_large")
-    app = create_app(analyzer, settings=Settings(max_bytes=len(data) * 4, max_seconds=5.0))
+    app = create_app(analyzer, settings=Settings(max_bytes=len(data) * 4, refuse_over_seconds=5.0))
     with TestClient(app) as c:
         wait_ready(c)
         body = assert_error(c.post("/v1/analyze", content=data, headers={"content-type": "audio/flac"}),
@@ -175,13 +175,13 @@ def test_auth_off_by_default(client):
 
 
 def test_settings_from_env():
-    env = {"PERCEPIANO_MAX_BYTES": "1000", "PERCEPIANO_MAX_SECONDS": "30", "PERCEPIANO_API_TOKEN": "t",
+    env = {"PERCEPIANO_MAX_BYTES": "1000", "PERCEPIANO_REFUSE_OVER_SECONDS": "30", "PERCEPIANO_API_TOKEN": "t",
            "PERCEPIANO_MAX_CONCURRENCY": "3", "PERCEPIANO_MAX_QUEUE": "0", "PERCEPIANO_QUEUE_TIMEOUT": "1.5"}
     s = Settings.from_env(env)
-    assert (s.max_bytes, s.max_seconds, s.api_token, s.max_concurrency, s.max_queue, s.queue_timeout) == \
+    assert (s.max_bytes, s.refuse_over_seconds, s.api_token, s.max_concurrency, s.max_queue, s.queue_timeout) == \
         (1000, 30.0, "t", 3, 0, 1.5)
     assert Settings.from_env({}) == Settings()
-    assert Settings.from_env({"PERCEPIANO_MAX_SECONDS": "none"}).max_seconds is None
+    assert Settings.from_env({"PERCEPIANO_REFUSE_OVER_SECONDS": "none"}).refuse_over_seconds is None
     assert Settings.from_env(env, max_bytes=5).max_bytes == 5
     with pytest.raises(ValueError, match="PERCEPIANO_MAX_BYTES"):
         Settings.from_env({"PERCEPIANO_MAX_BYTES": "lots"})
@@ -230,13 +230,13 @@ def test_a_request_during_the_load_waits_for_it(analyzer):
 
 
 def test_an_app_over_a_warmed_analyzer_answers_at_once(tiny_model, clip, monkeypatch):
-    import runtime.server
-    from runtime.server import warm_up
+    import runtime.serve.app
+    from runtime.serve.app import warm_up
 
     warmed = Analyzer.from_path(tiny_model, device="cpu")
     warm_up(warmed)
     expected = warmed.analyze_file(clip).to_dict()
-    monkeypatch.setattr(runtime.server, "warm_up", lambda *a, **k: pytest.fail("warmed up a second time"))
+    monkeypatch.setattr(runtime.serve.app, "warm_up", lambda *a, **k: pytest.fail("warmed up a second time"))
     with TestClient(create_app(warmed, settings=Settings())) as c:  # no /readyz polling
         res = c.post("/v1/analyze", content=clip.read_bytes(), headers={"content-type": "audio/flac"})
         assert res.status_code == 200, res.json()
@@ -260,7 +260,7 @@ import sys
 import numpy as np
 from fastapi.testclient import TestClient
 from runtime.analyze import Analyzer
-from runtime.server import Settings, create_app
+from runtime.serve.app import Settings, create_app
 
 def busy_load():  # keeps the load thread inside onnxruntime while the app shuts down
     analyzer = Analyzer.from_path(sys.argv[1], device="cpu")
@@ -337,7 +337,7 @@ def test_unexpected_job_error_is_a_500_and_the_service_continues():
 
 
 def test_runtime_import_stays_free_of_the_web_stack():
-    code = ("import sys, runtime, runtime.analyze, runtime.mel_input, runtime.cli; "
+    code = ("import sys, runtime, runtime.analyze, runtime.serve.mel_input, runtime.cli; "
             "bad = [m for m in ('fastapi', 'uvicorn', 'starlette', 'pydantic', 'modal') if m in sys.modules]; "
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)

@@ -19,7 +19,7 @@ httpx = pytest.importorskip("httpx")
 from serving import Server, assert_error  # noqa: E402
 
 from runtime.errors import InputError  # noqa: E402
-from runtime.mel_input import MAX_JSON_DEPTH, MAX_NUMBER_CHARS, check_json_bounds, parse_json_bytes  # noqa: E402
+from runtime.serve.mel_input import MAX_JSON_DEPTH, MAX_NUMBER_CHARS, check_json_bounds, parse_json_bytes  # noqa: E402
 
 ROW = ", ".join(["-12.5"] * 128)
 
@@ -213,7 +213,7 @@ def test_after_the_abuse_a_real_request_succeeds(server, clip):
 def test_multipart_is_unpacked_in_the_pool_not_on_the_event_loop(client, clip, monkeypatch):
     import threading
 
-    import runtime.service as server_module  # where the jobs run
+    import runtime.serve.service as server_module  # where the jobs run
 
     threads, unpack = [], server_module.multipart_audio
 
@@ -239,7 +239,7 @@ def test_malformed_multipart_is_a_400(client):
 
 
 def test_body_budget_follows_the_admission_bounds():
-    from runtime.server import Settings
+    from runtime.serve.app import Settings
 
     assert Settings(max_bytes=10, max_concurrency=2, max_queue=3).body_budget() == 50  # (2 + 3) x 10
     assert Settings(max_bytes=10, max_concurrency=2, max_queue=3, max_body_memory=25).body_budget() == 25  # capped

@@ -30,7 +30,7 @@ from serving import Server  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 MAX_BYTES = 1_000_000
 MAX_SECONDS = 12.0
-SERVER_ENV = {"PERCEPIANO_MAX_BYTES": str(MAX_BYTES), "PERCEPIANO_MAX_SECONDS": str(MAX_SECONDS),
+SERVER_ENV = {"PERCEPIANO_MAX_BYTES": str(MAX_BYTES), "PERCEPIANO_REFUSE_OVER_SECONDS": str(MAX_SECONDS),
               "PERCEPIANO_MAX_CONCURRENCY": "2", "PERCEPIANO_MAX_QUEUE": "64", "PERCEPIANO_QUEUE_TIMEOUT": "60"}
 
 
@@ -56,7 +56,7 @@ def build_cases(model: Path, clips: list[Path]) -> list[Case]:
     from runtime.analyze import Analyzer
     from runtime.audio import load_audio
     from runtime.features import features_from_audio
-    from runtime.mel_input import encode_blob
+    from runtime.serve.mel_input import encode_blob
 
     analyzer = Analyzer.from_path(model, device="cpu")
     by_size = sorted(clips, key=lambda p: p.stat().st_size)

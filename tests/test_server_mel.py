@@ -16,7 +16,7 @@ from runtime.audio import load_audio  # noqa: E402
 from runtime.constants import API_KEYS, FEATURES  # noqa: E402
 from runtime.errors import InputError  # noqa: E402
 from runtime.features import features_from_audio, log_mel  # noqa: E402
-from runtime.mel_input import encode_blob, max_frames_for, parse_blob, parse_json  # noqa: E402
+from runtime.serve.mel_input import encode_blob, max_frames_for, parse_blob, parse_json  # noqa: E402
 
 # ---------------------------------------------------------------------------------------------- mel path
 

@@ -17,9 +17,9 @@ from prometheus_client.parser import text_string_to_metric_families  # noqa: E40
 from serving import TOKEN, wait_ready  # noqa: E402
 
 from runtime.constants import API_KEYS  # noqa: E402
-from runtime.mel_input import encode_blob  # noqa: E402
-from runtime.original import OriginalError, OriginalSuccess  # noqa: E402
-from runtime.server import Settings, create_app  # noqa: E402
+from runtime.serve.app import Settings, create_app  # noqa: E402
+from runtime.serve.mel_input import encode_blob  # noqa: E402
+from runtime.serve.original_contract import OriginalError, OriginalSuccess  # noqa: E402
 
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 

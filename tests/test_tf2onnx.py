@@ -17,16 +17,16 @@ from convert.checkpoint import load_checkpoint
 from convert.crosscheck import compare_models
 from convert.export import export
 from convert.forward import build_forward
-from convert.legacy import env as legacy_env
-from convert.legacy.backend import MAX_OPSET
 from convert.parity import clip_references
 from convert.quantize import linear_layers, weight_matmuls
+from convert.tf2onnx import env as legacy_env
+from convert.tf2onnx.backend import MAX_OPSET
 from convert.variants import quantize_file
 from runtime.analyze import Analyzer
 from runtime.constants import API_KEYS, INPUT_NAME, OUTPUT_NAME
 from runtime.model import METADATA_KEY, OnnxModel
 
-FORBIDDEN = ("tensorflow", "tf2onnx", "keras", "jax.experimental.jax2tf", "convert.legacy.worker")
+FORBIDDEN = ("tensorflow", "tf2onnx", "keras", "jax.experimental.jax2tf", "convert.tf2onnx.worker")
 
 
 def _doc(path) -> dict:

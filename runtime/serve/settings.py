@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any
 
 from runtime.errors import ConfigError
+
+logger = logging.getLogger(__name__)
 
 LEGACY_ALIASES = {"PERCEPIANO_MAX_SECONDS": "PERCEPIANO_REFUSE_OVER_SECONDS"}  # old name -> new name
 BOOLEANS = {"1": True, "true": True, "yes": True, "0": False, "false": False, "no": False}
@@ -19,7 +22,7 @@ class Settings:
 
     max_bytes: int = 50_000_000  # request body limit (PERCEPIANO_MAX_BYTES)
     # refusal limit: longer audio or spectrograms get 413 (PERCEPIANO_REFUSE_OVER_SECONDS, alias PERCEPIANO_MAX_SECONDS)
-    max_seconds: float | None = 600.0
+    refuse_over_seconds: float | None = 600.0
     cap_seconds: float | None = None  # analyse only the first N s, as the original's 30 s cap (PERCEPIANO_CAP_SECONDS)
     api_token: str | None = None  # bearer token; None = no auth (PERCEPIANO_API_TOKEN)
     max_concurrency: int = 2  # analyses running at once (PERCEPIANO_MAX_CONCURRENCY)
@@ -29,12 +32,12 @@ class Settings:
     max_body_memory: int = 256_000_000  # request-body bytes held at once, at most (PERCEPIANO_MAX_BODY_MEMORY)
     allow_failed_self_check: bool = False  # serve a model whose self-check failed (PERCEPIANO_ALLOW_FAILED_SELF_CHECK)
     metrics_auth: bool = True  # /metrics behind the API token when one is set (PERCEPIANO_METRICS_AUTH)
-    # cross-request batching (runtime.batcher): the most ms a request waits for others' windows to share an
+    # cross-request batching (runtime.serve.batcher): the most ms a request waits for others' windows to share an
     # inference call; 0 = off, None = auto: 10 ms on CUDA, off on the CPU, decided when the model is loaded
     batch_wait_ms: float | None = None  # PERCEPIANO_BATCH_WAIT_MS ("auto", or ms)
     max_batch_chunks: int = 32  # windows per merged inference call, at most (PERCEPIANO_MAX_BATCH_CHUNKS)
 
-    ENV = {"max_bytes": ("PERCEPIANO_MAX_BYTES", int), "max_seconds": ("PERCEPIANO_REFUSE_OVER_SECONDS", float),
+    ENV = {"max_bytes": ("PERCEPIANO_MAX_BYTES", int), "refuse_over_seconds": ("PERCEPIANO_REFUSE_OVER_SECONDS", float),
            "cap_seconds": ("PERCEPIANO_CAP_SECONDS", float),
            "api_token": ("PERCEPIANO_API_TOKEN", str), "max_concurrency": ("PERCEPIANO_MAX_CONCURRENCY", int),
            "max_queue": ("PERCEPIANO_MAX_QUEUE", int), "queue_timeout": ("PERCEPIANO_QUEUE_TIMEOUT", float),
@@ -50,8 +53,8 @@ class Settings:
         if self.max_bytes < 1 or self.max_concurrency < 1 or self.max_queue < 0 or self.queue_timeout < 0 \
                 or not self.body_timeout > 0 or self.max_body_memory < 1:
             raise ConfigError(f"invalid service limits: {self}")
-        if self.max_seconds is not None and self.max_seconds <= 0:
-            raise ConfigError(f"max_seconds must be positive or None, got {self.max_seconds}")
+        if self.refuse_over_seconds is not None and self.refuse_over_seconds <= 0:
+            raise ConfigError(f"refuse_over_seconds must be positive or None, got {self.refuse_over_seconds}")
         if self.batch_wait_ms is not None and not 0 <= self.batch_wait_ms <= self.MAX_BATCH_WAIT_MS:
             raise ConfigError(f"PERCEPIANO_BATCH_WAIT_MS must be 'auto' or 0 .. {self.MAX_BATCH_WAIT_MS:g} ms "
                               f"(0 = off), got {self.batch_wait_ms}")
@@ -59,7 +62,7 @@ class Settings:
             raise ConfigError(f"PERCEPIANO_MAX_BATCH_CHUNKS must be 1 .. 1024 windows, got {self.max_batch_chunks}")
         from runtime.audio import check_cap  # lazy: reading settings needs no decoder
 
-        check_cap(self.cap_seconds, self.max_seconds)
+        check_cap(self.cap_seconds, self.refuse_over_seconds)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, *, require_token: bool = False, **overrides) -> Settings:
@@ -71,7 +74,7 @@ class Settings:
             raw = env.get(var, "").strip()
             if not raw:
                 continue
-            if name in ("max_seconds", "cap_seconds") and raw.lower() in ("none", "0"):
+            if name in ("refuse_over_seconds", "cap_seconds") and raw.lower() in ("none", "0"):
                 values[name] = None
                 continue
             if name == "batch_wait_ms" and raw.lower() == "auto":
@@ -113,6 +116,7 @@ def _with_alias(env: Mapping[str, str], aliases: Mapping[str, str]) -> Mapping[s
     out = dict(env)
     for old, new in aliases.items():
         if env.get(old, "").strip():
+            logger.warning("%s is deprecated: it is the refusal limit, now named %s", old, new)
             if env.get(new, "").strip() and env[new].strip() != env[old].strip():
                 raise ConfigError(f"{old}={env[old]!r} and {new}={env[new]!r} disagree: set only {new}")
             out[new] = env[old]

@@ -1,7 +1,7 @@
 """The tf2onnx backend, main-process side: checkpoint -> files -> legacy venv worker -> normalised ONNX proto.
 
 The main process never imports TensorFlow: it writes the (already validated) params as npz and the config as
-JSON, runs `python -m convert.legacy.worker` in the legacy venv (convert.legacy.env) with this checkout on
+JSON, runs `python -m convert.tf2onnx.worker` in the legacy venv (convert.tf2onnx.env) with this checkout on
 PYTHONPATH, so the worker builds the same convert.model, and reads back model.onnx. The graph is then put in
 the form the rest of the pipeline expects of jax2onnx's: the runtime's input/output names, weights folded to
 initializers, and every dense layer one MatMul with a constant weight (what int8 quantizes).
@@ -22,8 +22,8 @@ import numpy as np
 
 from convert.checkpoint import Checkpoint
 from convert.errors import ExportError
-from convert.legacy.env import ensure_env
 from convert.quantize import linear_layers, prepare, weight_matmuls
+from convert.tf2onnx.env import ensure_env
 from runtime.constants import INPUT_NAME, OUTPUT_NAME
 
 log = logging.getLogger(__name__)
@@ -54,7 +54,7 @@ def run_worker(ckpt: Checkpoint, opset: int, workdir: Path) -> dict:
     env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONNOUSERSITE": "1"}
     start = time.perf_counter()
     try:  # the worker's progress lines go straight to our stderr
-        proc = subprocess.run([str(python), "-m", "convert.legacy.worker", str(workdir)], env=env, cwd=REPO,
+        proc = subprocess.run([str(python), "-m", "convert.tf2onnx.worker", str(workdir)], env=env, cwd=REPO,
                               stdout=subprocess.PIPE, stderr=None, text=True, timeout=TIMEOUT_S)
     except subprocess.TimeoutExpired:
         raise ExportError(f"the tf2onnx worker did not finish within {TIMEOUT_S} s") from None

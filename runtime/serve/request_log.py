@@ -15,7 +15,7 @@ import time
 import uuid
 from typing import Any
 
-from runtime.metrics import Metrics
+from runtime.serve.metrics import Metrics
 
 log = logging.getLogger("percepiano.requests")
 

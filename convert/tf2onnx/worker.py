@@ -1,6 +1,6 @@
-"""Runs INSIDE the legacy tf2onnx environment only (convert.legacy.env): jax2tf -> TensorFlow -> tf2onnx.
+"""Runs INSIDE the legacy tf2onnx environment only (convert.tf2onnx.env): jax2tf -> TensorFlow -> tf2onnx.
 
-    python -m convert.legacy.worker WORKDIR
+    python -m convert.tf2onnx.worker WORKDIR
 
 WORKDIR holds what the main process wrote: `params.npz` (the Flax params, flattened with '/' paths),
 `config.json` (model_config, scaler mean/scale, opset, names). The worker builds the project's one model

@@ -1,13 +1,14 @@
 """Analyse a whole corpus: find the audio under folders, journal each file's result durably, resume, write reports.
 
-    from runtime.corpus import analyze_corpus
+    from runtime.corpus.runner import analyze_corpus
     summary = analyze_corpus(["recordings"], "report", model="artifacts/model.onnx", recursive=True)
 
 The journal (``REPORT_DIR/journal.jsonl``) gets one JSON line per analysed file, flushed and fsynced, with the
 file's path, size and modification time, the model and cap used, and the result or the error; a crash loses at
 most the files in progress. A run over the same report folder skips the files whose entry still matches and
 re-analyses changed ones. ``scores.csv``, ``timeline.csv`` and ``report.md`` are rebuilt from the journal at the
-end of every run. With ``modal=True`` the files are sent to the deployed app's ``CorpusWorker`` instead.
+end of every run. ``run_corpus`` takes any source of results: ``local_results`` here, the deployed Modal worker's
+in ``deploy.modal_corpus``.
 """
 
 from __future__ import annotations
@@ -21,15 +22,13 @@ from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 
-from runtime.errors import AudioError, ConfigError, InputError
-from runtime.report import CorpusSummary, write_outputs
+from runtime.corpus.report import CorpusSummary, write_outputs
+from runtime.errors import AudioError, InputError
 
 logger = logging.getLogger(__name__)
 
 AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".mp3", ".m4a", ".aac", ".opus")  # what a folder walk picks up
 JOURNAL_NAME = "journal.jsonl"
-MODAL_APP = "percepiano"  # deploy/modal_app.py APP_NAME (a test keeps them equal)
-MODAL_WORKER = "CorpusWorker"
 DEFAULT_WORKERS = 2  # files in flight locally: one decodes and computes features while another runs the model
 
 Results = Callable[[list["AudioFile"]], Iterable[dict]]
@@ -108,10 +107,10 @@ def _with_cap(analyzer, cap_seconds: float):
     from runtime.analyze import Analyzer
 
     return Analyzer(analyzer.model, batch_size=analyzer.batch_size, cap_seconds=cap_seconds,
-                    max_seconds=analyzer.max_seconds)
+                    refuse_over_seconds=analyzer.refuse_over_seconds)
 
 
-# --- sources of results: local threads, or the deployed Modal worker ---------------------------------------
+# --- a source of results: local threads (deploy.modal_corpus has the Modal worker's) -------------------------
 
 
 def local_results(analyzer, workers: int = DEFAULT_WORKERS) -> Results:
@@ -134,65 +133,6 @@ def local_results(analyzer, workers: int = DEFAULT_WORKERS) -> Results:
 
 def _take(it: Iterator, n: int) -> list:
     return [x for _, x in zip(range(n), it, strict=False)]
-
-
-def lookup_worker(app_name: str = MODAL_APP, class_name: str = MODAL_WORKER):
-    """An instance handle of the deployed corpus worker (``modal deploy deploy/modal_app.py`` made it)."""
-    try:
-        import modal
-    except ImportError as exc:
-        raise ConfigError("--modal needs the Modal client: pip install 'percepiano-onnx[modal]'") from exc
-    return modal.Cls.from_name(app_name, class_name)()
-
-
-def modal_results(worker, cap_seconds: float | None = None) -> Results:
-    """Send each file's bytes to ``worker.analyze_bytes`` over parallel containers; results stream back.
-
-    The worker names every result; an exception that still comes back (a container that died) names no file,
-    so every file left without a result is reported with it, marked for retry.
-    """
-
-    def run(files: list[AudioFile]) -> Iterator[dict]:
-        names = [f.path for f in files]
-        read_errors: dict[str, str] = {}
-        seen: set[str] = set()
-        lost: list[str] = []
-        outputs = _guard_modal(lambda: worker.analyze_bytes.map(
-            names, _blobs(files, read_errors), kwargs={"cap_seconds": cap_seconds}, order_outputs=False,
-            return_exceptions=True))
-        for out in outputs:
-            if not isinstance(out, dict) or out.get("file") not in names or out["file"] in seen:
-                lost.append(f"{type(out).__name__}: {out}"[:300])
-                continue
-            seen.add(out["file"])
-            yield failure(out["file"], read_errors[out["file"]]) if out["file"] in read_errors else out
-        why = "; ".join(dict.fromkeys(lost)) or "the map ended without it"
-        for f in files:
-            if f.path not in seen:
-                yield failure(f.path, f"no result from the Modal worker ({why})", retry=True)
-
-    return run
-
-
-def _blobs(files: list[AudioFile], read_errors: dict[str, str]) -> Iterator[bytes]:
-    """File bytes, read only as Modal asks for the next input; an unreadable file is sent empty."""
-    for f in files:
-        try:
-            yield Path(f.path).read_bytes()
-        except OSError as exc:
-            read_errors[f.path] = f"{f.path}: cannot read: {exc.strerror or exc}"
-            yield b""
-
-
-def _guard_modal(start_map: Callable[[], Iterable]) -> Iterator:
-    """Start and iterate a Modal map; Modal's own errors (not deployed, not logged in) become one ConfigError."""
-    try:
-        yield from start_map()
-    except Exception as exc:
-        if type(exc).__module__.startswith("modal"):
-            raise ConfigError(f"Modal: {exc} (deploy with `modal deploy deploy/modal_app.py`, log in with "
-                              "`modal setup`; finished files are in the journal, run again to resume)") from exc
-        raise
 
 
 # --- the journal ----------------------------------------------------------------------------------------------
@@ -258,14 +198,11 @@ def is_current(entry: dict | None, f: AudioFile, model: str | None, cap_seconds:
 
 def analyze_corpus(roots: Sequence[str | os.PathLike], out_dir: str | os.PathLike, *,
                    model: str | os.PathLike = "artifacts/model.onnx", recursive: bool = False,
-                   cap_seconds: float | None = None, modal: bool = False, batch_size: int = 16, device: str = "auto",
+                   cap_seconds: float | None = None, batch_size: int = 16, device: str = "auto",
                    threads: int | None = None, workers: int = DEFAULT_WORKERS, progress: bool = False,
                    plots: bool = True, analyzer=None) -> CorpusSummary:
-    """Analyse every audio file under ``roots`` (here, or with ``modal=True`` on the deployed app) into ``out_dir``."""
+    """Analyse every audio file under ``roots`` here, with the model at ``model``, into ``out_dir``."""
     files = find_audio(roots, recursive=recursive)
-    if modal:
-        return run_corpus(files, out_dir, modal_results(lookup_worker(), cap_seconds), model=None,
-                          cap_seconds=cap_seconds, progress=progress, plots=plots)
     if analyzer is None:  # `analyzer`: one already loaded (and checked) by the caller, e.g. the CLI
         analyzer = make_analyzer(model, device=device, threads=threads, batch_size=batch_size,
                                  cap_seconds=cap_seconds)

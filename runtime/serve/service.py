@@ -1,8 +1,8 @@
 """The service behind the HTTP app: the loaded model, its readiness, and a bounded pool for the analyses.
 
-Plain Python over runtime.analyze (FastAPI only for the Request type the jobs read): admission is
+Plain Python over runtime.analyze (no FastAPI types: runtime.serve.app reads the bodies): admission is
 bounded (running + waiting), request bodies count against a byte budget, and a request that cannot get
-a slot in time gets 503, so overload never takes the process down. runtime.server builds the app on it.
+a slot in time gets 503, so overload never takes the process down. runtime.serve.app builds the app on it.
 """
 
 from __future__ import annotations
@@ -12,20 +12,20 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from fastapi import Request
 
 from runtime.analyze import Analysis, Analyzer
 from runtime.audio import load_audio
-from runtime.batcher import Batcher, BatcherClosed, run_in_batches
 from runtime.constants import FEATURES, NUM_DIMENSIONS
 from runtime.errors import AudioError, InputError
-from runtime.http_io import (
+from runtime.self_check import require_passed
+from runtime.serve.batcher import Batcher, BatcherClosed, run_in_batches
+from runtime.serve.body import (
     BUSY_HEADERS,
     MULTIPART_SLACK,
     ByteBudget,
@@ -34,14 +34,12 @@ from runtime.http_io import (
     audio_error,
     input_error,
     multipart_audio,
-    read_body,
 )
-from runtime.mel_input import max_frames_for, parse_blob, parse_json_bytes
-from runtime.metrics import Metrics
-from runtime.original import success as original_success
-from runtime.request_log import note, request_id
-from runtime.self_check import require_passed
-from runtime.settings import Settings
+from runtime.serve.mel_input import max_frames_for, parse_blob, parse_json_bytes
+from runtime.serve.metrics import Metrics
+from runtime.serve.original_contract import success as original_success
+from runtime.serve.request_log import note, request_id
+from runtime.serve.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +90,7 @@ class Service:
         self.metrics.waiting.set_function(lambda: max(0, self._admitted - self._running))
         self.bodies = ByteBudget(settings.body_budget(MULTIPART_SLACK))
         self.executor = ThreadPoolExecutor(settings.max_concurrency, thread_name_prefix="percepiano")
-        self.frame_limit = max_frames_for(settings.max_seconds)
+        self.frame_limit = max_frames_for(settings.refuse_over_seconds)
         self.batcher: Batcher | None = None  # cross-request batching, when on (set once the model is loaded)
 
     # --- lifecycle
@@ -115,7 +113,7 @@ class Service:
             elif callable(source):
                 analyzer = source()
             else:
-                analyzer = Analyzer.from_path(Path(source), max_seconds=self.settings.max_seconds)
+                analyzer = Analyzer.from_path(Path(source), refuse_over_seconds=self.settings.refuse_over_seconds)
             if not analyzer.model.warmed:
                 warm_up(analyzer, allow_failed_self_check=self.settings.allow_failed_self_check)
             self._ready_with(analyzer)
@@ -132,7 +130,7 @@ class Service:
         self.metrics.set_model(version=model.info.version, precision=model.info.precision, device=model.device,
                                providers=model.providers)
         wait_ms = self.settings.batch_wait_for(model.device)
-        if wait_ms > 0:  # the worker's rule (a lone request never waits): runtime.batcher
+        if wait_ms > 0:  # the worker's rule (a lone request never waits): runtime.serve.batcher
             self.batcher = Batcher(model.run, wait_ms=wait_ms, max_chunks=self.settings.max_batch_chunks,
                                    item_shape=model.input_shape, outputs=NUM_DIMENSIONS,
                                    active=lambda: self._running, observe=self.metrics.observe_inference)
@@ -235,11 +233,11 @@ class Service:
         with self._lock:
             self._admitted -= 1
 
-    async def read(self, request: Request, body: Reservation, slack: int = 0) -> bytes:
-        """The request body, under the size limit, the body timeout and the byte budget (`body`)."""
+    async def admit_body(self, slack: int = 0) -> tuple[int, float]:
+        """Wait for the model and for capacity; then the size limit and timeout a body is read under."""
         await self.wait_analyzer()
         self.check_capacity()
-        return await read_body(request, self.settings.max_bytes + slack, body, self.settings.body_timeout)
+        return self.settings.max_bytes + slack, self.settings.body_timeout
 
     # --- the jobs (run in the pool)
     def analyze_upload(self, box: list[bytes], content_type: str, cap_seconds: float | None = None,
@@ -256,7 +254,7 @@ class Service:
         t0 = time.perf_counter()
         try:
             cap = self.settings.cap_seconds if cap_seconds is None else cap_seconds
-            y = load_audio(data, cap_seconds=cap, max_seconds=self.settings.max_seconds)
+            y = load_audio(data, cap_seconds=cap, refuse_over_seconds=self.settings.refuse_over_seconds)
             timings["decode"] = time.perf_counter() - t0
             return analyzer.analyze_audio(y, FEATURES.sample_rate, timings, self.infer), time.perf_counter() - t0
         except AudioError as exc:
@@ -278,17 +276,17 @@ class Service:
         except InputError as exc:
             raise input_error(exc) from None
 
-    def result(self, request: Request, analysis: Analysis, seconds: float, timings: dict[str, float],
+    def result(self, scope: Mapping[str, Any], analysis: Analysis, seconds: float, timings: dict[str, float],
                fmt: str) -> dict[str, Any]:
         """The answer in the format asked for; the analysis is counted in the metrics and the request log."""
         assert self.analyzer is not None
         self.metrics.observe_analysis(timings, analysis.duration_seconds)
-        note(request.scope, audio_seconds=analysis.duration_seconds, timings=timings)
+        note(scope, audio_seconds=analysis.duration_seconds, timings=timings)
         model = self.analyzer.model.info
         if fmt == "original":
             return original_success(analysis.scores, model_version=model.version, seconds=seconds,
                                     n_windows=len(analysis.timeline),
                                     input_shape=(FEATURES.n_frames, FEATURES.n_mels),
-                                    request_id=request_id(request.scope))
+                                    request_id=request_id(scope))
         return {"status": "success", **analysis.to_dict(), "model": model.summary(),
                 "processing_seconds": round(seconds, 6)}

@@ -100,7 +100,7 @@ def ensure_env(requirements: Path = REQUIREMENTS, base_python: str | None = None
     return env_python(venv)
 
 
-if __name__ == "__main__":  # `python -m convert.legacy.env`: create (or find) the venv, print its python
+if __name__ == "__main__":  # `python -m convert.tf2onnx.env`: create (or find) the venv, print its python
     try:
         print(ensure_env())
     except ExportError as exc:

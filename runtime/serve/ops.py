@@ -1,7 +1,8 @@
 """What the service shows callers and operators: auth, error bodies (both formats), /metrics, request IDs.
 
-Plain pieces that runtime.server's app factory wires together; each error body carries the request's ID,
-and `?format=original` on the analysis routes answers in the original service's shapes (runtime.original).
+Plain pieces that runtime.serve.app's app factory wires together; each error body carries the request's ID,
+and `?format=original` on the analysis routes answers in the original service's shapes
+(runtime.serve.original_contract).
 """
 
 from __future__ import annotations
@@ -16,10 +17,10 @@ from fastapi.responses import JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from runtime import original
-from runtime.http_io import ServiceError, error_response, error_responses
-from runtime.metrics import Metrics
-from runtime.request_log import note, request_id
+from runtime.serve import original_contract as original
+from runtime.serve.body import ServiceError, error_response, error_responses
+from runtime.serve.metrics import Metrics
+from runtime.serve.request_log import note, request_id
 
 _HTTP_TYPES = {400: "bad_request", 401: "unauthorized", 404: "not_found", 405: "method_not_allowed",
                408: "request_timeout", 413: "too_large", 415: "unsupported_media_type"}

@@ -1,6 +1,6 @@
 """HTTP request bodies: media types, bounded body reading, multipart, the typed errors and the OpenAPI bodies.
 
-Plain functions over a Starlette Request used by runtime.server; the service logic lives there. Every body is
+Plain functions over a Starlette Request used by runtime.serve.app; the service logic lives there. Every body is
 read under three bounds: its size (413), a deadline for the whole body (408), and a byte budget shared by all
 requests, reserved before the bytes are read (503 busy). Multipart is unpacked by the job in the thread pool,
 not on the event loop.
@@ -19,8 +19,8 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse
 
 from runtime.errors import AudioDecodeError, AudioError, AudioTooLongError, InputError
-from runtime.mel_input import BLOB_CONTENT_TYPES, InputTooLarge, JsonSyntaxError
-from runtime.schemas import ErrorResponse
+from runtime.serve.mel_input import BLOB_CONTENT_TYPES, InputTooLarge, JsonSyntaxError
+from runtime.serve.schemas import ErrorResponse
 
 log = logging.getLogger(__name__)
 

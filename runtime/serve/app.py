@@ -3,10 +3,10 @@
 Endpoints: POST /v1/analyze (audio), POST /v1/analyze/mel (precomputed log-mel), both also in the
 original service's shapes with `?format=original`; GET /v1/model, GET /healthz, GET /readyz, GET /metrics
 (Prometheus), the page at /; OpenAPI at /docs. The event loop only reads bodies (under a size limit, a
-deadline and a shared byte budget reserved before reading: runtime.http_io); multipart unpacking, JSON
-parsing, decoding, features and inference run in the bounded pool of runtime.service. Every error is
+deadline and a shared byte budget reserved before reading: runtime.serve.body); multipart unpacking, JSON
+parsing, decoding, features and inference run in the bounded pool of runtime.serve.service. Every error is
 ``{"status": "error", "error": message, "error_type": kind, "request_id": id}`` with its HTTP status; every
-response carries X-Request-ID, and every request gets one JSON log line (runtime.request_log).
+response carries X-Request-ID, and every request gets one JSON log line (runtime.serve.request_log).
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ from pathlib import Path
 from typing import Annotated
 
 try:
-    import prometheus_client  # noqa: F401  (runtime.metrics needs it)
-    import pydantic  # noqa: F401  (runtime.schemas needs it)
+    import prometheus_client  # noqa: F401  (runtime.serve.metrics needs it)
+    import pydantic  # noqa: F401  (runtime.serve.schemas needs it)
     from fastapi import Depends, FastAPI, Query, Request
 except ImportError as exc:  # pragma: no cover - depends on the installed extras
     raise ImportError(f"the HTTP service needs the 'serve' extra ({exc.name} is missing): "
@@ -31,7 +31,8 @@ from runtime.analyze import Analyzer
 from runtime.audio import check_cap
 from runtime.constants import FEATURES
 from runtime.errors import ConfigError
-from runtime.http_io import (
+from runtime.memory import return_large_buffers_to_the_os
+from runtime.serve.body import (
     MULTIPART_SLACK,
     ServiceError,
     audio_body,
@@ -39,20 +40,20 @@ from runtime.http_io import (
     error_responses,
     mel_body,
     mel_kind,
+    read_body,
 )
-from runtime.http_ops import Format, TokenCheck, add_metrics_route, install_error_handlers
-from runtime.memory import return_large_buffers_to_the_os
-from runtime.original import OriginalError, OriginalSuccess
-from runtime.request_log import RequestLog
-from runtime.schemas import (
+from runtime.serve.ops import Format, TokenCheck, add_metrics_route, install_error_handlers
+from runtime.serve.original_contract import OriginalError, OriginalSuccess
+from runtime.serve.request_log import RequestLog
+from runtime.serve.schemas import (
     AnalyzeResponse,
     ErrorResponse,
     HealthResponse,
     ModelResponse,
     ReadyResponse,
 )
-from runtime.service import Service, Source, model_status, warm_up
-from runtime.settings import Settings
+from runtime.serve.service import Service, Source, model_status, warm_up
+from runtime.serve.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +91,11 @@ def create_app(source: Source, *, settings: Settings | None = None) -> FastAPI:
     either = OriginalSuccess | AnalyzeResponse  # ?format=original, or this service's own
     analysis_errors = error_responses(*auth_errors, *BODY_ERRORS, model=ErrorResponse | OriginalError)
 
+    async def read(request: Request, body, slack: int = 0) -> bytes:
+        """The request body, once the service admits it: under its size limit, timeout and byte budget (`body`)."""
+        limit, timeout = await service.admit_body(slack)
+        return await read_body(request, limit, body, timeout)
+
     @app.get("/healthz", response_model=HealthResponse, tags=["health"])
     async def healthz():
         """The process is up."""
@@ -118,18 +124,18 @@ def create_app(source: Source, *, settings: Settings | None = None) -> FastAPI:
                       format: Format = "default"):
         """Score an audio file (wav, flac, ogg, mp3, m4a/AAC, ...), optionally only its first cap_seconds."""
         try:
-            check_cap(cap_seconds, settings.max_seconds)
+            check_cap(cap_seconds, settings.refuse_over_seconds)
         except ConfigError as exc:
             raise ServiceError(422, "invalid_request", f"cap_seconds: {exc}") from None
         kind, timings = audio_kind(request), {}
         with service.bodies.reservation() as body:
             if kind == "multipart":  # unpacked in the pool; `box` lets the job drop the body once unpacked
-                box = [await service.read(request, body, MULTIPART_SLACK)]
+                box = [await read(request, body, MULTIPART_SLACK)]
                 job = partial(service.analyze_upload, box, request.headers["content-type"], cap_seconds, timings)
             else:
-                job = partial(service.analyze_audio, await service.read(request, body), cap_seconds, timings)
+                job = partial(service.analyze_audio, await read(request, body), cap_seconds, timings)
             analysis, seconds = await service.run(job, body, timings)
-        return service.result(request, analysis, seconds, timings, format)
+        return service.result(request.scope, analysis, seconds, timings, format)
 
     @app.post("/v1/analyze/mel", response_model=either, dependencies=auth, responses=analysis_errors,
               openapi_extra=mel_body(FEATURES.n_mels, FEATURES.sample_rate, FEATURES.hop_length, frame_limit),
@@ -138,11 +144,13 @@ def create_app(source: Source, *, settings: Settings | None = None) -> FastAPI:
         """Score a precomputed log-mel spectrogram (128 mels, the model's rate and hop) in 128-frame windows."""
         kind, timings = mel_kind(request), {}
         with service.bodies.reservation() as body:
-            job = partial(service.analyze_mel, await service.read(request, body), kind, timings)
+            job = partial(service.analyze_mel, await read(request, body), kind, timings)
             analysis, seconds = await service.run(job, body, timings)
-        return service.result(request, analysis, seconds, timings, format)
+        return service.result(request.scope, analysis, seconds, timings, format)
 
-    from fastapi.responses import FileResponse  # the page (runtime/static): no auth, its API calls carry the token
+    from fastapi.responses import (
+        FileResponse,  # the page (runtime/serve/static): no auth, its API calls carry the token
+    )
     from fastapi.staticfiles import StaticFiles
 
     static = Path(__file__).with_name("static")
@@ -161,7 +169,7 @@ def serve(model: str | os.PathLike | Analyzer, *, host: str = "127.0.0.1", port:
 
     settings = settings or Settings.from_env()
     analyzer = model if isinstance(model, Analyzer) else \
-        Analyzer.from_path(model, device=device, threads=threads, max_seconds=settings.max_seconds)
+        Analyzer.from_path(model, device=device, threads=threads, refuse_over_seconds=settings.refuse_over_seconds)
     if not analyzer.model.warmed:
         warm_up(analyzer, allow_failed_self_check=settings.allow_failed_self_check)
     if host not in ("127.0.0.1", "localhost", "::1") and not settings.api_token:

@@ -115,7 +115,7 @@ function setModel(model) {
   show($("#demo-banner"), src.demo === true);
   const limits = model.limits || {}, bounds = [];
   if (limits.max_bytes) bounds.push(`${(limits.max_bytes / 1e6).toFixed(0)} MB`);
-  if (limits.max_seconds) bounds.push(`${Math.round(limits.max_seconds / 6) / 10} minutes of audio`);
+  if (limits.refuse_over_seconds) bounds.push(`${Math.round(limits.refuse_over_seconds / 6) / 10} minutes of audio`);
   const upTo = bounds.length ? `, up to ${bounds.join(" and ")}` : "";
   $("#limits").textContent = `wav, flac, ogg, mp3, m4a or webm${upTo}.`;
   fillPicker();
