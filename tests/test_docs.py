@@ -116,17 +116,21 @@ def markdown_files() -> list[Path]:
 def heading_anchors(text: str) -> set[str]:
     """GitHub's anchors of a page's headings: lower case, punctuation dropped, spaces as hyphens."""
     anchors = set()
-    for line in strip_code(text).splitlines():
+    for line in strip_fences(text).splitlines():
         if line.startswith("#"):
             title = line.lstrip("#").strip().lower()
             anchors.add(re.sub(r"[^\w\- ]", "", title, flags=re.ASCII).replace(" ", "-"))
     return anchors
 
 
+def strip_fences(text: str) -> str:
+    """The text without fenced code blocks."""
+    return re.sub(r"^```.*?^```", "", text, flags=re.M | re.S)
+
+
 def strip_code(text: str) -> str:
     """The text without fenced code blocks or inline code (links there are examples, not links)."""
-    text = re.sub(r"^```.*?^```", "", text, flags=re.M | re.S)
-    return re.sub(r"`[^`\n]*`", "", text)
+    return re.sub(r"`[^`\n]*`", "", strip_fences(text))
 
 
 def relative_links(text: str) -> list[str]:
