@@ -100,10 +100,12 @@ SERVICE_ENV = {
     "PERCEPIANO_DEVICE": "cuda",  # fail loudly rather than serve from the CPU if CUDA does not load
     "PERCEPIANO_MAX_CONCURRENCY": "4",  # decode/features of some requests overlap inference of others
     "PERCEPIANO_MAX_QUEUE": "32",
+    "PERCEPIANO_PRICE_CONTAINER": "modal-a10g",  # the cost metrics' rate (runtime/serve/prices.json)
 }
 if TARGET == "cpu":
     SERVICE_ENV = {**SERVICE_ENV, "PERCEPIANO_DEVICE": "cpu", "PERCEPIANO_MAX_CONCURRENCY": "2",
-                   "PERCEPIANO_THREADS": str(int(CPU_CORES))}  # onnxruntime's threads: the reserved cores
+                   "PERCEPIANO_THREADS": str(int(CPU_CORES)),  # onnxruntime's threads: the reserved cores
+                   "PERCEPIANO_PRICE_CONTAINER": "modal-cpu-4"}  # prices.json: 4 cores, 4 GiB, as reserved
 # What each class asks of Modal: the hardware and the snapshot options of the chosen target.
 HARDWARE = {"gpu": GPU} if TARGET == "gpu" else {"cpu": CPU_CORES, "memory": CPU_MEMORY_MB}
 SNAPSHOT = {"enable_memory_snapshot": True,
