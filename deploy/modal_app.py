@@ -285,7 +285,9 @@ def apply_warm_schedule() -> dict:
     """Every 15 min (only when PERCEPIANO_WARM_SCHEDULE has rules): the Service's warm containers for now."""
     from datetime import UTC, datetime
 
-    warm = warm_schedule.apply(WARM_SCHEDULE, datetime.now(UTC), Service())
+    # the deployed Service by name: the same class whether this runs on the Cron or from `modal run` (whose own
+    # ephemeral app's Service would not be the one serving)
+    warm = warm_schedule.apply(WARM_SCHEDULE, datetime.now(UTC), modal.Cls.from_name(APP_NAME, "Service")())
     print(f"warm containers: {warm} ({warm_schedule.describe(WARM_SCHEDULE)})")
     return {"min_containers": warm, "schedule": WARM_SCHEDULE_TEXT}
 

@@ -203,10 +203,11 @@ def test_the_scheduler_function_applies_the_schedule_to_the_service(monkeypatch)
 
     m, _ = import_recording(monkeypatch, PERCEPIANO_WARM_SCHEDULE="daily 00:00-24:00 UTC min=2")
     try:
-        service = RecordingService()
-        monkeypatch.setattr(m, "Service", lambda: service)
+        service, looked_up = RecordingService(), []
+        monkeypatch.setattr(m.modal.Cls, "from_name", lambda *names: looked_up.append(names) or (lambda: service))
         assert m.apply_warm_schedule.local()["min_containers"] == 2
         assert service.calls == [{"min_containers": 2}]
+        assert looked_up == [("percepiano", "Service")]  # the deployed app's class, by the names it deploys under
     finally:
         sys.modules.pop("deploy.modal_app", None)
 
@@ -223,3 +224,57 @@ def test_a_bad_schedule_stops_the_deploy_with_one_line(tmp_path):
         "deploy.schedule.ScheduleError: PERCEPIANO_WARM_SCHEDULE rule 1 'mon-fri 08:00-20:00 Mars/Olympus min=1': "
         "unknown time zone 'Mars/Olympus' (an IANA name such as Europe/Berlin or UTC) (expected e.g. "
         "'mon-fri 08:00-20:00 Europe/Berlin min=1', rules separated by ';')")
+
+
+# --- what a schedule costs (benchmarks/cost.py) -----------------------------------------------------------------
+
+TOY_PRICES = {"read_on": "2026-01-01", "rates": {"gpu_per_s": {}, "cpu_core_per_s": 1e-4, "memory_gib_per_s": 0.0},
+              "containers": {"toy": {"gpu": None, "cpu_cores": 1, "memory_gib": 0, "scaledown_window_s": 100}}}
+
+
+def test_a_schedule_is_priced_warm_hours_against_the_cold_starts_they_avoid():
+    import math
+
+    from benchmarks.cost import price_schedule
+
+    # half of every day warm with 2 containers; 2592 requests in 30 days: one every 1000 s on average, inside and
+    # outside the warm hours alike (spread evenly); the module's model, written out: idle m(1 - e^(-W/m)),
+    # cold share e^(-W/m), with m = 1000 s and W = 100 s
+    r = price_schedule(parse("daily 00:00-12:00 UTC min=2"), utc(2026, 12, 1), "toy", TOY_PRICES,
+                       requests_per_month=2592, cold_s=5.0, warm_s=1.0)
+    cold_share, idle = math.exp(-0.1), 1000 * (1 - math.exp(-0.1))
+    assert r["warm_container_hours"] == pytest.approx(2 * 12 * 30)
+    assert r["warm_share_of_requests"] == pytest.approx(0.5)
+    assert r["usd_warm_hours"] == pytest.approx(2 * 12 * 30 * 3600 * 1e-4)
+    assert r["usd_month_without"] == pytest.approx(2592 * (1.0 + idle + cold_share * 5.0) * 1e-4)
+    assert r["usd_month_with"] == pytest.approx(r["usd_warm_hours"] + 1296 * (1.0 + idle + cold_share * 5.0) * 1e-4)
+    assert r["cold_starts_without"] == pytest.approx(2592 * cold_share)
+    assert r["cold_starts_avoided"] == pytest.approx(1296 * cold_share)
+
+
+def test_always_warm_has_no_cold_starts_and_costs_the_month():
+    from benchmarks.cost import price_schedule
+
+    r = price_schedule(parse("daily 00:00-24:00 UTC min=1"), utc(2026, 12, 1), "toy", TOY_PRICES,
+                       requests_per_month=1000, cold_s=5.0, warm_s=1.0)
+    assert r["cold_starts_with"] == 0 and r["usd_month_with"] == pytest.approx(30 * 86400 * 1e-4)
+
+
+def test_the_modal_app_prices_itself_as_a_container_of_the_table(monkeypatch):
+    pytest.importorskip("modal")
+    from modal_recording import import_recording
+
+    from runtime.serve.prices import load_prices
+
+    containers = load_prices()["containers"]
+    for target in ("gpu", "cpu"):
+        m, _ = import_recording(monkeypatch, PERCEPIANO_MODAL_TARGET=target)
+        try:
+            priced = containers[m.SERVICE_ENV["PERCEPIANO_PRICE_CONTAINER"]]
+            if target == "cpu":  # the table's container is the one the app reserves
+                assert (priced["cpu_cores"], priced["memory_gib"] * 1024) == (m.CPU_CORES, m.CPU_MEMORY_MB)
+            else:
+                assert priced["gpu"] == m.GPU
+            assert priced["scaledown_window_s"] == m.SCALEDOWN_WINDOW
+        finally:
+            sys.modules.pop("deploy.modal_app", None)
