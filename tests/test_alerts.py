@@ -139,7 +139,15 @@ def test_the_cost_metrics_price_the_container_seconds_from_the_table(app_metrics
 
 
 def test_a_named_container_is_priced_before_the_model_loads():
-    app = create_app(lambda: time.sleep(30), settings=Settings(price_container="modal-a10g", queue_timeout=0.2))
+    import threading
+
+    release = threading.Event()
+
+    def loading():  # a model load that has not finished while the test looks (then fails, to end quickly)
+        release.wait(60)
+        raise RuntimeError("stand-in loader")
+
+    app = create_app(loading, settings=Settings(price_container="modal-a10g", queue_timeout=0.2))
     with TestClient(app) as c:
         text = c.get("/metrics").text
         assert sample(text, "percepiano_model_ready") == 0
@@ -150,7 +158,7 @@ def test_a_named_container_is_priced_before_the_model_loads():
         text = c.get("/metrics").text
         assert sample(text, "percepiano_rejections_total", reason="not_ready") == 1
         assert sample(text, "percepiano_analysis_requests_received_total") == 1
-        app.state.service._loader = None  # the stand-in loader sleeps: do not wait for it on close
+        release.set()
 
 
 @pytest.mark.parametrize(("env", "message"), [
