@@ -183,7 +183,7 @@ def journal_entry(f: AudioFile, result: dict, model: str | None, cap_seconds: fl
             "model": (result.get("model") or {}).get("version") or model, "cap_seconds": cap_seconds,
             "result": None if result.get("error") else {k: result[k] for k in keep},
             "error": result.get("error"), "retry": bool(result.get("retry")),
-            **({"endpoint": result["endpoint"]} if result.get("endpoint") else {})}  # a remote source's
+            **({"endpoint": result["endpoint"]} if result.get("endpoint") else {})}  # runtime.corpus.remote
 
 
 def is_current(entry: dict | None, f: AudioFile, model: str | None, cap_seconds: float | None) -> bool:
