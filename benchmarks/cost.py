@@ -4,27 +4,26 @@ Arrivals are modelled as a Poisson process over a 30-day month. A container stay
 window after its last request, so each request pays its own processing, the idle time until the next
 request or the window's end (whichever comes first), and, when the gap exceeded the window, the next
 request's cold start. With a mean gap m and a window W: idle = m (1 - e^(-W/m)), cold share = e^(-W/m).
+
+A warm schedule (deploy/schedule.py, `price_schedule`) pays its warm container-hours whole; the requests inside
+them find a warm container (no cold start, no idle time of their own), the others are priced as above over the
+hours outside. The price table is the service's (runtime/serve/prices.json), which its cost metrics read too.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
-from pathlib import Path
+import sys
+from datetime import UTC, datetime, timedelta
 
-PRICES = Path(__file__).with_name("prices.json")
+from runtime.serve.prices import PRICES_PATH as PRICES
+from runtime.serve.prices import load_prices, rate_per_s
+
 MONTH_S = 30 * 86400
 VOLUMES = (1000, 10000)  # requests per month, as the original's estimates
-
-
-def load_prices(path: Path = PRICES) -> dict:
-    return json.loads(Path(path).read_text())
-
-
-def rate_per_s(container: dict, rates: dict) -> float:
-    """Dollars per second of one running container: GPU + CPU cores + memory."""
-    gpu = rates["gpu_per_s"][container["gpu"]] if container.get("gpu") else 0.0
-    return gpu + container["cpu_cores"] * rates["cpu_core_per_s"] + container["memory_gib"] * rates["memory_gib_per_s"]
+__all__ = ["PRICES", "load_prices", "rate_per_s", "billed_seconds", "cost_rows", "price_schedule"]
 
 
 def billed_seconds(requests_per_month: int, cold_s: float, warm_s: float, window_s: float) -> dict:
@@ -106,3 +105,89 @@ def markdown(rows: list[dict], prices: dict) -> str:
     lines += ["", f"The original's own estimate: ${lo:.2f}-{hi:.2f} per request ({orig['source']}).", ""]
     lines += [f"- {kind}: {how}" for kind, how in {r["container"]: r["how"] for r in rows}.items()]
     return "\n".join(lines)
+
+
+def price_schedule(schedule, start: datetime, container: str, prices: dict, *, requests_per_month: int,
+                   cold_s: float, warm_s: float, peak_share: float | None = None) -> dict:
+    """A month (30 days from `start`) with and without the warm schedule (a deploy.schedule.Schedule).
+
+    `peak_share`: the share of requests that arrive inside the warm hours (None: their share of the month's
+    time, i.e. requests spread evenly). Requests are Poisson inside and outside the warm hours.
+    """
+    c = prices["containers"][container]
+    rate, window = rate_per_s(c, prices["rates"]), c["scaledown_window_s"]
+    end = start + timedelta(seconds=MONTH_S)
+    warm_container_h = schedule.warm_hours(start, end)
+    covered_s = _covered_seconds(schedule, start, end)
+    share = covered_s / MONTH_S if peak_share is None else peak_share
+    base = billed_seconds(requests_per_month, cold_s, warm_s, window)
+    inside = requests_per_month * share
+    outside = requests_per_month - inside
+    out = billed_seconds(max(outside, 1e-9) * MONTH_S / max(MONTH_S - covered_s, 1.0), cold_s, warm_s, window) \
+        if outside > 0 and covered_s < MONTH_S else {"cold_share": 0.0, "billed_s": 0.0}
+    # what the requests inside the warm hours would have started cold without the schedule (same gap as base)
+    cold_without = requests_per_month * base["cold_share"]
+    cold_with = outside * out["cold_share"]
+    usd_without = requests_per_month * base["billed_s"] * rate
+    usd_warm = warm_container_h * 3600 * rate
+    usd_with = usd_warm + outside * out["billed_s"] * rate
+    avoided = cold_without - cold_with
+    return {"container": container, "usd_per_s": rate, "requests_per_month": requests_per_month,
+            "warm_container_hours": warm_container_h, "warm_share_of_requests": share,
+            "usd_warm_hours": usd_warm, "usd_month_without": usd_without, "usd_month_with": usd_with,
+            "cold_starts_without": cold_without, "cold_starts_with": cold_with, "cold_starts_avoided": avoided,
+            "usd_per_cold_start_avoided": (usd_with - usd_without) / avoided if avoided > 0 else None,
+            "read_on": prices["read_on"]}
+
+
+def _covered_seconds(schedule, start: datetime, end: datetime) -> float:
+    """Seconds of [start, end) with at least one warm container."""
+    total, at, warm = 0.0, start, schedule.warm_at(start)
+    for t, n in schedule.changes(start, end):
+        total += (t - at).total_seconds() if warm else 0.0
+        at, warm = t, n
+    return total + ((end - at).total_seconds() if warm else 0.0)
+
+
+def schedule_markdown(r: dict, text: str) -> str:
+    per, diff = r["usd_per_cold_start_avoided"], r["usd_month_with"] - r["usd_month_without"]
+    net = (f"and cost ${diff:.2f} a month more (${per:.4f} per cold start avoided)" if diff > 0 else
+           f"and save ${-diff:.2f} a month (the idle scale-down windows they replace cost more)")
+    return "\n".join([
+        f"Schedule `{text}` on {r['container']} (${r['usd_per_s']:.6f}/s, prices read on {r['read_on']}), "
+        f"{r['requests_per_month']:,} requests/month, {r['warm_share_of_requests']:.0%} of them in the warm hours:",
+        "", "| | warm container-hours | $/month | cold starts/month |", "|---|---|---|---|",
+        f"| without the schedule | 0 | {r['usd_month_without']:.2f} | {r['cold_starts_without']:,.0f} |",
+        f"| with it | {r['warm_container_hours']:.0f} | {r['usd_month_with']:.2f} | {r['cold_starts_with']:,.0f} |",
+        "", f"The warm hours cost ${r['usd_warm_hours']:.2f}; they avoid {r['cold_starts_avoided']:,.0f} cold starts "
+        + net + "."])
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m benchmarks.cost --schedule "mon-fri 08:00-20:00 Europe/Berlin min=1" ...`: price a schedule."""
+    from deploy.schedule import ScheduleError, parse
+
+    p = argparse.ArgumentParser(prog="python -m benchmarks.cost", description=main.__doc__)
+    p.add_argument("--schedule", required=True, help="a PERCEPIANO_WARM_SCHEDULE value")
+    p.add_argument("--container", default="modal-a10g", help="a container of the price table (default modal-a10g)")
+    p.add_argument("--requests", type=int, default=10000, help="requests per month (default 10000)")
+    p.add_argument("--cold-s", type=float, required=True, help="seconds of a cold start (container to ready)")
+    p.add_argument("--warm-s", type=float, required=True, help="seconds of one request on a warm container")
+    p.add_argument("--peak-share", type=float, help="share of requests inside the warm hours (default: by time)")
+    p.add_argument("--month", default="2026-12", help="YYYY-MM: the 30 days priced start on its first, UTC")
+    p.add_argument("--json", action="store_true")
+    args = p.parse_args(argv)
+    try:
+        schedule = parse(args.schedule)
+        start = datetime.strptime(args.month, "%Y-%m").replace(tzinfo=UTC)
+    except (ScheduleError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    r = price_schedule(schedule, start, args.container, load_prices(), requests_per_month=args.requests,
+                       cold_s=args.cold_s, warm_s=args.warm_s, peak_share=args.peak_share)
+    print(json.dumps(r, indent=2) if args.json else schedule_markdown(r, args.schedule))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -33,6 +33,13 @@ or from the Volume (`CorpusWorker.analyze_file`):
     modal volume put percepiano-audio ./recordings recordings
     modal run deploy/modal_app.py --prefix recordings      # writes results/scores.jsonl to the Volume
 
+Warm hours. PERCEPIANO_WARM_SCHEDULE (deploy/schedule.py has the syntax; checked when this file is imported, so a
+bad value stops `modal deploy` with one line) keeps containers of the Service warm inside its windows and lets them
+scale to zero outside: `apply_warm_schedule` runs every 15 min (modal.Cron, UTC) and sets the Service's
+`min_containers` with `update_autoscaler` (a redeploy resets it to 0; the next tick sets it again):
+
+    PERCEPIANO_WARM_SCHEDULE="mon-fri 08:00-20:00 Europe/Berlin min=1" modal deploy deploy/modal_app.py
+
 The model is baked into the image (not read from a Volume): the memory snapshot holds the model bytes anyway,
 so a model on a Volume could change under a snapshot that still serves the old one; baked, the image, the
 snapshot and the deployment always agree, and one `modal deploy` ships code and model together. This file
@@ -48,6 +55,8 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 import modal
+
+from deploy import schedule as warm_schedule
 
 REPO = Path(__file__).resolve().parents[1]
 TARGETS = ("gpu", "cpu")
@@ -69,6 +78,8 @@ def deploy_switches(env=os.environ) -> tuple[str, bool]:
 
 
 TARGET, GPU_SNAPSHOT = deploy_switches()
+WARM_SCHEDULE_TEXT = os.environ.get(warm_schedule.ENV, "").strip()
+WARM_SCHEDULE = warm_schedule.parse(WARM_SCHEDULE_TEXT)  # a bad schedule stops the deploy here, in one line
 SESSION_IN_SNAPSHOT = TARGET == "cpu" or GPU_SNAPSHOT  # session created and warmed before the snapshot
 APP_NAME = "percepiano" if TARGET == "gpu" else "percepiano-cpu"
 GPU = "A10G" if TARGET == "gpu" else None
@@ -89,10 +100,12 @@ SERVICE_ENV = {
     "PERCEPIANO_DEVICE": "cuda",  # fail loudly rather than serve from the CPU if CUDA does not load
     "PERCEPIANO_MAX_CONCURRENCY": "4",  # decode/features of some requests overlap inference of others
     "PERCEPIANO_MAX_QUEUE": "32",
+    "PERCEPIANO_PRICE_CONTAINER": "modal-a10g",  # the cost metrics' rate (runtime/serve/prices.json)
 }
 if TARGET == "cpu":
     SERVICE_ENV = {**SERVICE_ENV, "PERCEPIANO_DEVICE": "cpu", "PERCEPIANO_MAX_CONCURRENCY": "2",
-                   "PERCEPIANO_THREADS": str(int(CPU_CORES))}  # onnxruntime's threads: the reserved cores
+                   "PERCEPIANO_THREADS": str(int(CPU_CORES)),  # onnxruntime's threads: the reserved cores
+                   "PERCEPIANO_PRICE_CONTAINER": "modal-cpu-4"}  # prices.json: 4 cores, 4 GiB, as reserved
 # What each class asks of Modal: the hardware and the snapshot options of the chosen target.
 HARDWARE = {"gpu": GPU} if TARGET == "gpu" else {"cpu": CPU_CORES, "memory": CPU_MEMORY_MB}
 SNAPSHOT = {"enable_memory_snapshot": True,
@@ -121,11 +134,19 @@ def build_image(target: str) -> modal.Image:
         .env(SERVICE_ENV)
         .add_local_file(MODEL_LOCAL, MODEL_REMOTE, copy=True)  # baked: see the module docstring
         # with the page's files (runtime/serve/static)
-        .add_local_python_source("runtime", ignore=["**/__pycache__/**"])
+        .add_local_python_source("runtime", "deploy", ignore=["**/__pycache__/**"])  # deploy: this file's imports
     )
 
 
 image = build_image(TARGET)
+# The warm-hours scheduler: no model, no onnxruntime (Debian's tzdata serves zoneinfo); the switches and the
+# schedule again inside, so its import of this file declares the same app and the same schedule.
+scheduler_image = (
+    modal.Image.debian_slim(python_version="3.11")
+    .env({k: SERVICE_ENV[k] for k in ("PERCEPIANO_MODAL_TARGET", "PERCEPIANO_GPU_SNAPSHOT")}
+         | {warm_schedule.ENV: WARM_SCHEDULE_TEXT})
+    .add_local_python_source("deploy", ignore=["**/__pycache__/**"])
+)
 audio_volume = modal.Volume.from_name(AUDIO_VOLUME, create_if_missing=True)
 api_secret = modal.Secret.from_name(SECRET_NAME, required_keys=["PERCEPIANO_API_TOKEN"])
 
@@ -256,6 +277,19 @@ class CorpusWorker(ModelContainer):
         from runtime.corpus.runner import analyze_one
 
         return analyze_one(self.analyzer, name, data, cap_seconds)
+
+
+@app.function(image=scheduler_image, timeout=60,
+              schedule=modal.Cron(warm_schedule.TICK_CRON) if WARM_SCHEDULE.rules else None)
+def apply_warm_schedule() -> dict:
+    """Every 15 min (only when PERCEPIANO_WARM_SCHEDULE has rules): the Service's warm containers for now."""
+    from datetime import UTC, datetime
+
+    # the deployed Service by name: the same class whether this runs on the Cron or from `modal run` (whose own
+    # ephemeral app's Service would not be the one serving)
+    warm = warm_schedule.apply(WARM_SCHEDULE, datetime.now(UTC), modal.Cls.from_name(APP_NAME, "Service")())
+    print(f"warm containers: {warm} ({warm_schedule.describe(WARM_SCHEDULE)})")
+    return {"min_containers": warm, "schedule": WARM_SCHEDULE_TEXT}
 
 
 def list_audio(root: Path, prefix: str = "") -> list[str]:

@@ -42,6 +42,12 @@ def build_parser() -> argparse.ArgumentParser:
                     help="analyse a corpus: journal, scores.csv, timeline.csv and report.md in REPORT_DIR (resumable)")
     an.add_argument("--recursive", action="store_true", help="with --out: include files in subfolders")
     an.add_argument("--modal", action="store_true", help=argparse.SUPPRESS)  # moved: python -m deploy analyze
+    an.add_argument("--url", metavar="URL[,URL...]",
+                    help="with --out: score through a deployed service (local or Modal) instead of a local model; "
+                         "several URLs are tried in order, the next when one fails")
+    an.add_argument("--token", help="with --url: the service's bearer token (default: $PERCEPIANO_API_TOKEN)")
+    an.add_argument("--timeout", type=float, default=300.0, metavar="SECONDS",
+                    help="with --url: seconds a request may stay silent before the next endpoint is tried (300)")
     an.add_argument(ALLOW_FLAG, action="store_true", help=SKIP_HELP)
 
     info = sub.add_parser("info", help="print an exported model's metadata")
@@ -122,13 +128,15 @@ def print_tables(results: list[dict]) -> None:
 
 def cmd_corpus(args: argparse.Namespace) -> int:
     """`analyze DIR ... --out REPORT_DIR`: the corpus run of runtime.corpus.runner."""
-    from runtime.corpus.runner import analyze_corpus, summary_lines
+    from runtime.corpus.runner import analyze_corpus
 
     if args.modal:
         raise ConfigError("--modal moved to the deploy package: python -m deploy analyze DIR --out REPORT_DIR")
     if args.out is None or args.json:
-        raise ConfigError("--recursive needs --out REPORT_DIR (and --out does not take --json)")
+        raise ConfigError("--recursive and --url need --out REPORT_DIR (and --out does not take --json)")
     try:
+        if args.url:
+            return _print_summary(remote_corpus(args))
         analyzer = load_checked(args)  # demo warning and self-check, as for single files
         summary = analyze_corpus(args.files, args.out, model=args.model, recursive=args.recursive,
                                  cap_seconds=args.cap_seconds, batch_size=args.batch_size,
@@ -137,12 +145,33 @@ def cmd_corpus(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         print(f"interrupted: finished files are in {args.out}/journal.jsonl; run again to resume", file=sys.stderr)
         return 130
+    return _print_summary(summary)
+
+
+def _print_summary(summary) -> int:
+    from runtime.corpus.runner import summary_lines
+
     print("\n".join(summary_lines(summary)))
     return 1 if summary.failed else 0
 
 
+def remote_corpus(args: argparse.Namespace):
+    """`analyze DIR --out REPORT --url URL[,URL...]`: the corpus run through a deployed service."""
+    import os
+
+    from runtime.client import Client
+    from runtime.corpus.remote import http_results
+    from runtime.corpus.runner import find_audio, run_corpus
+
+    client = Client(args.url, token=args.token or os.environ.get("PERCEPIANO_API_TOKEN") or None,
+                    timeout=args.timeout)
+    files = find_audio(args.files, recursive=args.recursive)
+    return run_corpus(files, args.out, http_results(client, args.cap_seconds), model=None,
+                      cap_seconds=args.cap_seconds, progress=sys.stderr.isatty())
+
+
 def cmd_analyze(args: argparse.Namespace) -> int:
-    if args.out is not None or args.recursive or args.modal:
+    if args.out is not None or args.recursive or args.modal or args.url:
         return cmd_corpus(args)
     analyzer = load_checked(args)
     results = analyze_files(analyzer, args.files, progress=len(args.files) > 1 and sys.stderr.isatty())

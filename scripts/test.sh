@@ -4,6 +4,8 @@
 EXTRAS=dev
 source "$(dirname "${BASH_SOURCE[0]}")/_venv.sh"
 if [ "${CI:-}" = true ] || ! command -v chromium >/dev/null; then bash scripts/ci_browser.sh; fi  # page tests
+# promtool (Debian's prometheus package) for the alert rules' tests (tests/test_alerts.py)
+if [ "${CI:-}" = true ] || ! command -v promtool >/dev/null; then bash scripts/ci_promtool.sh; fi
 source scripts/_check_venv.sh
 # the pinned jax2tf -> TensorFlow -> tf2onnx venv of `export --backend tf2onnx` (tests/test_tf2onnx.py): made once
 # (~1.9 GB, from convert/tf2onnx/requirements-tf2onnx.txt) under ~/.cache/percepiano, reused while that file is unchanged

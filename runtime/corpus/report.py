@@ -119,7 +119,7 @@ def write_outputs(out: Path, entries: list[dict], summary: CorpusSummary, *, plo
         made = plot_families(out, scored) if plots and scored else {}
     except ImportError:
         skipped = "plots skipped: matplotlib is not installed (pip install 'percepiano-onnx[report]')"
-    write_atomic(out / REPORT_MD, report_markdown(scored, summary, made, skipped))
+    write_atomic(out / REPORT_MD, report_markdown(scored, summary, made, skipped) + endpoints_markdown(entries))
     return skipped is None
 
 
@@ -190,6 +190,20 @@ def report_markdown(scored: list[dict], summary: CorpusSummary, plots: dict[str,
                          f"{_extremes(ranked[::-1][:top], key)} |")
         lines.append("")
     return "\n".join(lines)
+
+
+def endpoints_markdown(entries: list[dict]) -> str:
+    """For a run through a service (--url): which endpoint scored (or refused) which file; '' for a local run."""
+    if not any(e.get("endpoint") for e in entries):
+        return ""
+    counts: dict[str, int] = {}
+    for e in entries:
+        counts[e.get("endpoint") or "none"] = counts.get(e.get("endpoint") or "none", 0) + 1
+    lines = ["", "## Endpoints", "", "| endpoint | files |", "|---|---|"]
+    lines += [f"| {_cell(url)} | {n} |" for url, n in counts.items()]
+    lines += ["", "| file | endpoint |", "|---|---|"]
+    lines += [f"| {_cell(e['path'])} | {_cell(e.get('endpoint') or 'none (no answer)')} |" for e in entries]
+    return "\n".join(lines) + "\n"
 
 
 def _extremes(entries: list[dict], key: str) -> str:

@@ -7,7 +7,8 @@ The journal (``REPORT_DIR/journal.jsonl``) gets one JSON line per analysed file,
 file's path, size and modification time, the model and cap used, and the result or the error; a crash loses at
 most the files in progress. A run over the same report folder skips the files whose entry still matches and
 re-analyses changed ones. ``scores.csv``, ``timeline.csv`` and ``report.md`` are rebuilt from the journal at the
-end of every run. ``run_corpus`` takes any source of results: ``local_results`` here, the deployed Modal worker's
+end of every run. ``run_corpus`` takes any source of results: ``local_results`` here, a deployed service's over
+HTTP in ``runtime.corpus.remote`` (which records the endpoint that scored each file), the deployed Modal worker's
 in ``deploy.modal_corpus``.
 """
 
@@ -181,7 +182,8 @@ def journal_entry(f: AudioFile, result: dict, model: str | None, cap_seconds: fl
     return {"path": f.path, "key": f.key, "size": f.size, "mtime_ns": f.mtime_ns,
             "model": (result.get("model") or {}).get("version") or model, "cap_seconds": cap_seconds,
             "result": None if result.get("error") else {k: result[k] for k in keep},
-            "error": result.get("error"), "retry": bool(result.get("retry"))}
+            "error": result.get("error"), "retry": bool(result.get("retry")),
+            **({"endpoint": result["endpoint"]} if result.get("endpoint") else {})}  # runtime.corpus.remote
 
 
 def is_current(entry: dict | None, f: AudioFile, model: str | None, cap_seconds: float | None) -> bool:

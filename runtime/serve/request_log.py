@@ -54,6 +54,7 @@ class RequestLog:
         state = scope.setdefault("state", {})
         state["request_id"] = rid
         start, sizes, status = time.perf_counter(), {"in": 0, "out": 0}, {"code": 500}
+        self.metrics.arrived(scope.get("path", ""))
 
         async def counting_receive():
             message = await receive()
@@ -73,8 +74,8 @@ class RequestLog:
         finally:
             seconds = time.perf_counter() - start
             route = _route(scope)
-            self.metrics.observe_request(route, status["code"], seconds)
             extra = state.get("percepiano", {})
+            self.metrics.observe_request(route, status["code"], seconds, extra.get("error_type"))
             line = {"request_id": rid, "method": scope.get("method"), "route": route, "status": status["code"],
                     "bytes_in": sizes["in"], "bytes_out": sizes["out"], "seconds": round(seconds, 6),
                     "audio_seconds": extra.get("audio_seconds"),

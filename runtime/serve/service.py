@@ -38,6 +38,7 @@ from runtime.serve.body import (
 from runtime.serve.mel_input import max_frames_for, parse_blob, parse_json_bytes
 from runtime.serve.metrics import Metrics
 from runtime.serve.original_contract import success as original_success
+from runtime.serve.prices import container_rate
 from runtime.serve.request_log import note, request_id
 from runtime.serve.settings import Settings
 
@@ -88,6 +89,9 @@ class Service:
         self.metrics = Metrics()
         self.metrics.in_flight.set_function(lambda: self._running)
         self.metrics.waiting.set_function(lambda: max(0, self._admitted - self._running))
+        self.metrics.ready.set_function(lambda: float(self.ready.is_set()))
+        if settings.price_container:  # named (the Modal deploy does): priced from the start, else once loaded
+            self.metrics.set_price(container_rate(settings.price_container, ""), settings.daily_budget_usd)
         self.bodies = ByteBudget(settings.body_budget(MULTIPART_SLACK))
         self.executor = ThreadPoolExecutor(settings.max_concurrency, thread_name_prefix="percepiano")
         self.frame_limit = max_frames_for(settings.refuse_over_seconds)
@@ -129,6 +133,9 @@ class Service:
         self.metrics.warmup_seconds.set(model.warmup_seconds or 0.0)
         self.metrics.set_model(version=model.info.version, precision=model.info.precision, device=model.device,
                                providers=model.providers)
+        self.metrics.self_check_failed.set(float(model.self_check is not None and model.self_check.status == "failed"))
+        self.metrics.set_price(container_rate(self.settings.price_container, model.device),
+                               self.settings.daily_budget_usd)
         wait_ms = self.settings.batch_wait_for(model.device)
         if wait_ms > 0:  # the worker's rule (a lone request never waits): runtime.serve.batcher
             self.batcher = Batcher(model.run, wait_ms=wait_ms, max_chunks=self.settings.max_batch_chunks,
@@ -280,7 +287,7 @@ class Service:
                fmt: str) -> dict[str, Any]:
         """The answer in the format asked for; the analysis is counted in the metrics and the request log."""
         assert self.analyzer is not None
-        self.metrics.observe_analysis(timings, analysis.duration_seconds)
+        self.metrics.observe_analysis(timings, analysis.duration_seconds, seconds)
         note(scope, audio_seconds=analysis.duration_seconds, timings=timings)
         model = self.analyzer.model.info
         if fmt == "original":

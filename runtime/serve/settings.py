@@ -36,6 +36,10 @@ class Settings:
     # inference call; 0 = off, None = auto: 10 ms on CUDA, off on the CPU, decided when the model is loaded
     batch_wait_ms: float | None = None  # PERCEPIANO_BATCH_WAIT_MS ("auto", or ms)
     max_batch_chunks: int = 32  # windows per merged inference call, at most (PERCEPIANO_MAX_BATCH_CHUNKS)
+    # the cost metrics: the price table's container this service runs as (None: modal-a10g on CUDA, modal-cpu on
+    # the CPU; runtime/serve/prices.json) and the daily budget the spend alert compares with (None: no budget)
+    price_container: str | None = None  # PERCEPIANO_PRICE_CONTAINER
+    daily_budget_usd: float | None = None  # PERCEPIANO_DAILY_BUDGET_USD
 
     ENV = {"max_bytes": ("PERCEPIANO_MAX_BYTES", int), "refuse_over_seconds": ("PERCEPIANO_REFUSE_OVER_SECONDS", float),
            "cap_seconds": ("PERCEPIANO_CAP_SECONDS", float),
@@ -45,7 +49,9 @@ class Settings:
            "allow_failed_self_check": ("PERCEPIANO_ALLOW_FAILED_SELF_CHECK", bool),
            "metrics_auth": ("PERCEPIANO_METRICS_AUTH", bool),
            "batch_wait_ms": ("PERCEPIANO_BATCH_WAIT_MS", float),
-           "max_batch_chunks": ("PERCEPIANO_MAX_BATCH_CHUNKS", int)}
+           "max_batch_chunks": ("PERCEPIANO_MAX_BATCH_CHUNKS", int),
+           "price_container": ("PERCEPIANO_PRICE_CONTAINER", str),
+           "daily_budget_usd": ("PERCEPIANO_DAILY_BUDGET_USD", float)}
     AUTO_BATCH_WAIT_MS = {"cuda": 10.0, "cpu": 0.0}  # batch_wait_ms=None, by the device the model runs on
     MAX_BATCH_WAIT_MS = 1000.0  # a longer wait would only add latency: refused as a likely unit mistake
 
@@ -60,6 +66,13 @@ class Settings:
                               f"(0 = off), got {self.batch_wait_ms}")
         if not 1 <= self.max_batch_chunks <= 1024:
             raise ConfigError(f"PERCEPIANO_MAX_BATCH_CHUNKS must be 1 .. 1024 windows, got {self.max_batch_chunks}")
+        if self.daily_budget_usd is not None and not 0 < self.daily_budget_usd < float("inf"):
+            raise ConfigError(f"PERCEPIANO_DAILY_BUDGET_USD must be a positive number of dollars, got "
+                              f"{self.daily_budget_usd}")
+        if self.price_container is not None:
+            from runtime.serve.prices import container_rate
+
+            container_rate(self.price_container, "")  # a name the price table does not have stops here
         from runtime.audio import check_cap  # lazy: reading settings needs no decoder
 
         check_cap(self.cap_seconds, self.refuse_over_seconds)
