@@ -283,7 +283,7 @@ class OnnxModel:
         CPU; else all), or none / basic / extended / all. `spinning`: onnxruntime's intra-op spin-waiting
         (None: its default, on). `prepacking`: onnxruntime's weight prepacking (off: less memory, slower
         runs). `external_weights`: a file's weights are read from it in place (create_session; off: onnxruntime
-        parses the whole file). The figures behind these defaults: `python -m benchmarks.session` (README)."""
+        parses the whole file). The figures behind these defaults: `python -m benchmarks.run --session-table`."""
         import onnxruntime as ort
 
         where = "model bytes" if isinstance(source, bytes) else str(source)
