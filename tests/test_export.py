@@ -14,7 +14,8 @@ import pytest
 from convert import cli
 from convert.checkpoint import load_checkpoint
 from convert.errors import ParityError
-from convert.export import ExportOptions, build_forward, export, to_onnx
+from convert.export import build_forward, export, to_onnx
+from convert.options import ExportOptions, VariantOptions
 from convert.parity import Tolerance, format_report, random_inputs, run_gate, shipped_clips
 from runtime.constants import API_KEYS, FEATURES, LABELS
 from runtime.model import METADATA_KEY, OnnxModel
@@ -262,3 +263,43 @@ def test_cli_param_mismatch_is_one_line_naming_the_paths(tiny_checkpoint, tmp_pa
     err = capsys.readouterr().err.strip()
     assert code == 1 and len(err.splitlines()) == 1
     assert "- final_norm/scale" in err and "- final_norm/bias" in err
+
+
+def test_cli_builds_the_options_export_takes(tmp_path, monkeypatch):
+    import dataclasses
+
+    import convert.export as export_mod
+
+    seen = []
+
+    def fake(checkpoint, out, options, variants):
+        seen.append((checkpoint, out, options, variants))
+        raise ParityError("stop here")  # a user error: the CLI prints it and exits 1
+
+    monkeypatch.setattr(export_mod, "export", fake)
+    clip = tmp_path / "a.flac"
+    argv = ["-q", "export", "--checkpoint", "c.pkl", "--out", str(tmp_path / "m.onnx"), "--opset", "21",
+            "--backend", "tf2onnx", "--atol", "2e-5", "--clips", str(clip), "--seed", "7", "--quantize", "auto",
+            "--int8-atol", "0.01", "--fp16-atol", "0.02", "--per-channel", "--no-reduce-range", "--optimize",
+            "--allow-partial"]
+    assert cli.main(argv) == 1
+    (checkpoint, out, options, variants), = seen
+    assert (str(checkpoint), out) == ("c.pkl", tmp_path / "m.onnx")
+    assert options == ExportOptions(opset=21, backend="tf2onnx", atol=2e-5, clips=(clip,), seed=7)
+    assert variants == VariantOptions(quantize="auto", int8_atol=0.01, fp16_atol=0.02, per_channel=True,
+                                      reduce_range=False, optimize=True, allow_partial=True)
+    seen.clear()
+    assert cli.main(["-q", "export", "--checkpoint", "c.pkl", "--out", str(tmp_path / "m.onnx")]) == 1
+    assert seen[0][2:] == (ExportOptions(), VariantOptions())  # the CLI's defaults are the options' defaults
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        options.seed = 1
+
+
+@pytest.mark.parametrize(("options", "kwargs"), [
+    (ExportOptions, {"backend": "onnxmltools"}), (ExportOptions, {"preoptimize": "all"}),
+    (VariantOptions, {"quantize": "int4"}),
+])
+def test_options_refuse_an_unknown_choice(options, kwargs):
+    (name, value), = kwargs.items()
+    with pytest.raises(ValueError, match=f"unknown {name} '{value}'; choose one of"):
+        options(**kwargs)
