@@ -123,20 +123,20 @@ def publish_variants(
         if not isinstance(fp32, Staged):  # a gated fp32 proto, as traced
             fp32 = Staged(write_model(Path(scratch) / "fp32.onnx", fp32), Path(scratch) / "fp32.onnx",
                           {"optimized": "none"})
+        backend = staged_backend(fp32)  # the variants record the converter that made their fp32 graph
         made, builds, reports = _make_and_gate(fp32, ckpt, precisions, fp32_report, references, randoms, seed,
-                                               variants, preoptimize, Path(scratch))
-        return _publish(made, builds, reports, ckpt, Path(out), variants, precisions, references,
-                        staged_backend(fp32))
+                                               variants, preoptimize, Path(scratch), backend)
+        return _publish(made, builds, reports, ckpt, Path(out), variants, precisions, references, backend)
 
 
 def _make_and_gate(fp32: Staged, ckpt, precisions: tuple[str, ...], fp32_report: dict, references, randoms,
-                   seed: int, variants: VariantOptions, preoptimize: str, scratch: Path) -> tuple[dict, dict, dict]:
+                   seed: int, variants: VariantOptions, preoptimize: str, scratch: Path,
+                   backend: dict | None) -> tuple[dict, dict, dict]:
     """Each variant made, staged and gated; (staged files that passed, builds, reports). Raises ParityError
     when one fails, unless quantize auto and allow_partial leave it out."""
     import onnx
 
     reports, made, builds, failures = {"fp32": fp32_report}, {}, {}, []
-    backend = staged_backend(fp32)  # the variants record the converter that made their fp32 graph
     for precision in precisions:
         if precision == "fp32" and not variants.optimize:
             made[precision] = fp32
