@@ -105,31 +105,31 @@ def candidates(stem: str, art_dir: Path, given: Path | None, precision: str) -> 
     return names
 
 
-def export_models(checkpoint: Path, out: Path, progress: Progress,
-                  demo: bool = False) -> tuple[dict[str, Path], dict[str, dict]]:
+def export_models(checkpoint: Path, out: Path, progress: Progress) -> tuple[dict[str, Path], dict[str, dict]]:
     """Export through the real pipeline (parity gate included), with every variant that passes its gate."""
-    from convert.export import export
+    from convert.export import VariantOptions, export
 
     progress(f"exporting {checkpoint.name} to ONNX with its variants (parity-gated)")
-    result = export(checkpoint, out, quantize="auto", allow_partial=True, demo=demo)
+    result = export(checkpoint, out, variants=VariantOptions(quantize="auto", allow_partial=True))
     return {p: Path(path) for p, path in result.written.items()}, result.reports
 
 
 def quantize_model(fp32: Path, checkpoint: Path, precision: str, out: Path, progress: Progress) -> ModelFile:
     """A variant of an existing fp32 export with convert.variants.quantize_file (gated), or why there is none."""
     from convert.errors import ParityError
+    from convert.options import VariantOptions
     from convert.variants import quantize_file
 
     progress(f"making the {precision} variant with convert.variants.quantize_file (parity-gated)")
     try:
-        _, written = quantize_file(fp32, checkpoint, out, precision)
+        _, written = quantize_file(fp32, checkpoint, out, VariantOptions(quantize=precision))
     except ParityError as exc:
         return ModelFile(precision, reason=f"fails its parity gate: {exc}")
     return ModelFile(precision, written[precision], "made with convert.variants.quantize_file (parity-gated)")
 
 
 def prepare_models(checkpoint: Path, sha: str, art_dir: Path, given: Path | None, runnable: set[str],
-                   progress: Progress, demo: bool = False) -> dict[str, ModelFile]:
+                   progress: Progress) -> dict[str, ModelFile]:
     """fp32, int8 and fp16 ONNX files for the checkpoint: reused, exported or made; or the reason they are not.
 
     A missing variant is made only if it can run here (`runnable`); one that exists is always reported.
@@ -145,7 +145,7 @@ def prepare_models(checkpoint: Path, sha: str, art_dir: Path, given: Path | None
         if found and not models[p].available:
             models[p] = ModelFile(p, found[0], "reused")
     if not models["fp32"].available:
-        written, reports = export_models(checkpoint, art_dir / f"{stem}.onnx", progress, demo)
+        written, reports = export_models(checkpoint, art_dir / f"{stem}.onnx", progress)
         for p in PRECISIONS:
             if p in written:
                 models[p] = ModelFile(p, written[p], "exported (parity-gated)")
@@ -227,7 +227,7 @@ def prepare(out_dir: Path, checkpoint: Path | None, preset: str, audio: Path | N
         raise FileNotFoundError(f"--checkpoint {checkpoint}: no such file")
     progress("hashing the checkpoint")
     sha = sha256_file(checkpoint)
-    models = prepare_models(checkpoint, sha, art_dir, model, runnable, progress, demo)
+    models = prepare_models(checkpoint, sha, art_dir, model, runnable, progress)
     progress("composing the 30 s input clip")
     clip, used = input_audio(art_dir, audio)
     mel, n_chunks = input_features(clip, art_dir)

@@ -1,14 +1,14 @@
 """Where a warm batch-15 run spends its time, by kind of op (onnxruntime's profiler), per CPU variant.
 
-    python -m benchmarks.breakdown --model M.fp32.onnx --model M.int8.onnx [--runs 5] [--cpus 0,1]
-
-Each model is loaded as the runtime loads it (runtime.model: the same optimisation level and weights read in
-place), with onnxruntime's profiler on, in a fresh process pinned like the benchmark's cold workers; after
-`--warmup` runs, `--runs` batch-15 runs are profiled and each node's median kernel time is kept. The nodes are
-grouped into the GEMMs against weights (int8 or float), attention's activation-by-activation GEMMs, and every
-other op type. Two figures follow from the groups: how much faster the int8 weight GEMMs run than the float32
-ones at the same shapes (the int8 kernels' speed-up on this CPU), and what the int8 model would take if every
-op but its GEMMs were free (the floor of its warm time, and so of its ratio to JAX).
+The opt-in study `python -m benchmarks.run --breakdown [--profile-runs 5]`, for the CPU models. Each model is
+loaded as the runtime loads it (runtime.model: the same optimisation level and weights read in place), with
+onnxruntime's profiler on, in a fresh process pinned like the benchmark's cold workers (`python -m
+benchmarks.breakdown`, this module's worker); after the warm-up runs, the profiled batch-15 runs are timed and
+each node's median kernel time is kept. The nodes are grouped into the GEMMs against weights (int8 or float),
+attention's activation-by-activation GEMMs, and every other op type. Two figures follow from the groups: how
+much faster the int8 weight GEMMs run than the float32 ones at the same shapes (the int8 kernels' speed-up on
+this CPU), and what the int8 model would take if every op but its GEMMs were free (the floor of its warm time,
+and so of its ratio to JAX).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.session import BATCH, batch_windows, model_precision
+from benchmarks.session import BATCH, batch_windows
 
 INT8_GEMMS = frozenset({"DynamicQuantizeMatMul", "MatMulIntegerToFloat", "MatMulInteger", "QGemm",
                         "DynamicQuantizeLinear", "QLinearMatMul"})
@@ -143,7 +143,7 @@ def breakdown_table(section: dict) -> tuple[str, list[str], list[list[str]]]:
         rows.append([precision, "all nodes (sum of kernel times)", "", f"{record['node_total_s'] * 1e3:.1f}",
                      f"GEMMs {record['gemm_share']:.1%}"])
     title = (f"Where a warm batch-{section['batch']} run goes, by kind of op: onnxruntime's profiler, median kernel "
-             f"time of {section['runs']} profiled runs in a fresh process (python -m benchmarks.breakdown)")
+             f"time of {section['runs']} profiled runs in a fresh process (benchmarks.run --breakdown)")
     return title, headers, rows
 
 
@@ -161,17 +161,6 @@ def summary_lines(section: dict) -> list[str]:
     return lines
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.breakdown", description=__doc__.splitlines()[0])
-    parser.add_argument("--model", type=Path, action="append", required=True, help="an exported model (repeatable)")
-    parser.add_argument("--runs", type=int, default=5, help="profiled batch-15 runs")
-    parser.add_argument("--warmup", type=int, default=2, help="unprofiled runs before them")
-    parser.add_argument("--mel", type=Path, help="(n, 128, 128) windows as .npy (default: random dB values)")
-    parser.add_argument("--cpus", type=lambda s: [int(c) for c in s.split(",")], help="default: all allowed")
-    parser.add_argument("--json", action="store_true", help="print the section as JSON")
-    return parser
-
-
 def section(models: dict[str, Path], cpus: list[int], runs: int = 5, warmup: int = 2, mel: Path | None = None,
             note=print) -> dict:
     """The benchmark's `breakdown` section: one fresh pinned process per model."""
@@ -180,7 +169,7 @@ def section(models: dict[str, Path], cpus: list[int], runs: int = 5, warmup: int
     results = {}
     for precision, model in models.items():
         note(f"profiling {model.name} ({runs} batch-{BATCH} runs)")
-        argv = ["worker", "--model", str(model), "--cpus", ",".join(map(str, cpus)), "--runs", str(runs),
+        argv = ["--model", str(model), "--cpus", ",".join(map(str, cpus)), "--runs", str(runs),
                 "--warmup", str(warmup), *(["--mel", str(mel)] if mel else [])]
         try:
             results[precision] = run_module("benchmarks.breakdown", argv, cpus, "cpu", note)
@@ -191,33 +180,15 @@ def section(models: dict[str, Path], cpus: list[int], runs: int = 5, warmup: int
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["worker"]:
-        parser = argparse.ArgumentParser()
-        parser.add_argument("--model", required=True)
-        parser.add_argument("--cpus", required=True, type=lambda s: [int(c) for c in s.split(",")])
-        parser.add_argument("--runs", type=int, default=5)
-        parser.add_argument("--warmup", type=int, default=2)
-        parser.add_argument("--mel")
-        print(json.dumps(worker(parser.parse_args(argv[1:]))), flush=True)
-        return 0
-    args = build_parser().parse_args(argv)
-    if args.runs < 1 or args.warmup < 0:
-        print(f"error: --runs must be >= 1 and --warmup >= 0 (got {args.runs}, {args.warmup})", file=sys.stderr)
-        return 2
-    models = {model_precision(m): m for m in args.model}
-    out = section(models, args.cpus or sorted(os.sched_getaffinity(0)), args.runs, args.warmup, args.mel,
-                  note=lambda m: print(m, file=sys.stderr))
-    if args.json:
-        print(json.dumps(out, indent=2))
-        return 0
-    title, headers, rows = breakdown_table(out)
-    print(title)
-    for row in rows:
-        print("  " + "  ".join(f"{c:>10s}" if i > 1 else f"{c:34s}" if i else f"{c:5s}" for i, c in enumerate(row)))
-    for line in summary_lines(out):
-        print(line)
-    return 1 if any("failed" in r for r in out["results"].values()) else 0
+    """The worker process that section() starts: one model profiled; prints one JSON line."""
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.breakdown", description="one profiling process")
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--cpus", required=True, type=lambda s: [int(c) for c in s.split(",")])
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--mel")
+    print(json.dumps(worker(parser.parse_args(argv))), flush=True)
+    return 0
 
 
 if __name__ == "__main__":

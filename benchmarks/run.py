@@ -3,7 +3,9 @@
 Every variant gets the same 30 s clip of real piano (15 windows) and the same CPUs. Cold start is
 measured in fresh processes from process start to the 19 scores; warm latency after warm-up in the
 same process; parity in score units against JAX. Writes results.json, summary.md, latency.png and
-cold_start.png to --out, and prints the tables.
+cold_start.png to --out, and prints the tables. Two studies are opt-in: --session-table (session creation
+per way of saving and loading the model, benchmarks.session) and --breakdown (where a warm batch-15 run
+spends its time, by kind of op, benchmarks.breakdown).
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ from pathlib import Path
 
 from benchmarks.errors import BenchmarkError
 from benchmarks.progress import Display
+from convert.config import PRESETS
+from runtime.model import DEVICES
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +38,7 @@ GEMM_REPEATS = 7
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", type=Path, help="original pickled checkpoint (default: a demo one)")
-    parser.add_argument("--preset", choices=("production", "tiny"), default="production",
+    parser.add_argument("--preset", choices=tuple(PRESETS), default="production",
                         help="size of the demo checkpoint when --checkpoint is not given")
     parser.add_argument("--model", type=Path, help="an fp32 ONNX export of --checkpoint to measure (default: export)")
     parser.add_argument("--audio", type=Path, help="audio file to loop/cut to 30 s (default: the shared piano clips)")
@@ -42,7 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", type=Path, default=Path("bench-results"),
                         help="output directory (default %(default)s); artifacts in it are reused")
     parser.add_argument("--threads", type=int, help="CPUs for every variant (default: all this process may use)")
-    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+    parser.add_argument("--device", choices=DEVICES, default="auto",
                         help="auto: CUDA for JAX and ORT fp32/fp16 where available, else the CPU")
     parser.add_argument("--batches", default="1,15,32", help="warm batch sizes (default %(default)s)")
     parser.add_argument("--runs", type=int, default=20, help="timed warm runs per batch size (default %(default)s)")
@@ -54,10 +58,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--concurrency", default="1,2,4",
                         help="clients for the throughput table of the CPU model, batching off and on (default "
                         "%(default)s; empty skips it)")
-    parser.add_argument("--session-runs", type=int, help="fresh processes per session configuration (benchmarks."
-                        "session; default: --cold-runs; 0 skips the session table)")
-    parser.add_argument("--profile-runs", type=int, default=5, help="profiled batch-15 runs per CPU model for the "
-                        "table of where the time goes (benchmarks.breakdown; default %(default)s, 0 skips it)")
+    studies = parser.add_argument_group("opt-in studies (not run by default)")
+    studies.add_argument("--session-table", action="store_true",
+                         help="also measure session creation and the first run per way of saving and loading the CPU "
+                              "models, in fresh processes (benchmarks.session)")
+    studies.add_argument("--session-runs", type=int, help="with --session-table: fresh processes per configuration "
+                         "(default: --cold-runs)")
+    studies.add_argument("--breakdown", action="store_true",
+                         help="also profile where a warm batch-15 run of each CPU model spends its time, by kind of op "
+                              "(benchmarks.breakdown)")
+    studies.add_argument("--profile-runs", type=int, default=5, help="with --breakdown: profiled batch-15 runs per "
+                         "CPU model (default %(default)s)")
     return parser
 
 
@@ -140,8 +151,8 @@ def benchmark(args: argparse.Namespace, cpus: list[int]) -> dict:
                       display.note)
         ort_runs = sum(1 for p, d in devices.items() if d and art.models[p].available)
         # prepare, GEMM x2, JAX first run, cold starts, the session table, the profiles, the concurrency table
-        display.set_total(1 + 2 + 1 + args.cold_runs * (2 + ort_runs) + (1 if args.session_runs else 0)
-                          + (1 if args.profile_runs else 0) + (1 if args.concurrency else 0))
+        display.set_total(1 + 2 + 1 + args.cold_runs * (2 + ort_runs) + int(args.session_table)
+                          + int(args.breakdown) + (1 if args.concurrency else 0))
         display.step("GEMM rate (before the variants)")
         before = gemm(cpus, args.gemm_size, GEMM_REPEATS, display.note)
         raw = run_variants(art, args, cpus, devices, display)
@@ -188,7 +199,7 @@ def op_breakdown(art, args, cpus: list[int], display: Display) -> dict | None:
     from benchmarks.breakdown import section
 
     models = {p: art.models[p].path for p in ("fp32", "int8") if art.models[p].available}
-    if not args.profile_runs or not models:
+    if not args.breakdown or not models:
         return None
     display.step("where the time goes: onnxruntime's profiler, batch 15")
     return section(models, cpus, args.profile_runs, args.warmup, mel=art.mel, note=display.note)
@@ -210,7 +221,7 @@ def session_configurations(art, args, cpus: list[int], display: Display) -> dict
     from benchmarks.workers import WorkerError
 
     models = {p: art.models[p].path for p in ("fp32", "int8") if art.models[p].available}
-    if not args.session_runs or not models:
+    if not args.session_table or not models:
         return None
     display.step("session creation: ways of saving and loading the model")
     try:
@@ -232,9 +243,10 @@ def check_args(args: argparse.Namespace) -> None:
         raise BenchmarkError(f"--concurrency {args.concurrency!r}: expected integers such as 1,2,4") from None
     if levels and min(levels) < 1:
         raise BenchmarkError(f"--concurrency {args.concurrency!r}: client counts must be positive")
-    if args.runs < 1 or args.warmup < 0 or args.cold_runs < 1 or args.profile_runs < 0:
-        raise BenchmarkError(f"--runs and --cold-runs must be >= 1, --warmup and --profile-runs >= 0 "
-                             f"(got {args.runs}, {args.cold_runs}, {args.warmup}, {args.profile_runs})")
+    if min(args.runs, args.cold_runs, args.session_runs, args.profile_runs) < 1 or args.warmup < 0:
+        raise BenchmarkError(f"--runs, --cold-runs, --session-runs and --profile-runs must be >= 1, --warmup >= 0 "
+                             f"(got {args.runs}, {args.cold_runs}, {args.session_runs}, {args.profile_runs}, "
+                             f"{args.warmup})")
     try:
         batches = [int(b) for b in args.batches.split(",")]
     except ValueError:

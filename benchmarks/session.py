@@ -1,11 +1,11 @@
 """onnxruntime session creation and first run, per way of saving and loading a model, in fresh processes.
 
-    python -m benchmarks.session --model M.onnx [--model M.int8.onnx] [--runs 3] [--out DIR]
-
-For each model, derived files are made once in DIR (pre-optimised at EXTENDED and at ALL, EXTENDED with the
-weights in an external file, the ORT format), then every configuration is measured in N fresh processes
-pinned like the benchmark's cold workers: session creation, the first batch-15 run, the median warm batch-15
-run, and the process's peak RSS (VmHWM) after the first run. The medians are reported.
+The opt-in study `python -m benchmarks.run --session-table [--session-runs N]`, for the CPU models. For each
+model, derived files are made once (pre-optimised at EXTENDED and at ALL, EXTENDED with the weights in an
+external file, the ORT format), then every configuration is measured in N fresh processes pinned like the
+benchmark's cold workers (`python -m benchmarks.session MODEL-ARGS`, this module's worker): session creation,
+the first batch-15 run, the median warm batch-15 run, and the process's peak RSS (VmHWM) after the first run.
+The medians are reported.
 ALL-level files hold CPU-specific kernels and layouts (e.g. NCHWc): shown for comparison, not portable.
 """
 
@@ -152,7 +152,7 @@ def measure(model: Path, folder: Path, cpus: list[int], runs: int = 3, warm_runs
         rows = []
         for i in range(runs):
             note(f"session: {model.name} {config.name} ({i + 1}/{runs})")
-            argv = ["worker", "--model", str(path), "--config", config.name, "--cpus", ",".join(map(str, cpus)),
+            argv = ["--model", str(path), "--config", config.name, "--cpus", ",".join(map(str, cpus)),
                     "--runs", str(warm_runs if i == 0 else 0), *(["--mel", str(mel)] if mel else [])]
             rows.append(run_module("benchmarks.session", argv, cpus, "cpu", note))
         out[config.name] = summarize(rows) | {"file_bytes": total_bytes(path)}
@@ -196,69 +196,21 @@ def session_table(section: dict) -> tuple[str, list[str], list[list[str]]]:
             rows.append([precision, name, f"{r['session_s']:.3f}", f"{r['first_run_s']:.3f}", f"{r['cold_s']:.3f}",
                          warm, f"{r['peak_rss_bytes'] / MB:.0f}", f"{r['file_bytes'] / MB:.0f}", notes.get(name, "")])
     title = (f"Session creation and first run (batch {section['batch']}) by way of saving/loading the model: median "
-             f"of {section['runs']} fresh processes (python -m benchmarks.session); warm = median of "
+             f"of {section['runs']} fresh processes (benchmarks.run --session-table); warm = median of "
              f"{section['warm_runs']} batch-{section['batch']} runs; peak RSS after the first run")
     return title, headers, rows
 
 
-def format_table(section: dict) -> str:
-    """One line per precision and configuration: creation, first run, both, warm, peak RSS."""
-    lines = [f"session creation and first run (batch {section['batch']}), median of {section['runs']} fresh "
-             f"processes on {len(section['cpus'])} CPU(s)",
-             f"  {'model':5s} {'configuration':22s} {'create s':>8s} {'1st run s':>9s} {'both s':>7s} "
-             f"{'warm s':>7s} {'peak MB':>8s} {'file MB':>8s}"]
-    for precision, rows in section["results"].items():
-        for name, r in rows.items():
-            warm = "-" if r["warm_median_s"] is None else f"{r['warm_median_s']:.3f}"
-            lines.append(f"  {precision:5s} {name:22s} {r['session_s']:8.3f} {r['first_run_s']:9.3f} "
-                         f"{r['cold_s']:7.3f} {warm:>7s} {r['peak_rss_bytes'] / MB:8.0f} {r['file_bytes'] / MB:8.0f}")
-    return "\n".join(lines)
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.session", description=__doc__.splitlines()[0])
-    parser.add_argument("--model", type=Path, action="append", required=True, help="an exported model (repeatable)")
-    parser.add_argument("--out", type=Path, default=Path("bench-results/session"))
-    parser.add_argument("--runs", type=int, default=3, help="fresh processes per configuration")
-    parser.add_argument("--warm-runs", type=int, default=3, help="warm batch-15 runs in the first process")
-    parser.add_argument("--config", action="append", choices=tuple(BY_NAME), help="only these (repeatable)")
-    parser.add_argument("--cpus", type=lambda s: [int(c) for c in s.split(",")], help="default: all allowed")
-    return parser
-
-
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["worker"]:
-        parser = argparse.ArgumentParser()
-        parser.add_argument("--model", required=True)
-        parser.add_argument("--config", required=True, choices=tuple(BY_NAME))
-        parser.add_argument("--cpus", required=True, type=lambda s: [int(c) for c in s.split(",")])
-        parser.add_argument("--runs", type=int, default=3)
-        parser.add_argument("--mel")
-        parser.add_argument("--t0", type=float)
-        print(json.dumps(worker(parser.parse_args(argv[1:]))), flush=True)
-        return 0
-    args = build_parser().parse_args(argv)
-    cpus = args.cpus or sorted(os.sched_getaffinity(0))
-    configs = tuple(BY_NAME[n] for n in args.config) if args.config else CONFIGS
-    results = {}
-    for model in args.model:
-        info = model_precision(model)
-        results[info] = measure(model, args.out / info, cpus, args.runs, args.warm_runs, configs,
-                                note=lambda m: print(m, file=sys.stderr))
-    section = {"runs": args.runs, "warm_runs": args.warm_runs, "batch": BATCH, "cpus": cpus,
-               "configs": {c.name: c.note for c in configs}, "results": results}
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "session.json").write_text(json.dumps(section, indent=2))
-    print(format_table(section))
+    """The worker process that measure() starts: one configuration of one model; prints one JSON line."""
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.session", description="one measuring process")
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--config", required=True, choices=tuple(BY_NAME))
+    parser.add_argument("--cpus", required=True, type=lambda s: [int(c) for c in s.split(",")])
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--mel")
+    print(json.dumps(worker(parser.parse_args(argv))), flush=True)
     return 0
-
-
-def model_precision(model: Path) -> str:
-    from benchmarks.artifacts import model_metadata
-
-    doc = model_metadata(model) or {}
-    return str(doc.get("precision", model.stem))
 
 
 if __name__ == "__main__":

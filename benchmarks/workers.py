@@ -10,7 +10,6 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from benchmarks.cold import PROGRESS_PREFIX
@@ -22,16 +21,6 @@ Note = Callable[[str], None]
 
 class WorkerError(RuntimeError):
     """A measuring process failed; carries the tail of its stderr."""
-
-
-@dataclass
-class Plan:
-    """One measuring process: its arguments after `python -m benchmarks.cold`."""
-
-    name: str
-    args: list[str]
-    warm: bool = False
-    extra: dict = field(default_factory=dict)
 
 
 def _env(cpus: list[int], device: str) -> dict[str, str]:

@@ -23,6 +23,7 @@ from convert.export import ExportResult, build_forward, export, set_metadata
 from convert.files import write_atomic
 from convert.frontend import DEFAULT_DFT, compose
 from convert.metadata import self_check_section
+from convert.options import ExportOptions, VariantOptions
 from convert.parity import E2E_ATOL_FP32, Tolerance, clip_references, compare, reference_scores, run_gate, shipped_clips
 from runtime.constants import AUDIO_INPUT_NAME, FEATURES, OUTPUT_NAME
 from runtime.features import chunk_audio
@@ -135,35 +136,35 @@ def refuse_audio_model(path: Path) -> None:
             raise ExportError(f"{path} takes audio: export with --input audio --quantize int8|fp16|auto instead")
 
 
-def export_audio(checkpoint: str | os.PathLike | None, out: str | os.PathLike, *, dft: str = DEFAULT_DFT,
-                 atol: float | None = None, int8_atol: float | None = None, fp16_atol: float | None = None,
-                 clips=None, seed: int = 0, **options) -> ExportResult:
-    """convert.export.export, with audio (B, 66150) as the model input; `options` are export's other arguments.
+def export_audio(checkpoint: str | os.PathLike | None, out: str | os.PathLike, options: ExportOptions | None = None,
+                 variants: VariantOptions | None = None, *, dft: str = DEFAULT_DFT) -> ExportResult:
+    """convert.export.export, with audio (B, 66150) as the model input.
 
-    The mel-input variants are made and gated in a scratch folder, then composed, gated again and written.
-    Audio scores are gated at max(the variant's tolerance, 1e-4): the front end's float32 rounding (within
-    0.01 dB of librosa) is the one thing added.
+    The mel-input variants are made and gated in a scratch folder (as traced: `options.preoptimize` does not
+    apply, the graphs are composed with the front end), then composed, gated again and written. Audio scores
+    are gated at max(the variant's tolerance, 1e-4): the front end's float32 rounding (within 0.01 dB of
+    librosa) is the one thing added.
     """
+    options, variants = options or ExportOptions(), variants or VariantOptions()
     start, out = time.perf_counter(), Path(out)
     with tempfile.TemporaryDirectory(prefix="percepiano-audio-") as tmp:
-        demo = checkpoint is None
-        if demo:
+        if checkpoint is None:
             from convert.demo import make_demo_checkpoint
 
-            checkpoint = make_demo_checkpoint(Path(tmp) / "demo_checkpoint.pkl", preset="production", seed=seed)
+            checkpoint = make_demo_checkpoint(Path(tmp) / "demo_checkpoint.pkl", preset="production",
+                                              seed=options.seed)
         (Path(tmp) / "mel").mkdir()
-        options.setdefault("preoptimize", "none")  # composed with the front end below: the graphs as traced
-        mel = export(checkpoint, Path(tmp) / "mel" / out.name, atol=atol, int8_atol=int8_atol, fp16_atol=fp16_atol,
-                     clips=clips, seed=seed, **options)
+        mel = export(checkpoint, Path(tmp) / "mel" / out.name, replace(options, preoptimize="none"), variants)
         forward = build_forward(load_checkpoint(checkpoint))
-        references = audio_references(forward, list(clips) if clips else shipped_clips())
-        atols = {"fp32": atol, "int8": int8_atol, "fp16": fp16_atol}
+        references = audio_references(forward, list(options.clips) if options.clips else shipped_clips())
+        atols = {"fp32": options.atol, "int8": variants.int8_atol, "fp16": variants.fp16_atol}
         reports = {p: r for p, r in mel.reports.items() if p not in mel.written}  # failed in `auto`: not written
         written = {}
         for precision, path in mel.written.items():
             tol = Tolerance.for_precision(precision, atols[precision])
             tol = Tolerance(model=max(tol.model, E2E_ATOL_FP32), end_to_end=tol.end_to_end)
             written[precision] = out.with_name(path.name)
-            reports[precision] = publish_audio(path, written[precision], forward, references, tol, dft, seed)
-    return ExportResult(path=out, checkpoint=Path(checkpoint), demo=demo, seconds=time.perf_counter() - start,
+            reports[precision] = publish_audio(path, written[precision], forward, references, tol, dft,
+                                               options.seed)
+    return ExportResult(path=out, checkpoint=Path(checkpoint), demo=mel.demo, seconds=time.perf_counter() - start,
                         reports=reports, written=written)

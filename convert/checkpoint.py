@@ -53,6 +53,14 @@ class Checkpoint:
         return {"params": self.params}
 
     @property
+    def untrained(self) -> bool:
+        """Never trained to the end: training_complete is false or it has no fine-tuning results (a demo stand-in).
+
+        Its scores mean nothing; an export of it is marked `source.demo` (convert.metadata.describe).
+        """
+        return not self.training_complete or self.finetuning_results is None
+
+    @property
     def num_params(self) -> int:
         """Total number of weights."""
         return sum(math.prod(shape) for shape in expected_param_shapes(self.config).values())  # as validated
@@ -117,8 +125,10 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
         finetuning_results=_results(ckpt.get("finetuning_results"), path),
         training_complete=_flag(ckpt["training_complete"], path),
     )
-    if not checkpoint.training_complete:
-        log.warning("%s says training_complete=False", path)
+    if checkpoint.untrained:
+        log.warning("%s was never trained to the end (training_complete %s, finetuning_results %s): its exports are "
+                    "marked demo models", path, checkpoint.training_complete,
+                    "none" if checkpoint.finetuning_results is None else "present")
     log.info("loaded %s: %s params in %.2f s", path.name, f"{checkpoint.num_params:,}", time.perf_counter() - start)
     return checkpoint
 

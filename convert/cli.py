@@ -9,8 +9,10 @@ import sys
 from functools import partial
 from pathlib import Path
 
+from convert.config import PRESETS
 from convert.errors import CheckpointError, ExportError, ParityError
 from convert.frontend import DEFAULT_DFT, DFT_CHOICES
+from convert.options import BACKENDS, QUANTIZE_CHOICES, ExportOptions, VariantOptions
 from runtime.errors import AudioError, ModelError
 
 USER_ERRORS = (CheckpointError, ParityError, ExportError, AudioError, ModelError, FileNotFoundError)
@@ -25,7 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--checkpoint", type=Path, help="original pickled checkpoint (default: a demo checkpoint)")
     exp.add_argument("--out", type=Path, default=Path("artifacts/model.onnx"), help="output ONNX path")
     exp.add_argument("--opset", type=int, help="ONNX opset (default 23 with jax2onnx, 18 with tf2onnx)")
-    exp.add_argument("--backend", choices=("jax2onnx", "tf2onnx"), default="jax2onnx",
+    exp.add_argument("--backend", choices=BACKENDS, default=ExportOptions.backend,
                      help="converter: jax2onnx (default), or jax2tf -> TensorFlow -> tf2onnx, the independent second "
                           "one, run in its own pinned venv (created on first use, 1.9 GB; see README)")
     exp.add_argument("--atol", type=float, help="fp32 parity tolerance in score units (default 1e-5)")
@@ -63,27 +65,39 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo-checkpoint", help="write a checkpoint in the original pickle format")
     demo.add_argument("out", type=Path)
-    demo.add_argument("--preset", choices=("production", "tiny"), default="production")
+    demo.add_argument("--preset", choices=tuple(PRESETS), default="production")
     demo.add_argument("--seed", type=int, default=0)
     return parser
 
 
 def add_variant_args(parser: argparse.ArgumentParser) -> None:
     """Options of the int8 / fp16 variants (convert.quantize)."""
-    parser.add_argument("--quantize", choices=("none", "int8", "fp16", "auto"), default="none",
+    parser.add_argument("--quantize", choices=QUANTIZE_CHOICES, default=VariantOptions.quantize,
                         help="variant written to --out: fp32 (none), int8 (CPU), fp16 (GPU), or auto: the CPU "
                              "recommendation at --out and the others beside it as MODEL.<precision>.onnx")
     parser.add_argument("--allow-partial", action="store_true",
                         help="with --quantize auto: write the variants that pass even if another fails (exit 0)")
     parser.add_argument("--int8-atol", type=float, help="int8 parity tolerance in score units (default 0.005)")
     parser.add_argument("--fp16-atol", type=float, help="fp16 parity tolerance in score units (default 0.005)")
-    parser.add_argument("--per-channel", action=argparse.BooleanOptionalAction, default=False,
+    parser.add_argument("--per-channel", action=argparse.BooleanOptionalAction, default=VariantOptions.per_channel,
                         help="int8: one weight scale per output channel (default off: no gain measured, see README)")
-    parser.add_argument("--reduce-range", action=argparse.BooleanOptionalAction, default=True,
+    parser.add_argument("--reduce-range", action=argparse.BooleanOptionalAction, default=VariantOptions.reduce_range,
                         help="int8: 7-bit weights (default on): x86 CPUs without VNNI (AVX2 only) saturate u8*s8 "
                              "products of full-range weights; --no-reduce-range only for VNNI/ARM servers, gated there")
     parser.add_argument("--optimize", action="store_true",
                         help="apply onnxruntime's transformer fusions (off by default: slower on CPU, see README)")
+
+
+def export_options(args: argparse.Namespace) -> ExportOptions:
+    """The ExportOptions the `export` flags ask for."""
+    return ExportOptions(opset=args.opset, backend=args.backend, atol=args.atol, clips=args.clips, seed=args.seed)
+
+
+def variant_options(args: argparse.Namespace) -> VariantOptions:
+    """The VariantOptions the variant flags (add_variant_args) ask for."""
+    return VariantOptions(quantize=args.quantize, int8_atol=args.int8_atol, fp16_atol=args.fp16_atol,
+                          per_channel=args.per_channel, reduce_range=args.reduce_range, optimize=args.optimize,
+                          allow_partial=args.allow_partial)
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -95,11 +109,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
         export = partial(export_audio, dft=args.dft)
     try:
-        result = export(args.checkpoint, args.out, opset=args.opset, backend=args.backend, atol=args.atol,
-                        clips=args.clips, seed=args.seed,
-                        quantize=args.quantize, int8_atol=args.int8_atol, fp16_atol=args.fp16_atol,
-                        per_channel=args.per_channel, reduce_range=args.reduce_range, optimize=args.optimize,
-                        allow_partial=args.allow_partial)
+        result = export(args.checkpoint, args.out, export_options(args), variant_options(args))
     except ParityError as exc:
         if exc.report:
             print(format_report(exc.report), file=sys.stderr)
@@ -125,10 +135,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
     refuse_audio_model(args.model)
     try:
-        reports, written = quantize_file(
-            args.model, args.checkpoint, args.out, args.quantize, clips=args.clips, seed=args.seed,
-            atol={"int8": args.int8_atol, "fp16": args.fp16_atol}, per_channel=args.per_channel,
-            reduce_range=args.reduce_range, optimized=args.optimize, allow_partial=args.allow_partial)
+        reports, written = quantize_file(args.model, args.checkpoint, args.out, variant_options(args),
+                                         clips=args.clips, seed=args.seed)
     except ParityError as exc:
         if exc.report:
             print(format_report(exc.report), file=sys.stderr)

@@ -54,7 +54,8 @@ def crosscheck(checkpoint: str | Path, clips: Sequence[Path] | None = None, *, a
 
     `models`: already exported models to compare instead of exporting (each named by its metadata's backend).
     """
-    from convert.export import BACKENDS, export
+    from convert.export import export
+    from convert.options import BACKENDS, ExportOptions
 
     tolerance = Tolerance.for_precision("fp32", atol).model
     ckpt = load_checkpoint(checkpoint)
@@ -65,8 +66,8 @@ def crosscheck(checkpoint: str | Path, clips: Sequence[Path] | None = None, *, a
             folder = Path(out_dir or tmp)
             for backend in BACKENDS:
                 log.info("crosscheck: exporting with %s", backend)
-                paths.append(export(checkpoint, folder / f"model.{backend}.onnx", backend=backend, clips=clips,
-                                    seed=seed).path)
+                options = ExportOptions(backend=backend, clips=clips, seed=seed)
+                paths.append(export(checkpoint, folder / f"model.{backend}.onnx", options).path)
         loaded = {}
         for path in paths:
             model = OnnxModel(path, device="cpu")

@@ -1,8 +1,9 @@
 """Write a stand-in for `final_finetuned_model.pkl` in exactly its format (SPEC §2), from a random init.
 
 For tests, benchmarks and demos where the real weights are not at hand: the same pickled dict, real
-`jax.Array` leaves and a real fitted scikit-learn StandardScaler. It was never trained, so its
-`finetuning_results` is None rather than invented figures. Needs the `convert` extra.
+`jax.Array` leaves and a real fitted scikit-learn StandardScaler. It was never trained, and its own fields
+say so: `training_complete` is False and `finetuning_results` None rather than invented figures, so that any
+export of it is marked a demo model (convert.checkpoint.Checkpoint.untrained). Needs the `convert` extra.
 """
 
 from __future__ import annotations
@@ -53,7 +54,7 @@ def make_demo_checkpoint(path: str | Path, preset: str = "production", seed: int
         "model_config": config.checkpoint_dict(),
         "finetuning_results": None,  # never fine-tuned: no results to report, and none invented
         "label_scaler": scaler,
-        "training_complete": True,
+        "training_complete": False,  # never trained, and it says so: its exports are marked demo
     }
     write_atomic(path, lambda fh: pickle.dump(ckpt, fh, protocol=PICKLE_PROTOCOL))
     log.info("wrote %s (%.1f MB)", path, path.stat().st_size / 1e6)

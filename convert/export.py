@@ -6,30 +6,23 @@ import logging
 import os
 import tempfile
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from convert.checkpoint import load_checkpoint
 from convert.forward import build_forward
 from convert.metadata import describe, jax2onnx_backend, self_check_section, set_metadata
+from convert.options import ExportOptions, VariantOptions
 from convert.parity import Tolerance, clip_references, random_references, run_gate
 from convert.process_memory import low_memory_malloc, release_jax, release_weights
-from convert.quantize import QUANTIZE_CHOICES
-from convert.staging import (
-    DEFAULT_PREOPTIMIZE,
-    PREOPTIMIZE_CHOICES,
-    finish_stage,
-    publish,
-    write_stage,
-)
+from convert.staging import finish_stage, publish, write_stage
 from convert.trace import DEFAULT_OPSET, to_onnx
 from runtime.model import OnnxModel
 
 log = logging.getLogger(__name__)
 
-BACKENDS = ("jax2onnx", "tf2onnx")  # tf2onnx: jax2tf -> TensorFlow -> tf2onnx in its own venv (convert.tf2onnx)
-__all__ = ["DEFAULT_OPSET", "ExportResult", "build_forward", "export", "set_metadata", "to_onnx"]
+__all__ = ["DEFAULT_OPSET", "ExportOptions", "ExportResult", "VariantOptions", "build_forward", "export",
+           "set_metadata", "to_onnx"]
 
 
 @dataclass
@@ -47,41 +40,22 @@ class ExportResult:
 def export(
     checkpoint: str | os.PathLike | None,
     out: str | os.PathLike,
-    *,
-    opset: int | None = None,
-    backend: str = "jax2onnx",
-    atol: float | None = None,
-    clips: Sequence[Path] | None = None,
-    seed: int = 0,
-    quantize: str = "none",
-    int8_atol: float | None = None,
-    fp16_atol: float | None = None,
-    per_channel: bool = False,
-    reduce_range: bool = True,
-    optimize: bool = False,
-    allow_partial: bool = False,
-    demo: bool = False,
-    preoptimize: str = DEFAULT_PREOPTIMIZE,
+    options: ExportOptions | None = None,
+    variants: VariantOptions | None = None,
 ) -> ExportResult:
     """Export a checkpoint (a demo one when None) to a parity-checked ONNX model at `out`.
 
-    `quantize` none: fp32; int8 / fp16: that variant at `out`; auto: the recommended CPU variant at `out`,
-    the others beside it as MODEL.<precision>.onnx (see convert.variants.publish_variants); with auto, a
-    variant failing its gate raises ParityError unless `allow_partial`. `clips`: real audio for the gate
-    (None: the shipped clips; an empty set is refused). `demo` marks the metadata `source.demo` for a
-    checkpoint the caller knows to be a convert.demo stand-in; an export without a checkpoint makes one and
-    marks it itself. `backend` tf2onnx converts with the second, independent converter (convert.tf2onnx);
-    `opset` defaults to the backend's (23 for jax2onnx, 18 for tf2onnx). `preoptimize` (extended, or none):
-    the fp32 and int8 files are saved as onnxruntime optimises them for the CPU at that level, gated as
-    written, and marked so that the runtime does not optimise them again on the CPU (convert.staging). Peak
-    memory: one large model at a time.
+    `options` (convert.options.ExportOptions): backend, opset, fp32 tolerance, the gate's clips and seed, and
+    whether the files are saved pre-optimised for the CPU (then gated as written, and marked so that the
+    runtime does not optimise them again; convert.staging). `variants` (VariantOptions): quantize none writes
+    fp32; int8 / fp16 that variant at `out`; auto the recommended CPU variant at `out`, the others beside it
+    as MODEL.<precision>.onnx (convert.variants.publish_variants); with auto, a variant failing its gate
+    raises ParityError unless `allow_partial`. A checkpoint that was never trained (training_complete false,
+    or no finetuning_results: convert.checkpoint.Checkpoint.untrained) is marked `source.demo` in the
+    metadata. Peak memory: one large model at a time.
     """
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
-    if quantize not in QUANTIZE_CHOICES:
-        raise ValueError(f"unknown quantize {quantize!r}; choose one of {QUANTIZE_CHOICES}")
-    if preoptimize not in PREOPTIMIZE_CHOICES:
-        raise ValueError(f"unknown preoptimize {preoptimize!r}; choose one of {PREOPTIMIZE_CHOICES}")
+    options = options or ExportOptions()
+    variants = variants or VariantOptions()
     start = time.perf_counter()
     low_memory_malloc()
     out = Path(out)
@@ -91,39 +65,30 @@ def export(
         if checkpoint is None:
             from convert.demo import make_demo_checkpoint
 
-            demo = True
-            checkpoint = make_demo_checkpoint(Path(tmp) / "demo_checkpoint.pkl", preset="production", seed=seed)
+            checkpoint = make_demo_checkpoint(Path(tmp) / "demo_checkpoint.pkl", preset="production",
+                                              seed=options.seed)
             log.warning("no --checkpoint given: exporting a demo checkpoint (production preset, random weights)")
         log.info("loading checkpoint %s", checkpoint)
         ckpt = load_checkpoint(checkpoint)
         forward = build_forward(ckpt)
-        if backend == "jax2onnx":
-            release_weights(ckpt)  # the forward function holds JAX's copy (tf2onnx still needs them: below)
-        references = clip_references(forward, clips)  # before the trace: a bad clip set fails fast; reused by all
-        randoms = random_references(forward, seed)  # likewise: with both, no gate needs JAX again
-        log.info("exporting the model (%d layers, width %d) with %s, opset %s",
-                 ckpt.config.num_layers, ckpt.config.embed_dim, backend, opset or "default")
-        if backend == "tf2onnx":  # converted in its own venv from the checkpoint's weights (still held here)
-            from convert.tf2onnx.backend import DEFAULT_OPSET as TF2ONNX_OPSET
-            from convert.tf2onnx.backend import to_onnx_tf2onnx
-
-            proto, made_by = to_onnx_tf2onnx(ckpt, opset or TF2ONNX_OPSET)
-            release_weights(ckpt)  # the graph holds its own copy now
-        else:
-            opset = opset or DEFAULT_OPSET
-            proto, made_by = to_onnx(forward, opset), {**jax2onnx_backend(), "opset": opset}
+        if options.backend == "jax2onnx":
+            release_weights(ckpt)  # the forward function holds JAX's copy (tf2onnx still needs them: convert_graph)
+        references = clip_references(forward, options.clips)  # before the trace: a bad clip set fails fast
+        randoms = random_references(forward, options.seed)  # likewise; with both, no gate needs JAX again
+        proto, made_by = convert_graph(ckpt, forward, options)
         del forward
         release_jax()
-        tolerance = Tolerance.for_precision("fp32", atol)
-        sections = {**describe(ckpt, "fp32", demo=demo, backend=made_by),
+        tolerance = Tolerance.for_precision("fp32", options.atol)
+        sections = {**describe(ckpt, "fp32", backend=made_by),
                     "self_check": self_check_section(references, tolerance.model)}
-        raw = write_stage(proto, sections, Path(tmp) / "fp32.onnx", preoptimize)
+        raw = write_stage(proto, sections, Path(tmp) / "fp32.onnx", options.preoptimize)
         del proto  # from here on the graph is read from the staged files, one model in memory at a time
-        staged = finish_stage(raw, preoptimize)
+        staged = finish_stage(raw, options.preoptimize)
         model = OnnxModel(staged.path, device="cpu")  # the runtime's own loader checks exactly what is written
-        report = run_gate(None, model, tolerance=tolerance, seed=seed, references=references, randoms=randoms)
+        report = run_gate(None, model, tolerance=tolerance, seed=options.seed, references=references,
+                          randoms=randoms)
         del model
-        if quantize == "none" and not optimize:
+        if variants.quantize == "none" and not variants.optimize:
             publish(staged.path, out, {**sections, "graph": staged.graph, "parity": report})
             log.info("wrote %s (%.1f MB)", out, out.stat().st_size / 1e6)
             reports, written = {"fp32": report}, {"fp32": out}
@@ -131,10 +96,24 @@ def export(
             from convert.variants import publish_variants
 
             reports, written = publish_variants(
-                staged, ckpt, None, out, quantize, fp32_report=report, references=references, randoms=randoms,
-                seed=seed, atol={"int8": int8_atol, "fp16": fp16_atol}, per_channel=per_channel,
-                reduce_range=reduce_range, optimized=optimize, allow_partial=allow_partial, demo=demo,
-                preoptimize=preoptimize, scratch=Path(tmp))
-    return ExportResult(path=out, checkpoint=Path(checkpoint), demo=demo, seconds=time.perf_counter() - start,
-                        reports=reports, written=written)
+                staged, ckpt, None, out, variants, fp32_report=report, references=references, randoms=randoms,
+                seed=options.seed, preoptimize=options.preoptimize, scratch=Path(tmp))
+    return ExportResult(path=out, checkpoint=Path(checkpoint), demo=ckpt.untrained,
+                        seconds=time.perf_counter() - start, reports=reports, written=written)
+
+
+def convert_graph(ckpt, forward, options: ExportOptions) -> tuple:
+    """The fp32 graph from the options' backend, and the metadata's `backend` section (converter, versions)."""
+    opset = options.opset
+    log.info("exporting the model (%d layers, width %d) with %s, opset %s",
+             ckpt.config.num_layers, ckpt.config.embed_dim, options.backend, opset or "default")
+    if options.backend == "tf2onnx":  # converted in its own venv from the checkpoint's weights (still held here)
+        from convert.tf2onnx.backend import DEFAULT_OPSET as TF2ONNX_OPSET
+        from convert.tf2onnx.backend import to_onnx_tf2onnx
+
+        proto, made_by = to_onnx_tf2onnx(ckpt, opset or TF2ONNX_OPSET)
+        release_weights(ckpt)  # the graph holds its own copy now
+        return proto, made_by
+    opset = opset or DEFAULT_OPSET
+    return to_onnx(forward, opset), {**jax2onnx_backend(), "opset": opset}
 

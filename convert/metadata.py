@@ -34,11 +34,12 @@ def jax2onnx_backend() -> dict:
     return {"name": "jax2onnx", "versions": {k: v for k, v in package_versions().items() if k != "onnxruntime"}}
 
 
-def describe(ckpt: Checkpoint, precision: str, *, demo: bool = False, backend: dict | None = None) -> dict:
+def describe(ckpt: Checkpoint, precision: str, *, backend: dict | None = None) -> dict:
     """The metadata sections every variant carries (parity and the self-check are added once measured).
 
-    `demo`: the checkpoint is a random-weight stand-in (convert.demo); its scores mean nothing, and it carries
-    no fine-tuning results (`finetuning_results` is then null). A real checkpoint's results are copied as they are.
+    `source.demo` is true for a checkpoint that was never trained (Checkpoint.untrained: training_complete
+    false, or no fine-tuning results, as a convert.demo stand-in writes it): its scores mean nothing. A
+    checkpoint's fine-tuning results are copied as they are (null when it has none).
     `backend`: the converter that made the graph and its versions (default: jax2onnx, this environment's).
     """
     return {
@@ -48,7 +49,7 @@ def describe(ckpt: Checkpoint, precision: str, *, demo: bool = False, backend: d
         "model_config": ckpt.config.to_dict(),
         "label_scaler": {"mean": ckpt.scaler_mean.tolist(), "scale": ckpt.scaler_scale.tolist(),
                          "applied_in_graph": True},
-        "source": {"sha256": ckpt.sha256, "filename": Path(ckpt.path).name, "demo": bool(demo),
+        "source": {"sha256": ckpt.sha256, "filename": Path(ckpt.path).name, "demo": ckpt.untrained,
                    "finetuning_results": ckpt.finetuning_results},
         "versions": package_versions(),
         "backend": backend or jax2onnx_backend(),
@@ -77,13 +78,21 @@ def self_check_windows(references: Sequence) -> list[tuple[str, np.ndarray, np.n
     return [(f"{ref.clip.name}#{i}", ref.mel[i], ref.scores[i]) for ref, i in picks]
 
 
+def encode_self_check(inputs: np.ndarray, scores: np.ndarray, atol: float, clips: Sequence[str]) -> dict:
+    """The `self_check` section (the one encoder; runtime.self_check.parse_section reads it): the windows as
+    little-endian float32 in base64, their expected scores, the model tolerance and where the windows came from."""
+    inputs = np.ascontiguousarray(inputs, dtype="<f4")
+    return {
+        "inputs": {"dtype": "float32", "shape": list(inputs.shape),
+                   "base64": base64.b64encode(inputs.tobytes()).decode("ascii")},
+        "scores": np.asarray(scores, np.float64).tolist(),
+        "atol": float(atol),
+        "clips": [str(c) for c in clips],
+    }
+
+
 def self_check_section(references: Sequence, atol: float) -> dict:
     """The `self_check` section: real-audio windows, JAX's scores for them, and the variant's model tolerance."""
     picks = self_check_windows(references)
-    mel = np.ascontiguousarray(np.stack([m for _, m, _ in picks]), dtype="<f4")
-    return {
-        "inputs": {"dtype": "float32", "shape": list(mel.shape), "base64": base64.b64encode(mel.tobytes()).decode()},
-        "scores": [[float(v) for v in np.asarray(s, np.float64)] for _, _, s in picks],
-        "atol": float(atol),
-        "clips": [label for label, _, _ in picks],
-    }
+    return encode_self_check(np.stack([m for _, m, _ in picks]), np.stack([np.asarray(s) for _, _, s in picks]),
+                             atol, [label for label, _, _ in picks])

@@ -25,7 +25,6 @@ from runtime.model import PRECISIONS
 
 log = logging.getLogger(__name__)
 
-QUANTIZE_CHOICES = ("none", "int8", "fp16", "auto")
 LN_EPSILON = 1e-6  # SPEC §1; a fusion that changed it would be a silent parity bug
 # Kept in float32 in the fp16 variant: normalisation statistics, softmax and the mean over patches.
 FP16_KEEP_FP32 = ("LayerNormalization", "SkipLayerNormalization", "Softmax", "ReduceSum", "ReduceMean")

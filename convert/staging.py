@@ -15,12 +15,11 @@ from pathlib import Path
 
 from convert.files import write_model
 from convert.metadata import set_metadata
+from convert.options import DEFAULT_PREOPTIMIZE
 from convert.process_memory import release_memory
 
 log = logging.getLogger(__name__)
 
-PREOPTIMIZE_CHOICES = ("none", "extended")
-DEFAULT_PREOPTIMIZE = "extended"
 
 
 @dataclass(frozen=True)

@@ -12,16 +12,11 @@ from convert.errors import ExportError, ParityError
 from convert.files import write_model
 from convert.forward import build_forward
 from convert.metadata import describe, self_check_section
+from convert.options import DEFAULT_PREOPTIMIZE, QUANTIZE_CHOICES, VariantOptions
 from convert.parity import Tolerance, clip_references, random_references, run_gate
 from convert.process_memory import low_memory_malloc, release_jax, release_weights
-from convert.quantize import QUANTIZE_CHOICES, make_variant, op_counts
-from convert.staging import (
-    DEFAULT_PREOPTIMIZE,
-    Staged,
-    finish_stage,
-    publish,
-    write_stage,
-)
+from convert.quantize import make_variant, op_counts
+from convert.staging import Staged, finish_stage, publish, write_stage
 from runtime.model import PRECISIONS, OnnxModel, parse_metadata
 
 log = logging.getLogger(__name__)
@@ -66,11 +61,10 @@ def gate_staged(staged: Staged, precision: str, references, randoms, atol: float
         del model
 
 
-def variant_sections(ckpt, precision: str, references, atol: float | None, demo: bool,
-                     backend: dict | None = None) -> dict:
+def variant_sections(ckpt, precision: str, references, atol: float | None, backend: dict | None = None) -> dict:
     """describe() plus the self-check windows with this variant's model tolerance."""
     tol = Tolerance.for_precision(precision, atol).model
-    return {**describe(ckpt, precision, demo=demo, backend=backend), "self_check": self_check_section(references, tol)}
+    return {**describe(ckpt, precision, backend=backend), "self_check": self_check_section(references, tol)}
 
 
 def variants_doc(
@@ -97,32 +91,26 @@ def publish_variants(
     ckpt,
     forward,
     out: Path,
-    quantize: str,
+    variants: VariantOptions,
     *,
     fp32_report: dict,
     references=None,
     randoms=None,
     clips=None,
     seed: int = 0,
-    atol: dict[str, float | None] | None = None,
-    per_channel: bool = False,
-    reduce_range: bool = True,
-    optimized: bool = False,
-    allow_partial: bool = False,
-    demo: bool = False,
     preoptimize: str = DEFAULT_PREOPTIMIZE,
     scratch: Path | None = None,
 ) -> tuple[dict[str, dict], dict[str, Path]]:
-    """Make, gate and write the variants `quantize` asks for from a gated fp32 graph; (reports, written paths).
+    """Make, gate and write the variants `variants.quantize` asks for from a gated fp32 graph; (reports, paths).
 
     Every variant is gated before anything is written. One that fails raises ParityError and nothing is
-    written, unless `quantize` is auto and `allow_partial`: then it is left out, the others are written and
+    written, unless quantize is auto and `allow_partial`: then it is left out, the others are written and
     the recommendation falls back to fp32. One variant is in memory at a time: each is staged to a file in
     `scratch` (default: a temporary folder beside `out`), gated from it, and published from it at the end.
     `fp32`: a convert.staging.Staged file, or an fp32 ModelProto as traced. `forward` is needed only when
     `references` or `randoms` is not given. fp16 (for GPUs) is never pre-optimised for the CPU.
     """
-    precisions = plan(quantize)  # refuses an unknown choice before any work
+    precisions = plan(variants.quantize)
     if references is None:  # librosa + JAX on the clips, computed once for every variant's gate
         references = clip_references(forward, clips)
     if randoms is None:
@@ -135,52 +123,60 @@ def publish_variants(
         if not isinstance(fp32, Staged):  # a gated fp32 proto, as traced
             fp32 = Staged(write_model(Path(scratch) / "fp32.onnx", fp32), Path(scratch) / "fp32.onnx",
                           {"optimized": "none"})
-        return _publish(fp32, ckpt, Path(out), quantize, precisions, fp32_report, references, randoms, seed,
-                        atol or {}, per_channel, reduce_range, optimized, allow_partial, demo, preoptimize,
-                        Path(scratch))
+        backend = staged_backend(fp32)  # the variants record the converter that made their fp32 graph
+        made, builds, reports = _make_and_gate(fp32, ckpt, precisions, fp32_report, references, randoms, seed,
+                                               variants, preoptimize, Path(scratch), backend)
+        return _publish(made, builds, reports, ckpt, Path(out), variants, precisions, references, backend)
 
 
-def _publish(fp32: Staged, ckpt, out: Path, quantize: str, precisions: tuple[str, ...], fp32_report: dict,
-             references, randoms, seed: int, atol: dict, per_channel: bool, reduce_range: bool, optimized: bool,
-             allow_partial: bool, demo: bool, preoptimize: str, scratch: Path) -> tuple[dict, dict]:
+def _make_and_gate(fp32: Staged, ckpt, precisions: tuple[str, ...], fp32_report: dict, references, randoms,
+                   seed: int, variants: VariantOptions, preoptimize: str, scratch: Path,
+                   backend: dict | None) -> tuple[dict, dict, dict]:
+    """Each variant made, staged and gated; (staged files that passed, builds, reports). Raises ParityError
+    when one fails, unless quantize auto and allow_partial leave it out."""
     import onnx
 
     reports, made, builds, failures = {"fp32": fp32_report}, {}, {}, []
-    backend = staged_backend(fp32)  # the variants record the converter that made their fp32 graph
     for precision in precisions:
-        if precision == "fp32" and not optimized:
+        if precision == "fp32" and not variants.optimize:
             made[precision] = fp32
             builds[precision] = {"optimized": False, "nodes": op_counts(onnx.load(str(fp32.raw)))}
             continue
-        log.info("making the %s variant%s", precision, " (optimized graph)" if optimized else "")
-        variant = make_variant(onnx.load(str(fp32.raw)), precision, ckpt.config, optimized=optimized,
-                               per_channel=per_channel, reduce_range=reduce_range, owned=True)
-        sections = variant_sections(ckpt, precision, references, atol.get(precision), demo, backend)
+        log.info("making the %s variant%s", precision, " (optimized graph)" if variants.optimize else "")
+        variant = make_variant(onnx.load(str(fp32.raw)), precision, ckpt.config, optimized=variants.optimize,
+                               per_channel=variants.per_channel, reduce_range=variants.reduce_range, owned=True)
+        sections = variant_sections(ckpt, precision, references, variants.atol(precision), backend)
         level = "none" if precision == "fp16" else preoptimize
         raw = write_stage(variant.proto, sections, scratch / f"{precision}.onnx", level)
         builds[precision] = variant.build
         del variant
         staged = finish_stage(raw, level, keep_raw=False)
         try:
-            reports[precision] = gate_staged(staged, precision, references, randoms, atol.get(precision), seed)
+            reports[precision] = gate_staged(staged, precision, references, randoms, variants.atol(precision), seed)
         except ParityError as exc:
             reports[precision] = exc.report
             failures.append(exc)
             log.warning("%s variant fails its parity gate (%s): not written", precision, exc)
             continue
         made[precision] = staged
-    if failures and not (quantize == "auto" and allow_partial and "fp32" in made):
-        hint = "; pass --allow-partial to write the variants that passed" if quantize == "auto" else ""
+    if failures and not (variants.quantize == "auto" and variants.allow_partial and "fp32" in made):
+        hint = "; pass --allow-partial to write the variants that passed" if variants.quantize == "auto" else ""
         raise ParityError("; ".join(str(e) for e in failures) + f": nothing written{hint}", failures[0].report)
-    for exc in failures:
-        stale = variant_paths(Path(out), (exc.report["precision"],), "")[exc.report["precision"]]
+    return made, builds, reports
+
+
+def _publish(made: dict[str, Staged], builds: dict, reports: dict, ckpt, out: Path, variants: VariantOptions,
+             precisions: tuple[str, ...], references, backend: dict | None) -> tuple[dict, dict]:
+    """Write the gated variants with their final metadata (the `variants` section names the siblings)."""
+    for precision in set(precisions) - set(made):  # failed, left out with allow_partial
+        stale = variant_paths(out, (precision,), "")[precision]
         if stale.exists():
             log.warning("%s is left from an earlier export: not this export's variant", stale)
-    recommended = recommend(reports) if quantize == "auto" else None
-    paths = variant_paths(Path(out), tuple(made), recommended["cpu"] if recommended else precisions[0])
+    recommended = recommend(reports) if variants.quantize == "auto" else None
+    paths = variant_paths(out, tuple(made), recommended["cpu"] if recommended else precisions[0])
     for precision, staged in made.items():
         doc = variants_doc(precision, builds, reports, paths, recommended)
-        sections = variant_sections(ckpt, precision, references, atol.get(precision), demo, backend)
+        sections = variant_sections(ckpt, precision, references, variants.atol(precision), backend)
         publish(staged.path, paths[precision],
                 {**sections, "graph": staged.graph, "parity": reports[precision], "variants": doc})
         log.info("wrote %s (%s, %.1f MB)", paths[precision], precision, paths[precision].stat().st_size / 1e6)
@@ -213,32 +209,31 @@ def quantize_file(
     model: Path,
     checkpoint: Path,
     out: Path | None = None,
-    quantize: str = "int8",
+    variants: VariantOptions | None = None,
     *,
     clips=None,
     seed: int = 0,
-    **options,
 ) -> tuple[dict[str, dict], dict[str, Path]]:
     """Variants of an already exported fp32 model, gated against JAX with the checkpoint it came from.
 
-    `out` defaults to MODEL.<precision>.onnx beside the model; `auto` needs an explicit `out`.
-    `options` are publish_variants' atol, per_channel, reduce_range, optimized and allow_partial; `demo`
-    defaults to what the fp32 model's metadata says.
+    `variants` default: int8 (quantize none is refused). `out` defaults to MODEL.<precision>.onnx beside the
+    model; `auto` needs an explicit `out`.
     """
     import tempfile
 
     from runtime.model import graph_section, header_metadata
 
+    variants = variants or VariantOptions(quantize="int8")
+    quantize = variants.quantize
     model = Path(model)
     if not model.is_file():
         raise FileNotFoundError(f"model file not found: {model}")
-    if quantize not in ("int8", "fp16", "auto"):
+    if quantize == "none":
         raise ExportError(f"cannot quantize to {quantize!r}; choose int8, fp16 or auto")
     if out is None and quantize == "auto":
         raise ExportError("quantize auto writes several files: name the main one with --out")
     props = header_metadata(model)
     info = parse_metadata(props, str(model))
-    options.setdefault("demo", bool(info.source.get("demo")))
     if info.precision != "fp32" or not (info.parity or {}).get("passed"):
         raise ExportError(f"{model} is not a gated fp32 export ({info.precision}); quantize the fp32 model")
     ckpt = load_checkpoint(checkpoint)
@@ -268,5 +263,5 @@ def quantize_file(
         del forward
         release_jax()
         return publish_variants(
-            Staged(model, raw, graph), ckpt, None, out, quantize, fp32_report=info.parity, references=references,
-            randoms=randoms, seed=seed, scratch=Path(tmp), **options)
+            Staged(model, raw, graph), ckpt, None, out, variants, fp32_report=info.parity, references=references,
+            randoms=randoms, seed=seed, scratch=Path(tmp))

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from runtime.constants import API_KEYS, ORIGINAL_CAP_SECONDS
 from runtime.errors import AudioError, ConfigError, InputError, ModelError
-from runtime.model import DEVICES
+from runtime.model import DEMO_NOTE, DEVICES
 from runtime.self_check import ALLOW_ENV, ALLOW_FLAG, require_passed
 
 DEFAULT_MODEL = Path("artifacts/model.onnx")
@@ -68,8 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
 def warn_about(model, path: Path) -> None:
     """One line on stderr for a demo model, whose scores mean nothing."""
     if model.info.demo:
-        print(f"warning: {path} is a DEMO model (exported from a demo checkpoint with random weights): "
-              "its scores mean nothing", file=sys.stderr)
+        print(f"warning: {path} is a {DEMO_NOTE}", file=sys.stderr)
 
 
 def load_checked(args: argparse.Namespace):
@@ -228,7 +227,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
     settings = Settings.from_env()
     analyzer = Analyzer.from_path(args.model, device=args.device, threads=args.threads,
                                   refuse_over_seconds=settings.refuse_over_seconds)
-    warn_about(analyzer.model, args.model)
     warm_up(analyzer, allow_failed_self_check=args.skip_self_check or settings.allow_failed_self_check)
     serve(analyzer, host=args.host, port=args.port, settings=settings)
     return 0

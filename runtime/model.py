@@ -24,6 +24,7 @@ FORMAT_VERSION = 1
 PRECISIONS = ("fp32", "int8", "fp16")
 DEVICES = ("auto", "cpu", "cuda")
 CUDA = "CUDAExecutionProvider"
+DEMO_NOTE = "DEMO model (exported from a checkpoint that was never trained to the end): its scores mean nothing"
 # What a model takes per batch item, by input kind (metadata io.input): log-mel windows, or 3 s audio chunks
 # when the graph holds the front end (convert.frontend).
 INPUT_SHAPES = {INPUT_NAME: (FEATURES.n_frames, FEATURES.n_mels), AUDIO_INPUT_NAME: (FEATURES.chunk_samples,)}
@@ -55,7 +56,8 @@ class ModelInfo:
 
     @property
     def demo(self) -> bool:
-        """A model exported from a demo checkpoint (random weights): its scores mean nothing."""
+        """A model exported from an untrained checkpoint (a demo stand-in, or one whose training_complete is false
+        or that has no fine-tuning results): its scores mean nothing."""
         return self.source.get("demo") is True
 
     @property
@@ -283,7 +285,7 @@ class OnnxModel:
         CPU; else all), or none / basic / extended / all. `spinning`: onnxruntime's intra-op spin-waiting
         (None: its default, on). `prepacking`: onnxruntime's weight prepacking (off: less memory, slower
         runs). `external_weights`: a file's weights are read from it in place (create_session; off: onnxruntime
-        parses the whole file). The figures behind these defaults: `python -m benchmarks.session` (README)."""
+        parses the whole file). The figures behind these defaults: `python -m benchmarks.run --session-table`."""
         import onnxruntime as ort
 
         where = "model bytes" if isinstance(source, bytes) else str(source)

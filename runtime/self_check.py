@@ -1,6 +1,7 @@
 """The self-check: the export's stored reference windows, run as the warm-up on the device that will serve.
 
-The exporter stores in the `percepiano` metadata a few real-audio log-mel windows and JAX's scores for them:
+The exporter stores in the `percepiano` metadata a few real-audio log-mel windows and JAX's scores for them
+(convert.metadata.encode_self_check writes the section, parse_section below reads it):
 
     "self_check": {"inputs": {"dtype": "float32", "shape": [n, 128, 128], "base64": "<little-endian float32>"},
                    "scores": [[19 floats], ...], "atol": <float>, "clips": ["<clip>#<chunk>", ...]}
@@ -75,14 +76,6 @@ class Reference:
     scores: np.ndarray
     atol: float
     clips: tuple[str, ...]
-
-
-def encode_section(inputs: np.ndarray, scores: np.ndarray, atol: float, clips: list[str]) -> dict[str, Any]:
-    """The metadata section for reference windows and their expected scores (what the exporter writes)."""
-    inputs = np.ascontiguousarray(inputs, dtype="<f4")
-    return {"inputs": {"dtype": "float32", "shape": list(inputs.shape),
-                       "base64": base64.b64encode(inputs.tobytes()).decode("ascii")},
-            "scores": np.asarray(scores, np.float64).tolist(), "atol": float(atol), "clips": list(clips)}
 
 
 def parse_section(section: Any, where: str = "model",

@@ -52,9 +52,9 @@ def tiny_export(tmp_path_factory, tiny_checkpoint):
     """The tiny preset exported through the real pipeline, parity gate included; the graph as traced (not
     pre-optimised for the CPU: tests make variants from it and compose it; tests/test_cold_start.py covers the
     default, pre-optimised export)."""
-    from convert.export import export
+    from convert.export import ExportOptions, export
 
-    return export(tiny_checkpoint, tmp_path_factory.mktemp("onnx") / "tiny.onnx", preoptimize="none")
+    return export(tiny_checkpoint, tmp_path_factory.mktemp("onnx") / "tiny.onnx", ExportOptions(preoptimize="none"))
 
 
 @pytest.fixture(scope="session")

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
+from convert.metadata import encode_self_check
 from runtime.model import METADATA_KEY
-from runtime.self_check import encode_section
 
 
 def edit_metadata(src: Path, dst: Path, edit: Callable[[dict], None]) -> Path:
@@ -39,7 +39,7 @@ def reference_windows(checkpoint: Path, clip: Path, n: int = 2) -> tuple[np.ndar
 def with_self_check(src: Path, dst: Path, mel: np.ndarray, scores: np.ndarray, *, atol: float = 1e-5,
                     clip: str = "clip") -> Path:
     """A copy of src whose metadata stores mel and scores as its self-check (as the exporter does)."""
-    section = encode_section(mel, scores, atol, [f"{clip}#{i}" for i in range(len(mel))])
+    section = encode_self_check(mel, scores, atol, [f"{clip}#{i}" for i in range(len(mel))])
     return edit_metadata(src, dst, lambda doc: doc.update(self_check=section))
 
 

@@ -22,10 +22,11 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory, tiny_checkpoint, tiny_model):
-    """One quick benchmark of the tiny preset, on the session's tiny checkpoint and its export."""
+    """One quick benchmark of the tiny preset, on the session's tiny checkpoint and its export, the opt-in
+    studies included."""
     out = tmp_path_factory.mktemp("bench")
     cmd = [sys.executable, "-m", "benchmarks.run", "--quick", "--out", str(out),
-           "--checkpoint", str(tiny_checkpoint), "--model", str(tiny_model)]
+           "--checkpoint", str(tiny_checkpoint), "--model", str(tiny_model), "--session-table", "--breakdown"]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return out, proc
@@ -158,6 +159,27 @@ def test_session_table_covers_the_cpu_variants(results, quick_run):
         assert list(rows) == [c.name for c in CONFIGS], precision
         assert all(r["session_s"] > 0 and r["peak_rss_bytes"] > 0 for r in rows.values()), precision
     assert "Session creation and first run" in (quick_run[0] / "summary.md").read_text()
+
+
+def test_the_studies_are_opt_in():
+    from types import SimpleNamespace
+
+    from benchmarks.run import build_parser, check_args, op_breakdown, session_configurations
+
+    class Untouched:
+        def __getattr__(self, name):
+            raise AssertionError(f"a study that was not asked for ran ({name})")
+
+    models = {p: SimpleNamespace(available=True, path=Path(f"m.{p}.onnx")) for p in ("fp32", "int8")}
+    art = SimpleNamespace(models=models, mel=None)
+    args = build_parser().parse_args(["--quick"])
+    check_args(args)
+    assert (args.session_table, args.breakdown) == (False, False)
+    assert session_configurations(art, args, [0], Untouched()) is None
+    assert op_breakdown(art, args, [0], Untouched()) is None
+    args = build_parser().parse_args(["--quick", "--session-table", "--breakdown", "--session-runs", "2"])
+    check_args(args)
+    assert (args.session_table, args.breakdown, args.session_runs, args.profile_runs) == (True, True, 2, 5)
 
 
 def test_median_cold_keeps_the_first_runs_warm_figures():

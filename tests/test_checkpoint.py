@@ -43,9 +43,10 @@ def test_demo_checkpoint_loads(tiny_checkpoint, tiny_raw):
     ck = load_checkpoint(tiny_checkpoint)
     assert ck.config == PRESETS["tiny"]
     assert ck.sha256 == hashlib.sha256(tiny_checkpoint.read_bytes()).hexdigest()
-    assert ck.training_complete is True
+    assert ck.training_complete is False  # never trained, and its own fields say so
     assert ck.finetuning_results == tiny_raw["finetuning_results"]  # carried over unchanged (the demo's may be None)
     assert ck.finetuning_results is None  # a demo checkpoint invents no fine-tuning results
+    assert ck.untrained
     assert ck.variables() == {"params": ck.params}
     raw_params = tiny_raw["params"]["params"]
     shapes = expected_param_shapes(ck.config)
@@ -92,6 +93,7 @@ def test_frozendict_numpy_and_protocol5_leaves(tiny_raw, tmp_path):
     assert type(ck.params) is dict and type(ck.params["final_norm"]) is dict
     np.testing.assert_array_equal(ck.params["pos_embedding"], np.asarray(ckpt["params"]["params"]["pos_embedding"]))
     assert ck.finetuning_results == {"best_val_correlation": 0.61, "total_epochs": 30, "convergence_achieved": True}
+    assert not ck.untrained  # complete, with results: a trained model
 
 
 def test_numpy1_module_paths_and_byte_orders():

@@ -13,9 +13,10 @@ from runtime.model import OnnxModel, graph_section, header_metadata, load_optimi
 @pytest.fixture(scope="module")
 def preoptimized(tiny_checkpoint, tmp_path_factory):
     """The tiny preset exported with the defaults: fp32 and int8 pre-optimised for the CPU, fp16 as made."""
-    from convert.export import export
+    from convert.export import VariantOptions, export
 
-    return export(tiny_checkpoint, tmp_path_factory.mktemp("preopt") / "tiny.onnx", quantize="auto")
+    return export(tiny_checkpoint, tmp_path_factory.mktemp("preopt") / "tiny.onnx",
+                  variants=VariantOptions(quantize="auto"))
 
 
 @pytest.fixture(scope="module")
@@ -55,9 +56,11 @@ def test_an_export_without_pre_optimisation_is_optimised_at_load(tiny_export, pr
 
 def test_quantize_makes_variants_of_a_pre_optimised_export_from_the_traced_graph(preoptimized, tiny_checkpoint,
                                                                                  tmp_path):
+    from convert.options import VariantOptions
     from convert.variants import quantize_file
 
-    reports, written = quantize_file(preoptimized.written["fp32"], tiny_checkpoint, tmp_path / "m.int8.onnx", "int8")
+    reports, written = quantize_file(preoptimized.written["fp32"], tiny_checkpoint, tmp_path / "m.int8.onnx",
+                                     VariantOptions(quantize="int8"))
     model = OnnxModel(written["int8"], device="cpu")
     assert reports["int8"]["passed"] and model.info.precision == "int8" and model.optimization == "none"
     built = model.info.variants["build"]["quantization"]

@@ -15,6 +15,7 @@ from convert import cli
 from convert.checkpoint import load_checkpoint
 from convert.errors import ParityError
 from convert.export import build_forward, export, to_onnx
+from convert.options import ExportOptions, VariantOptions
 from convert.parity import Tolerance, format_report, random_inputs, run_gate, shipped_clips
 from runtime.constants import API_KEYS, FEATURES, LABELS
 from runtime.model import METADATA_KEY, OnnxModel
@@ -75,7 +76,7 @@ def test_headline_counts_flips_per_window_and_per_recording():
 @pytest.mark.parametrize("clips", [[], ["/nonexistent/*.flac"]])
 def test_gate_refuses_an_empty_or_missing_clip_set(clips, tiny_checkpoint, tmp_path):
     with pytest.raises(ParityError, match="clips"):
-        export(tiny_checkpoint, tmp_path / "m.onnx", clips=clips)
+        export(tiny_checkpoint, tmp_path / "m.onnx", ExportOptions(clips=clips))
     assert list(tmp_path.iterdir()) == []
 
 
@@ -94,11 +95,12 @@ def test_gate_refuses_when_the_shipped_clips_are_gone(tiny_checkpoint, tmp_path,
     assert not out.exists()
 
 
-def test_demo_checkpoint_invents_no_results(tiny_checkpoint, tiny_export):
+def test_demo_checkpoint_invents_no_results_and_says_it_is_untrained(tiny_checkpoint, tiny_raw, tiny_export):
+    assert tiny_raw["training_complete"] is False and tiny_raw["finetuning_results"] is None  # its own fields
     assert load_checkpoint(tiny_checkpoint).finetuning_results is None
     source = _doc(tiny_export.path)["source"]
     assert source["finetuning_results"] is None
-    assert source["demo"] is False  # exported by path without saying so: export cannot know
+    assert source["demo"] is True and tiny_export.demo  # exported by path: the checkpoint's fields say it
 
 
 def test_export_without_checkpoint_marks_the_model_a_demo(tiny_model, tmp_path, monkeypatch):
@@ -112,17 +114,27 @@ def test_export_without_checkpoint_marks_the_model_a_demo(tiny_model, tmp_path, 
     assert result.demo and source["demo"] is True and source["finetuning_results"] is None
 
 
-def test_real_checkpoint_results_are_carried_over_unchanged(tiny_checkpoint, tiny_model, tmp_path, monkeypatch):
+RESULTS = {"best_val_correlation": 0.6123, "total_epochs": 41, "convergence_achieved": True}
+
+
+@pytest.mark.parametrize(("training_complete", "results", "demo"), [
+    (False, RESULTS, True),  # stopped early, results or not: untrained
+    (True, None, True),  # no fine-tuning results: nothing says it was trained
+    (True, RESULTS, False),  # the original's final checkpoint (SPEC §2): a real model
+], ids=["incomplete", "no-results", "trained"])
+def test_checkpoint_exported_by_path_is_a_demo_unless_its_fields_say_trained(
+        training_complete, results, demo, tiny_raw, tiny_model, tmp_path, monkeypatch):
     import pickle
 
-    ckpt = pickle.loads(tiny_checkpoint.read_bytes())  # our own demo file: trusted, so plain pickle is fine here
-    results = {"best_val_correlation": 0.6123, "total_epochs": 41, "convergence_achieved": True}
-    ckpt["finetuning_results"] = results
-    real = tmp_path / "real.pkl"
-    real.write_bytes(pickle.dumps(ckpt))
+    ckpt = {**tiny_raw, "training_complete": training_complete, "finetuning_results": results}
+    path = tmp_path / "final_finetuned_model.pkl"  # the original format, exported by path with no demo flag
+    path.write_bytes(pickle.dumps(ckpt))  # our own demo file: trusted, so plain pickle is fine here
     _reuse_trace(monkeypatch, tiny_model)  # same weights, so the same trace
-    source = _doc(export(real, tmp_path / "m.onnx").path)["source"]
-    assert source["finetuning_results"] == results and source["demo"] is False
+    result = export(path, tmp_path / "m.onnx")
+    source = _doc(result.path)["source"]
+    assert source["demo"] is demo and result.demo is demo
+    assert source["finetuning_results"] == results  # carried over unchanged
+    assert OnnxModel(result.path, device="cpu").info.demo is demo  # what info, analyze and serve read
 
 
 def test_self_check_holds_real_windows_and_jax_scores(tiny_export, tiny_checkpoint):
@@ -251,3 +263,43 @@ def test_cli_param_mismatch_is_one_line_naming_the_paths(tiny_checkpoint, tmp_pa
     err = capsys.readouterr().err.strip()
     assert code == 1 and len(err.splitlines()) == 1
     assert "- final_norm/scale" in err and "- final_norm/bias" in err
+
+
+def test_cli_builds_the_options_export_takes(tmp_path, monkeypatch):
+    import dataclasses
+
+    import convert.export as export_mod
+
+    seen = []
+
+    def fake(checkpoint, out, options, variants):
+        seen.append((checkpoint, out, options, variants))
+        raise ParityError("stop here")  # a user error: the CLI prints it and exits 1
+
+    monkeypatch.setattr(export_mod, "export", fake)
+    clip = tmp_path / "a.flac"
+    argv = ["-q", "export", "--checkpoint", "c.pkl", "--out", str(tmp_path / "m.onnx"), "--opset", "21",
+            "--backend", "tf2onnx", "--atol", "2e-5", "--clips", str(clip), "--seed", "7", "--quantize", "auto",
+            "--int8-atol", "0.01", "--fp16-atol", "0.02", "--per-channel", "--no-reduce-range", "--optimize",
+            "--allow-partial"]
+    assert cli.main(argv) == 1
+    (checkpoint, out, options, variants), = seen
+    assert (str(checkpoint), out) == ("c.pkl", tmp_path / "m.onnx")
+    assert options == ExportOptions(opset=21, backend="tf2onnx", atol=2e-5, clips=(clip,), seed=7)
+    assert variants == VariantOptions(quantize="auto", int8_atol=0.01, fp16_atol=0.02, per_channel=True,
+                                      reduce_range=False, optimize=True, allow_partial=True)
+    seen.clear()
+    assert cli.main(["-q", "export", "--checkpoint", "c.pkl", "--out", str(tmp_path / "m.onnx")]) == 1
+    assert seen[0][2:] == (ExportOptions(), VariantOptions())  # the CLI's defaults are the options' defaults
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        options.seed = 1
+
+
+@pytest.mark.parametrize(("options", "kwargs"), [
+    (ExportOptions, {"backend": "onnxmltools"}), (ExportOptions, {"preoptimize": "all"}),
+    (VariantOptions, {"quantize": "int4"}),
+])
+def test_options_refuse_an_unknown_choice(options, kwargs):
+    (name, value), = kwargs.items()
+    with pytest.raises(ValueError, match=f"unknown {name} '{value}'; choose one of"):
+        options(**kwargs)

@@ -1,4 +1,5 @@
-"""`python -m benchmarks.gpu`: its exit codes, and its whole logic run on the CPU provider with the tiny models."""
+"""`python -m benchmarks.gpu_check`: its exit codes, and its whole logic run on the CPU provider with the tiny
+models."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import onnx
 import pytest
 from model_edits import with_self_check
 
-from benchmarks import gpu
+from benchmarks import gpu_check
 from convert.checkpoint import load_checkpoint
 from convert.parity import DEFAULT_ATOL
 from convert.quantize import make_variant
@@ -40,10 +41,10 @@ def tiny_pair(tiny_model, tiny_checkpoint, tmp_path_factory) -> tuple[Path, Path
 def test_no_gpu_has_its_own_exit_code_and_says_why(capsys):
     import onnxruntime as ort
 
-    if gpu.CUDA in ort.get_available_providers():
+    if gpu_check.CUDA in ort.get_available_providers():
         pytest.skip("this onnxruntime has a CUDA provider")
-    assert gpu.NO_GPU not in (0, 1, 2)
-    assert gpu.main([]) == gpu.NO_GPU
+    assert gpu_check.NO_GPU not in (0, 1, 2)
+    assert gpu_check.main([]) == gpu_check.NO_GPU
     err = capsys.readouterr().err
     assert "no CUDAExecutionProvider" in err and "nvidia-smi" in err
 
@@ -51,36 +52,37 @@ def test_no_gpu_has_its_own_exit_code_and_says_why(capsys):
 def test_the_message_tells_a_missing_provider_from_a_missing_gpu(monkeypatch):
     import onnxruntime as ort
 
-    monkeypatch.setattr(ort, "get_available_providers", lambda: [gpu.CUDA, gpu.CPU])
-    monkeypatch.setattr(gpu, "gpus", lambda: [])
-    why = gpu.no_gpu_reason("cuda")  # the probe session falls back to the CPU: onnxruntime here has no CUDA
+    monkeypatch.setattr(ort, "get_available_providers", lambda: [gpu_check.CUDA, gpu_check.CPU])
+    monkeypatch.setattr(gpu_check, "gpus", lambda: [])
+    why = gpu_check.no_gpu_reason("cuda")  # the probe session falls back to the CPU: onnxruntime here has no CUDA
     assert "has its CUDA provider, but no NVIDIA GPU or driver" in why and "did not start" in why
-    monkeypatch.setattr(gpu, "cuda_probe", lambda: True)  # no nvidia-smi, but a session starts on CUDA
-    assert gpu.no_gpu_reason("cuda") is None
-    monkeypatch.setattr(gpu, "gpus", lambda: ["NVIDIA A10G, 23028 MiB, 550.54"])
-    assert gpu.no_gpu_reason("cuda") is None
-    monkeypatch.setattr(ort, "get_available_providers", lambda: [gpu.CPU])
-    assert "no CUDAExecutionProvider" in gpu.no_gpu_reason("cuda") and "lists 1 GPU" in gpu.no_gpu_reason("cuda")
-    assert gpu.no_gpu_reason("cpu") is None
+    monkeypatch.setattr(gpu_check, "cuda_probe", lambda: True)  # no nvidia-smi, but a session starts on CUDA
+    assert gpu_check.no_gpu_reason("cuda") is None
+    monkeypatch.setattr(gpu_check, "gpus", lambda: ["NVIDIA A10G, 23028 MiB, 550.54"])
+    assert gpu_check.no_gpu_reason("cuda") is None
+    monkeypatch.setattr(ort, "get_available_providers", lambda: [gpu_check.CPU])
+    why = gpu_check.no_gpu_reason("cuda")
+    assert "no CUDAExecutionProvider" in why and "lists 1 GPU" in why
+    assert gpu_check.no_gpu_reason("cpu") is None
 
 
 def test_every_check_runs_and_passes_on_the_cpu_provider(tiny_pair, tmp_path, capsys):
     fp32, fp16 = tiny_pair
-    out = tmp_path / "gpu.json"
-    assert gpu.main(["--provider", "cpu", "--model", str(fp32), "--out", str(out), "--runs", "2"]) == 0
+    out = tmp_path / "gpu_check.json"
+    assert gpu_check.main(["--provider", "cpu", "--model", str(fp32), "--out", str(out), "--runs", "2"]) == 0
     assert "PASSED" in capsys.readouterr().out
     doc = json.loads(out.read_text())
     assert doc["passed"] and doc["exit_code"] == 0 and doc["models"] == {"fp32": str(fp32), "fp16": str(fp16)}
     checks = doc["checks"]
-    assert tuple(checks) == gpu.CHECKS
-    assert checks["cuda_graph"]["status"] == gpu.NOT_APPLICABLE
-    assert all(c["status"] == gpu.PASSED for name, c in checks.items() if name != "cuda_graph")
-    assert checks["session"]["providers"] == {"fp32": [gpu.CPU], "fp16": [gpu.CPU]}
+    assert tuple(checks) == gpu_check.CHECKS
+    assert checks["cuda_graph"]["status"] == gpu_check.NOT_APPLICABLE
+    assert all(c["status"] == gpu_check.PASSED for name, c in checks.items() if name != "cuda_graph")
+    assert checks["session"]["providers"] == {"fp32": [gpu_check.CPU], "fp16": [gpu_check.CPU]}
     assert checks["self_check_fp32"]["max_abs"] <= DEFAULT_ATOL["fp32"] == checks["self_check_fp32"]["atol"]
     assert 0 < checks["fp16_vs_fp32"]["max_abs"] <= DEFAULT_ATOL["fp16"]  # half precision is not bit-equal
     assert checks["io_binding"]["output_device"] == "cpu" and checks["io_binding"]["max_abs"] <= 1e-6
     runs = checks["latency"]["runs"]
-    assert set(runs) == {f"{p}/{b}" for p in ("fp32", "fp16") for b in gpu.BATCHES}
+    assert set(runs) == {f"{p}/{b}" for p in ("fp32", "fp16") for b in gpu_check.BATCHES}
     assert all(r["runs"] == 2 and 0 < r["p50_s"] <= r["p90_s"] for r in runs.values())
     assert checks["cold_start"]["total_s"] > 0 and "first_inference" in checks["cold_start"]["phases"]
 
@@ -91,21 +93,21 @@ def test_tampered_references_fail_the_run(tiny_pair, tmp_path, capsys):
     ref = parse_section(doc["self_check"])
     tampered = with_self_check(fp32, tmp_path / "m.fp32.onnx", ref.inputs, ref.scores + 0.01,
                                atol=ref.atol)
-    out = tmp_path / "gpu.json"
-    code = gpu.main(["--provider", "cpu", "--model", str(tampered), "--fp16", str(fp16), "--out", str(out),
+    out = tmp_path / "gpu_check.json"
+    code = gpu_check.main(["--provider", "cpu", "--model", str(tampered), "--fp16", str(fp16), "--out", str(out),
                      "--runs", "1"])
     assert code == 1 and "FAILED" in capsys.readouterr().out
     checks = json.loads(out.read_text())["checks"]
-    assert checks["self_check_fp32"]["status"] == gpu.FAILED
+    assert checks["self_check_fp32"]["status"] == gpu_check.FAILED
     assert checks["self_check_fp32"]["max_abs"] == pytest.approx(0.01, abs=1e-6)
-    assert checks["self_check_fp16"]["status"] == gpu.PASSED  # only the tampered file fails
+    assert checks["self_check_fp16"]["status"] == gpu_check.PASSED  # only the tampered file fails
 
 
 def test_a_wrong_file_or_option_is_a_usage_error(tiny_pair, tmp_path, capsys):
     fp32, _ = tiny_pair
     with pytest.raises(SystemExit) as exc:
-        gpu.main(["--provider", "cpu", "--model", str(tmp_path / "none.onnx")])
+        gpu_check.main(["--provider", "cpu", "--model", str(tmp_path / "none.onnx")])
     assert exc.value.code == 2 and "model file not found" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exc:
-        gpu.main(["--provider", "tpu"])
+        gpu_check.main(["--provider", "tpu"])
     assert exc.value.code == 2

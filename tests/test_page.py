@@ -305,16 +305,19 @@ def test_api_errors_read_as_sentences(page, server, clips, status, body, headers
     assert page.text_content("#take-a .take-error") == text
 
 
-def test_demo_model_gets_a_banner(page, server):
-    def as_demo(route):
+@pytest.mark.parametrize(("demo", "source_demo", "shown"), [(True, True, True), (True, False, True),
+                                                            (False, True, True), (False, False, False)])
+def test_demo_model_gets_a_banner(page, server, demo, source_demo, shown):
+    def edit(route):  # /v1/model's `demo` and its source's mark, as a model exported either way would give them
         doc = route.fetch().json()
-        doc["source"] = {**doc["source"], "demo": True}
+        doc["demo"], doc["source"] = demo, {**doc["source"], "demo": source_demo}
         route.fulfill(json=doc)
 
-    page.route("**/v1/model", as_demo)
+    page.route("**/v1/model", edit)
     open_page(page, server)
-    assert page.is_visible("#demo-banner")
-    assert "Demo model" in page.text_content("#demo-banner")
+    assert page.is_visible("#demo-banner") is shown
+    if shown:
+        assert "Demo model" in page.text_content("#demo-banner")
 
 
 def test_recording_from_the_microphone(browser, server):
@@ -372,7 +375,7 @@ def test_the_page_ships_in_the_package():
 
     globs = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["runtime"]
     static = REPO / "runtime" / "serve" / "static"
-    files = sorted(p.relative_to(REPO / "runtime").as_posix() for p in static.iterdir())
+    files = sorted(p.relative_to(REPO / "runtime").as_posix() for p in static.iterdir())  # as package-data names
     assert files and all(any(fnmatch(f, g) for g in globs) for f in files), (files, globs)
     html = (static / "index.html").read_text()
     for asset in ("static/app.js", "static/charts.js", "static/style.css"):

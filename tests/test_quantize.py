@@ -13,6 +13,7 @@ from convert.checkpoint import load_checkpoint
 from convert.errors import ExportError, ParityError
 from convert.export import build_forward, export
 from convert.metadata import describe, set_metadata
+from convert.options import ExportOptions, VariantOptions
 from convert.parity import DEFAULT_ATOL, Tolerance, clip_references, random_inputs, run_gate
 from convert.quantize import (
     FP16_KEEP_FP32,
@@ -89,8 +90,8 @@ def auto(tiny_model, tiny_checkpoint, tmp_path_factory):
     as the quantizer makes them (tests/test_cold_start.py covers the default, pre-optimised files)."""
     with pytest.MonkeyPatch.context() as mp:
         _reuse_trace(mp, tiny_model)
-        return export(tiny_checkpoint, tmp_path_factory.mktemp("auto") / "model.onnx", quantize="auto",
-                      preoptimize="none")
+        return export(tiny_checkpoint, tmp_path_factory.mktemp("auto") / "model.onnx",
+                      ExportOptions(preoptimize="none"), VariantOptions(quantize="auto"))
 
 
 def test_prepare_is_exact_and_makes_every_dense_layer_a_matmul(fp32, ckpt):
@@ -221,8 +222,8 @@ def test_every_variant_carries_the_self_check_with_its_own_tolerance(auto):
 def test_auto_refuses_partial_output_unless_asked(fp32, ckpt, forward, tiny_export, tmp_path, capsys, monkeypatch,
                                                   tiny_model, tiny_checkpoint):
     with pytest.raises(ParityError, match="allow-partial") as err:
-        publish_variants(fp32, ckpt, forward, tmp_path / "m.onnx", "auto", fp32_report=tiny_export.reports["fp32"],
-                         atol={"int8": 1e-9})
+        publish_variants(fp32, ckpt, forward, tmp_path / "m.onnx", VariantOptions(quantize="auto", int8_atol=1e-9),
+                         fp32_report=tiny_export.reports["fp32"])
     assert err.value.report["precision"] == "int8" and list(tmp_path.iterdir()) == []
     _reuse_trace(monkeypatch, tiny_model)
     argv = ["-q", "export", "--checkpoint", str(tiny_checkpoint), "--out", str(tmp_path / "m.onnx"),
@@ -254,9 +255,8 @@ def test_gate_refuses_a_variant_under_an_impossible_tolerance(precision, fp32, c
             ckpt,
             forward,
             tmp_path / "m.onnx",
-            precision,
+            VariantOptions(quantize=precision, **{f"{precision}_atol": 1e-9}),
             fp32_report=tiny_export.reports["fp32"],
-            atol={precision: 1e-9},
         )
     assert not err.value.report["passed"] and err.value.report["precision"] == precision
     assert list(tmp_path.iterdir()) == []
@@ -264,8 +264,8 @@ def test_gate_refuses_a_variant_under_an_impossible_tolerance(precision, fp32, c
 
 def test_auto_leaves_out_a_failing_variant_and_falls_back_to_fp32(fp32, ckpt, forward, tiny_export, tmp_path):
     reports, written = publish_variants(
-        fp32, ckpt, forward, tmp_path / "m.onnx", "auto", fp32_report=tiny_export.reports["fp32"],
-        atol={"int8": 1e-9}, allow_partial=True,
+        fp32, ckpt, forward, tmp_path / "m.onnx", VariantOptions(quantize="auto", int8_atol=1e-9, allow_partial=True),
+        fp32_report=tiny_export.reports["fp32"],
     )
     assert not reports["int8"]["passed"]
     assert written == {"fp32": tmp_path / "m.onnx", "fp16": tmp_path / "m.fp16.onnx"}
@@ -385,5 +385,5 @@ def test_quantize_refuses_an_empty_clip_set(auto, tiny_checkpoint, tmp_path, cap
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: parity gate clips not found") and len(err.splitlines()) == 1
     with pytest.raises(ParityError, match="no real audio clips"):
-        quantize_file(fp32_model, tiny_checkpoint, tmp_path / "m.onnx", "int8", clips=[])
+        quantize_file(fp32_model, tiny_checkpoint, tmp_path / "m.onnx", VariantOptions(quantize="int8"), clips=[])
     assert list(tmp_path.iterdir()) == [] and not fp32_model.with_name("model.fp32.int8.onnx").exists()

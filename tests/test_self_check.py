@@ -10,11 +10,12 @@ import numpy as np
 import pytest
 from model_edits import edit_metadata, reference_windows, with_self_check, without_self_check
 
+from convert.metadata import encode_self_check
 from runtime import cli
 from runtime.analyze import Analyzer
 from runtime.errors import ModelError
 from runtime.model import OnnxModel
-from runtime.self_check import encode_section, parse_section, require_passed
+from runtime.self_check import parse_section, require_passed
 
 TAMPER = 0.01  # score units added to one stored score: far beyond the fp32 tolerance, a plausible int8-kernel error
 
@@ -61,8 +62,8 @@ def test_tampered_outputs_are_refused(tampered_model):
 def test_cli_analyze_refuses_a_tampered_model_unless_told(tampered_model, checked_model, piano_clips, capsys):
     clip = str(piano_clips[0])
     assert cli.main(["analyze", clip, "--model", str(tampered_model), "--device", "cpu"]) == 2
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("error: self-check FAILED") and "\n" not in err
+    err = [line for line in capsys.readouterr().err.splitlines() if " is a DEMO model " not in line]  # tiny: a demo
+    assert len(err) == 1 and err[0].startswith("error: self-check FAILED")
     assert cli.main(["analyze", clip, "--model", str(tampered_model), "--device", "cpu", "--skip-self-check",
                      "--json"]) == 0
     doc = json.loads(capsys.readouterr().out)
@@ -114,12 +115,12 @@ def test_service_refuses_a_tampered_model_and_reports_a_good_one(tampered_model,
 
 def test_malformed_sections_are_refused_before_running(references):
     _, mel, scores = references
-    good = encode_section(mel, scores, 1e-5, ["a#0", "a#1"])
+    good = encode_self_check(mel, scores, 1e-5, ["a#0", "a#1"])
     ref = parse_section(good)
     np.testing.assert_array_equal(ref.inputs, mel)
     np.testing.assert_array_equal(ref.scores, scores)
     short = {**good, "inputs": {**good["inputs"], "base64": base64.b64encode(b"\0" * 12).decode()}}
-    nan = {**good, "inputs": encode_section(np.where(mel == mel.max(), np.nan, mel), scores, 1e-5, [])["inputs"]}
+    nan = {**good, "inputs": encode_self_check(np.where(mel == mel.max(), np.nan, mel), scores, 1e-5, [])["inputs"]}
     cases = [
         ({**good, "scores": scores[:1].tolist()}, "scores must be 2 rows"),
         ({**good, "atol": -1}, "atol must be a positive"),
@@ -158,23 +159,33 @@ def test_demo_model_warned_about_once_and_flagged(demo_model, tiny_model, piano_
     assert json.loads(out.out)["runtime"]["demo"] is False and "DEMO" not in out.err
 
 
-def test_serve_warns_about_a_demo_model(demo_model, monkeypatch, capsys):
+def test_serve_warns_about_a_demo_model_in_one_start_up_line(demo_model, tiny_model, monkeypatch, capsys, caplog):
     import runtime.serve.app
 
     served = []
     monkeypatch.setattr(runtime.serve.app, "serve", lambda analyzer, **kw: served.append(analyzer))
-    assert cli.main(["serve", "--model", str(demo_model), "--device", "cpu"]) == 0
-    assert capsys.readouterr().err.count("DEMO model") == 1
+    with caplog.at_level(logging.WARNING, logger="runtime"):
+        assert cli.main(["serve", "--model", str(demo_model), "--device", "cpu"]) == 0
+    lines = [r.getMessage() for r in caplog.records] + capsys.readouterr().err.splitlines()
+    assert [line for line in lines if "DEMO model" in line] == [
+        "serving a DEMO model (exported from a checkpoint that was never trained to the end): its scores mean nothing"]
     assert served[0].model.warmed and served[0].model.self_check is not None  # warmed before serving
+    plain = edit_metadata(tiny_model, demo_model.with_name("trained.onnx"), lambda doc: doc["source"].pop("demo"))
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="runtime"):
+        assert cli.main(["serve", "--model", str(plain), "--device", "cpu"]) == 0
+    assert "DEMO" not in caplog.text + capsys.readouterr().err
 
 
-def test_v1_model_shows_the_demo_flag(demo_model):
+def test_v1_model_shows_the_demo_flag_and_the_service_logs_it(demo_model, caplog):
     from fastapi.testclient import TestClient
 
     from runtime.serve.app import Settings, create_app
 
-    with TestClient(create_app(demo_model, settings=Settings())) as c:
-        assert c.get("/v1/model").json()["demo"] is True
+    app = create_app(demo_model, settings=Settings())
+    with caplog.at_level(logging.WARNING, logger="runtime"), TestClient(app) as c:
+        assert c.get("/v1/model").json()["demo"] is True  # waits for the load
+    assert caplog.text.count("serving a DEMO model") == 1
 
 
 def test_a_different_serving_onnxruntime_is_logged(tiny_model, tmp_path, caplog):

@@ -17,6 +17,7 @@ from convert.checkpoint import load_checkpoint
 from convert.crosscheck import compare_models
 from convert.export import export
 from convert.forward import build_forward
+from convert.options import ExportOptions, VariantOptions
 from convert.parity import clip_references
 from convert.quantize import linear_layers, weight_matmuls
 from convert.tf2onnx import env as legacy_env
@@ -63,8 +64,8 @@ def tf_export(tmp_path_factory, tiny_checkpoint, legacy_python):
     try:
         # preoptimize none: the tests below inspect the graph as this backend writes it; the default (saved
         # pre-optimised) goes through crosscheck and quantize below
-        result = export(tiny_checkpoint, tmp_path_factory.mktemp("tf2onnx") / "tiny.onnx", backend="tf2onnx",
-                        quantize="auto", preoptimize="none")
+        result = export(tiny_checkpoint, tmp_path_factory.mktemp("tf2onnx") / "tiny.onnx",
+                        ExportOptions(backend="tf2onnx", preoptimize="none"), VariantOptions(quantize="auto"))
     finally:
         sys.meta_path.remove(guard)
     return result, guard.attempts
@@ -142,7 +143,8 @@ def test_crosscheck_agrees_on_the_shared_clips(tiny_checkpoint, piano_clips, leg
     # crosscheck's tf2onnx export is saved pre-optimised: its int8 variant is converted again by tf2onnx
     tf_fp32 = tmp_path / "model.tf2onnx.onnx"
     assert _doc(tf_fp32)["graph"]["optimized"] != "none"
-    _, written = quantize_file(tf_fp32, tiny_checkpoint, quantize="int8", clips=piano_clips[:1])
+    _, written = quantize_file(tf_fp32, tiny_checkpoint, variants=VariantOptions(quantize="int8"),
+                               clips=piano_clips[:1])
     doc = _doc(written["int8"])
     assert doc["backend"]["name"] == "tf2onnx" and doc["backend"]["opset"] == MAX_OPSET
     config = load_checkpoint(tiny_checkpoint).config

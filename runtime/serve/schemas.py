@@ -63,7 +63,7 @@ class ReadyResponse(BaseModel):
     device: str
     providers: list[str] = Field(description="the onnxruntime session's execution providers, in priority order")
     self_check: SelfCheck
-    demo: bool = Field(description="a demo model (random weights): its scores mean nothing")
+    demo: bool = Field(description="a demo model (exported from an untrained checkpoint): its scores mean nothing")
 
 
 class ModelResponse(BaseModel):

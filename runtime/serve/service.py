@@ -23,6 +23,7 @@ from runtime.analyze import Analysis, Analyzer
 from runtime.audio import load_audio
 from runtime.constants import FEATURES, NUM_DIMENSIONS
 from runtime.errors import AudioError, InputError
+from runtime.model import DEMO_NOTE
 from runtime.self_check import require_passed
 from runtime.serve.batcher import Batcher, BatcherClosed, run_in_batches
 from runtime.serve.body import (
@@ -54,6 +55,8 @@ def warm_up(analyzer: Analyzer, *, allow_failed_self_check: bool = False) -> Non
     The batch-2 run is the self-check (the export's two stored windows, compared with their stored scores),
     so the check costs no run of its own: the same shapes and windows as a warm-up without it.
     """
+    if analyzer.model.info.demo:  # the start-up's one line about it (the page shows a banner, /v1/model `demo`)
+        log.warning("serving a %s", DEMO_NOTE)
     t0 = time.perf_counter()
     require_passed(analyzer.model.run_self_check(), allow_failed=allow_failed_self_check)
     analyzer.model.warmup(analyzer.batch_size)

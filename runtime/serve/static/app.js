@@ -112,7 +112,7 @@ function setModel(model) {
   const where = Array.isArray(model.providers) && model.providers.length ? ` (${model.providers[0]})` : "";
   $("#model").textContent = `Model ${model.version} · ${model.precision} · ${model.device}${where}`;
   const src = model.source && typeof model.source === "object" ? model.source : {};
-  show($("#demo-banner"), src.demo === true);
+  show($("#demo-banner"), model.demo === true || src.demo === true);
   const limits = model.limits || {}, bounds = [];
   if (limits.max_bytes) bounds.push(`${(limits.max_bytes / 1e6).toFixed(0)} MB`);
   if (limits.refuse_over_seconds) bounds.push(`${Math.round(limits.refuse_over_seconds / 6) / 10} minutes of audio`);

@@ -1,6 +1,6 @@
-"""`python -m benchmarks.gpu`: one short run that says whether the exported models work on this NVIDIA GPU.
+"""`python -m benchmarks.gpu_check`: one short run that says whether the exported models work on this NVIDIA GPU.
 
-    python -m benchmarks.gpu [--model artifacts/model.onnx] [--fp16 MODEL.fp16.onnx] [--out gpu.json]
+    python -m benchmarks.gpu_check [--model artifacts/model.onnx] [--fp16 MODEL.fp16.onnx] [--out gpu.json]
 
 Checks, in order: the CUDA session starts with CPU fallback disabled (fp32 and fp16); the stored self-check
 windows score within each model's tolerance on CUDA (fp32 and fp16), and fp16 agrees with fp32 on them; IO
@@ -309,7 +309,7 @@ def print_summary(doc: dict) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.gpu", description=__doc__.splitlines()[0],
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.gpu_check", description=__doc__.splitlines()[0],
                                      epilog=f"exit codes: 0 passed, 1 a check failed, 2 usage error, {NO_GPU} no GPU")
     parser.add_argument("--model", type=Path, help=f"the fp32 model (default {DEFAULT_MODEL}, or "
                         f"{DEFAULT_MODEL.with_suffix('.fp32.onnx').name} beside it where an auto export wrote that)")
