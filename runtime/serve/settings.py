@@ -36,6 +36,8 @@ class Settings:
     # inference call; 0 = off, None = auto: 10 ms on CUDA, off on the CPU, decided when the model is loaded
     batch_wait_ms: float | None = None  # PERCEPIANO_BATCH_WAIT_MS ("auto", or ms)
     max_batch_chunks: int = 32  # windows per merged inference call, at most (PERCEPIANO_MAX_BATCH_CHUNKS)
+    cuda_tf32: bool = False  # CUDA: float32 products in TF32, own self-check tolerance (PERCEPIANO_CUDA_TF32)
+    request_log: bool = True  # one JSON line per request on stderr at the default level (PERCEPIANO_REQUEST_LOG)
 
     ENV = {"max_bytes": ("PERCEPIANO_MAX_BYTES", int), "refuse_over_seconds": ("PERCEPIANO_REFUSE_OVER_SECONDS", float),
            "cap_seconds": ("PERCEPIANO_CAP_SECONDS", float),
@@ -45,7 +47,8 @@ class Settings:
            "allow_failed_self_check": ("PERCEPIANO_ALLOW_FAILED_SELF_CHECK", bool),
            "metrics_auth": ("PERCEPIANO_METRICS_AUTH", bool),
            "batch_wait_ms": ("PERCEPIANO_BATCH_WAIT_MS", float),
-           "max_batch_chunks": ("PERCEPIANO_MAX_BATCH_CHUNKS", int)}
+           "max_batch_chunks": ("PERCEPIANO_MAX_BATCH_CHUNKS", int),
+           "cuda_tf32": ("PERCEPIANO_CUDA_TF32", bool), "request_log": ("PERCEPIANO_REQUEST_LOG", bool)}
     AUTO_BATCH_WAIT_MS = {"cuda": 10.0, "cpu": 0.0}  # batch_wait_ms=None, by the device the model runs on
     MAX_BATCH_WAIT_MS = 1000.0  # a longer wait would only add latency: refused as a likely unit mistake
 
