@@ -99,9 +99,12 @@ SNAPSHOT = {"enable_memory_snapshot": True,
             **({"experimental_options": {"enable_gpu_snapshot": True}} if GPU_SNAPSHOT else {})}
 
 # The serving onnxruntime, pinned exactly. The parity gate ran on onnxruntime 1.32.0 (the `convert` extra), but
-# PyPI has no onnxruntime-gpu 1.32.0 wheel (its newest is 1.31.1, checked with `pip index versions
-# onnxruntime-gpu`), so the image takes the nearest release; the runtime logs the difference at load, and the
-# self-check at start-up measures this version's CUDA kernels on the A10G against the export's stored outputs.
+# PyPI has no onnxruntime-gpu 1.32.0 wheel (its newest is 1.31.1), so the image takes the nearest release; the
+# runtime logs the difference at load, and the self-check at start-up measures this version's CUDA kernels on the
+# A10G against the export's stored outputs. The GPU image installs the lock GPU_LOCK: onnxruntime-gpu and the NVIDIA
+# wheels it resolves to (CUDA 13, cuDNN 9; driver 580.65.06 or newer: runtime/cuda.py), written by
+# `python -m deploy.image_lock --write`; ONNXRUNTIME_GPU is its pin (tests/test_image_lock.py checks both).
+GPU_LOCK = REPO / "deploy" / "requirements-gpu.txt"
 ONNXRUNTIME_GPU = "1.31.1"
 ONNXRUNTIME_CPU = "1.32.0"  # the CPU target serves on the very version the gate (and the int8 gate) ran with
 
@@ -110,13 +113,13 @@ app = modal.App(APP_NAME)
 
 def build_image(target: str) -> modal.Image:
     """debian_slim + the pinned onnxruntime of the target + the runtime and serve extras + the baked model."""
-    if target == "gpu":  # the pin first, so that the gpu extra's `onnxruntime-gpu>=` floor is already met by it
-        pin, extras = f"onnxruntime-gpu[cuda,cudnn]=={ONNXRUNTIME_GPU}", ["gpu", "serve"]
+    base = modal.Image.debian_slim(python_version="3.11")
+    if target == "gpu":  # the lock first, so that the gpu extra's `onnxruntime-gpu>=` floor is already met by it
+        base, extras = base.pip_install_from_requirements(str(GPU_LOCK)), ["gpu", "serve"]
     else:  # the CPU wheel only: the gpu extra (onnxruntime-gpu) would own the same `onnxruntime` module
-        pin, extras = f"onnxruntime=={ONNXRUNTIME_CPU}", ["runtime", "serve"]
+        base, extras = base.pip_install(f"onnxruntime=={ONNXRUNTIME_CPU}"), ["runtime", "serve"]
     return (
-        modal.Image.debian_slim(python_version="3.11")
-        .pip_install(pin)
+        base
         .pip_install_from_pyproject(str(REPO / "pyproject.toml"), optional_dependencies=extras)
         .env(SERVICE_ENV)
         .add_local_file(MODEL_LOCAL, MODEL_REMOTE, copy=True)  # baked: see the module docstring
