@@ -137,6 +137,7 @@ class ModelContainer:
     """Container lifecycle shared by the web service and the corpus worker (plain runtime code inside)."""
 
     analyzer = None
+    settings = None  # runtime.serve.settings.Settings, read when the session is created
     model_bytes = b""  # the GPU target's model, read before the snapshot (its session is made after restore)
 
     @modal.enter(snap=True)
@@ -182,26 +183,35 @@ class ModelContainer:
 
         threads = os.environ.get("PERCEPIANO_THREADS", "").strip()
         model = OnnxModel(source or self.model_bytes, device=os.environ.get("PERCEPIANO_DEVICE", "cuda"),
-                          threads=int(threads) if threads else None)
+                          threads=int(threads) if threads else None, tf32=Settings.from_env().cuda_tf32)
         refuse_int8_on_cuda(model)
         refuse_fp16_on_cpu(model)
-        settings = Settings.from_env()  # the cap and refusal limit apply to the corpus worker too
-        analyzer = Analyzer(model, cap_seconds=settings.cap_seconds, refuse_over_seconds=settings.refuse_over_seconds)
+        settings = Settings.from_env()
+        # No cap in the Analyzer: as in `runtime serve`, PERCEPIANO_CAP_SECONDS is the default that a request's
+        # own ?cap_seconds= (within the refusal limit) replaces; the service and analyze_path apply it per call.
+        analyzer = Analyzer(model, refuse_over_seconds=settings.refuse_over_seconds)
         warm_up(analyzer, allow_failed_self_check=settings.allow_failed_self_check)
-        self.analyzer = analyzer
+        self.analyzer, self.settings = analyzer, settings
         self.model_bytes = b""  # the session holds its own copy
 
     def build_app(self):
         """The FastAPI app of runtime.serve.app over the warmed Analyzer (no second warm-up), bearer auth required."""
         from runtime.serve.app import Settings, create_app
+        from runtime.serve.request_log import configure_request_log
 
-        return create_app(self.analyzer, settings=Settings.from_env(require_token=True))
+        settings = Settings.from_env(require_token=True)
+        configure_request_log(settings.request_log)  # nothing else configures logging in a Modal container
+        return create_app(self.analyzer, settings=settings)
+
+    def cap_for(self, cap_seconds: float | None) -> float | None:
+        """The call's cap, else the deployment's PERCEPIANO_CAP_SECONDS (the same rule as the web service)."""
+        return cap_seconds if cap_seconds is not None else self.settings.cap_seconds
 
     def analyze_path(self, relpath: str, cap_seconds: float | None = None) -> dict[str, Any]:
         """One file of the audio Volume -> its result; any failure becomes that file's `error` (never raised)."""
         from runtime.corpus.runner import analyze_one
 
-        return analyze_one(self.analyzer, relpath, Path(AUDIO_MOUNT) / relpath, cap_seconds)
+        return analyze_one(self.analyzer, relpath, Path(AUDIO_MOUNT) / relpath, self.cap_for(cap_seconds))
 
 
 def refuse_int8_on_cuda(model) -> None:
@@ -258,7 +268,7 @@ class CorpusWorker(ModelContainer):
         """A file sent by `python -m deploy analyze DIR --out REPORT` (deploy.modal_corpus.modal_results)."""
         from runtime.corpus.runner import analyze_one
 
-        return analyze_one(self.analyzer, name, data, cap_seconds)
+        return analyze_one(self.analyzer, name, data, self.cap_for(cap_seconds))
 
 
 def list_audio(root: Path, prefix: str = "") -> list[str]:

@@ -24,6 +24,8 @@ SKIP_HELP = (f"use the model even if its self-check fails on this device (its sc
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m runtime", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="log what the runtime does")
+    parser.add_argument("-q", "--quiet", action="store_true",
+                        help="serve: no per-request JSON log lines (PERCEPIANO_REQUEST_LOG=0 does the same)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     an = sub.add_parser("analyze", help="score audio files (or, with --out, whole folders) on the 19 dimensions")
@@ -230,7 +232,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from runtime.analyze import Analyzer
     from runtime.serve.app import Settings, serve, warm_up
 
-    settings = Settings.from_env()
+    settings = Settings.from_env(**({"request_log": False} if args.quiet else {}))
     analyzer = Analyzer.from_path(args.model, device=args.device, threads=args.threads,
                                   refuse_over_seconds=settings.refuse_over_seconds,
                                   tf32=args.tf32 or settings.cuda_tf32)
