@@ -10,11 +10,17 @@ The image carries both switches (SERVICE_ENV), so the container's own import of 
 variant as the deploy did.
 
 One-time setup, then one deploy command per variant (from the repository root; `--quantize auto` writes the
-int8 CPU variant to artifacts/model.onnx and the fp16 GPU one beside it):
+int8 CPU variant to artifacts/model.onnx and the fp16 GPU one beside it; `--input audio --out
+artifacts/model-audio.onnx` the waveform-in model, the GPU's recommended artifact: docs/gpu-and-modal.md):
 
     modal secret create percepiano-api PERCEPIANO_API_TOKEN=$(openssl rand -hex 32)
-    PERCEPIANO_MODEL=artifacts/model.fp16.onnx modal deploy deploy/modal_app.py            # A10G
-    PERCEPIANO_MODAL_TARGET=cpu PERCEPIANO_MODEL=artifacts/model.onnx modal deploy deploy/modal_app.py   # int8, CPU
+    python -m deploy check --target gpu && modal deploy deploy/modal_app.py                  # A10G
+    PERCEPIANO_MODAL_TARGET=cpu modal deploy deploy/modal_app.py                             # int8, CPU
+
+`modal deploy` runs the same check (deploy.checks) when it imports this file and stops on a model that cannot
+serve on the target: int8 on the GPU, fp16 on the CPU, a demo model (unless PERCEPIANO_DEPLOY_ALLOW_DEMO=1),
+a failed export gate, a missing file. Without PERCEPIANO_MODEL the GPU deploys the first of
+artifacts/model-audio.fp16.onnx, model.fp16.onnx, model-audio.fp32.onnx, model.fp32.onnx (never the int8 file).
 
 Snapshots. The CPU variant creates its onnxruntime session and warms it up (the self-check) inside
 `@modal.enter(snap=True)`, so the memory snapshot holds the ready session; after a restore the self-check
@@ -43,6 +49,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from collections.abc import Callable, Iterable
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -75,7 +82,38 @@ GPU = "A10G" if TARGET == "gpu" else None
 CPU_CORES = 4.0  # the CPU target's reservation (physical cores), and its onnxruntime threads
 CPU_MEMORY_MB = 4096
 SCALEDOWN_WINDOW = 180  # s; restores from a snapshot take seconds, so idle containers need not linger long
-MODEL_LOCAL = Path(os.environ.get("PERCEPIANO_MODEL", REPO / "artifacts" / "model.onnx"))
+MODAL_COMMANDS = ("deploy", "serve", "run")  # the `modal` CLI commands that build and ship the image
+
+
+def shipping(argv: list[str] | None = None, env=os.environ) -> bool:
+    """True when this import is `modal deploy|serve|run` on the local machine (not the container's import, not a
+    test or `python -m deploy`); PERCEPIANO_DEPLOY_CHECK=1/0 forces it on or off."""
+    forced = env.get("PERCEPIANO_DEPLOY_CHECK", "").strip().lower()
+    if forced in SWITCHES and forced:
+        return SWITCHES[forced]
+    argv = sys.argv if argv is None else argv
+    cli = len(argv) > 1 and Path(argv[0]).name in ("modal", "__main__.py") and argv[1] in MODAL_COMMANDS
+    return cli and modal.is_local()
+
+
+def local_model(target: str, env=os.environ) -> Path:
+    """PERCEPIANO_MODEL, else the target's default (deploy.checks.DEFAULTS: on the GPU the recommended GPU
+    artifact, never the int8 file)."""
+    if env.get("PERCEPIANO_MODEL", "").strip():
+        return Path(env["PERCEPIANO_MODEL"])
+    if not modal.is_local():  # the container's import: the model is already baked (MODEL_REMOTE)
+        return REPO / "artifacts" / "model.onnx"
+    from deploy.checks import default_model
+
+    return default_model(target, REPO / "artifacts")
+
+
+MODEL_LOCAL = local_model(TARGET)
+if shipping():  # refuse, one line each, a model that cannot serve on this target before anything is built
+    from deploy.checks import enforce
+
+    enforce(MODEL_LOCAL, TARGET, allow_demo=SWITCHES.get(
+        os.environ.get("PERCEPIANO_DEPLOY_ALLOW_DEMO", "").strip().lower(), False))
 MODEL_REMOTE = "/opt/percepiano/model.onnx"
 SECRET_NAME = "percepiano-api"  # holds PERCEPIANO_API_TOKEN
 AUDIO_VOLUME = "percepiano-audio"
