@@ -81,6 +81,17 @@ APP_NAME = "percepiano" if TARGET == "gpu" else "percepiano-cpu"
 GPU = "A10G" if TARGET == "gpu" else None
 CPU_CORES = 4.0  # the CPU target's reservation (physical cores), and its onnxruntime threads
 CPU_MEMORY_MB = 4096
+# The GPU target's CPUs feed its GPU: decode, resample (and, for a mel-input model, the features) of every request
+# run there. Without a reservation Modal gives 0.125 cores and 128 MiB. Sized with `python -m benchmarks.cpu_cost`
+# (docs/gpu-and-modal.md; process CPU ms per 30 s request, 44.1 kHz stereo): the worst format (m4a) costs 186 ms
+# with the mel-input model (features 123 ms of it) and 64 ms with the waveform-in model (the GPU's recommended
+# artifact). Reserved for GPU_TARGET_RPS requests/s per container with the mel-input model, so the waveform-in
+# one has room to spare: benchmarks.cpu_cost.reservation(GPU_CPU_MS_PER_REQUEST, GPU_TARGET_RPS) (tested).
+GPU_TARGET_RPS = 8.0
+GPU_CPU_MS_PER_REQUEST = 186.4
+GPU_CPU_CORES = 3.5
+GPU_MEMORY_MB = 3712
+GPU_THREADS = 2  # onnxruntime's intra-op threads beside CUDA (only shape ops run on its CPU provider)
 SCALEDOWN_WINDOW = 180  # s; restores from a snapshot take seconds, so idle containers need not linger long
 MODAL_COMMANDS = ("deploy", "serve", "run")  # the `modal` CLI commands that build and ship the image
 
@@ -125,6 +136,7 @@ SERVICE_ENV = {
     "PERCEPIANO_GPU_SNAPSHOT": "1" if GPU_SNAPSHOT else "0",
     "PERCEPIANO_MODEL_PATH": MODEL_REMOTE,
     "PERCEPIANO_DEVICE": "cuda",  # fail loudly rather than serve from the CPU if CUDA does not load
+    "PERCEPIANO_THREADS": str(GPU_THREADS),  # not the host's core count, which onnxruntime would take by default
     "PERCEPIANO_MAX_CONCURRENCY": "4",  # decode/features of some requests overlap inference of others
     "PERCEPIANO_MAX_QUEUE": "32",
 }
@@ -132,7 +144,8 @@ if TARGET == "cpu":
     SERVICE_ENV = {**SERVICE_ENV, "PERCEPIANO_DEVICE": "cpu", "PERCEPIANO_MAX_CONCURRENCY": "2",
                    "PERCEPIANO_THREADS": str(int(CPU_CORES))}  # onnxruntime's threads: the reserved cores
 # What each class asks of Modal: the hardware and the snapshot options of the chosen target.
-HARDWARE = {"gpu": GPU} if TARGET == "gpu" else {"cpu": CPU_CORES, "memory": CPU_MEMORY_MB}
+HARDWARE = {"gpu": GPU, "cpu": GPU_CPU_CORES, "memory": GPU_MEMORY_MB} if TARGET == "gpu" else \
+    {"cpu": CPU_CORES, "memory": CPU_MEMORY_MB}
 SNAPSHOT = {"enable_memory_snapshot": True,
             **({"experimental_options": {"enable_gpu_snapshot": True}} if GPU_SNAPSHOT else {})}
 
