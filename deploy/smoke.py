@@ -83,10 +83,7 @@ def request(url: str, token: str | None, data: bytes | None = None, timeout: flo
 
 def tolerance(info) -> float:
     """fp32: FP32_ATOL; a quantized variant: its export gate's end-to-end tolerance."""
-    if info.precision == "fp32":
-        return FP32_ATOL
-    gate = ((info.variants or {}).get("gates") or {}).get(info.precision) or {}
-    return float(gate.get("atol_end_to_end") or gate.get("atol") or QUANTIZED_FALLBACK_ATOL)
+    return FP32_ATOL if info.precision == "fp32" else info.gate_atol or QUANTIZED_FALLBACK_ATOL
 
 
 def smoke(url: str, model: Path, clips: list[Path], token: str | None = None, repeat: int = 1) -> SmokeReport:

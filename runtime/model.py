@@ -67,6 +67,13 @@ class ModelInfo:
         """'mel' (log-mel windows) or 'audio' (3 s chunks: the front end is in the graph)."""
         return str((self.raw.get("io") or {}).get("input", INPUT_NAME))
 
+    @property
+    def gate_atol(self) -> float | None:
+        """This variant's export gate tolerance, end to end (the model's when none), or None when none was recorded."""
+        gate = ((self.variants or {}).get("gates") or {}).get(self.precision) or {}
+        atol = gate.get("atol_end_to_end") or gate.get("atol")
+        return float(atol) if atol else None
+
     def summary(self) -> dict[str, Any]:
         """The short description returned with every result."""
         return {"version": self.version, "sha256": self.sha256, "precision": self.precision}
