@@ -83,12 +83,12 @@ CPU_CORES = 4.0  # the CPU target's reservation (physical cores), and its onnxru
 CPU_MEMORY_MB = 4096
 # The GPU target's CPUs feed its GPU: decode, resample (and, for a mel-input model, the features) of every request
 # run there. Without a reservation Modal gives 0.125 cores and 128 MiB. Sized with `python -m benchmarks.cpu_cost`
-# (docs/gpu-and-modal.md; process CPU ms per 30 s request, 44.1 kHz stereo): the worst format (m4a) costs 186 ms
-# with the mel-input model (features 123 ms of it) and 64 ms with the waveform-in model (the GPU's recommended
+# (docs/gpu-and-modal.md; process CPU ms per 30 s request, 44.1 kHz stereo): the worst format (m4a) costs 188 ms
+# with the mel-input model (features 125 ms of it) and 64 ms with the waveform-in model (the GPU's recommended
 # artifact). Reserved for GPU_TARGET_RPS requests/s per container with the mel-input model, so the waveform-in
 # one has room to spare: benchmarks.cpu_cost.reservation(GPU_CPU_MS_PER_REQUEST, GPU_TARGET_RPS) (tested).
 GPU_TARGET_RPS = 8.0
-GPU_CPU_MS_PER_REQUEST = 186.4
+GPU_CPU_MS_PER_REQUEST = 187.7
 GPU_CPU_CORES = 3.5
 GPU_MEMORY_MB = 3712
 GPU_THREADS = 2  # onnxruntime's intra-op threads beside CUDA (only shape ops run on its CPU provider)
