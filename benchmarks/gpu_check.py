@@ -67,6 +67,9 @@ def cuda_probe() -> bool | str:
     import onnxruntime as ort
     from onnx import TensorProto, helper
 
+    from runtime.cuda import preload
+
+    preload()  # CUDA and cuDNN from the nvidia-* wheels, as the runtime loads them (else a false "no GPU")
     graph = helper.make_graph([helper.make_node("Neg", ["x"], ["y"])], "probe",
                               [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])

@@ -10,11 +10,17 @@ The image carries both switches (SERVICE_ENV), so the container's own import of 
 variant as the deploy did.
 
 One-time setup, then one deploy command per variant (from the repository root; `--quantize auto` writes the
-int8 CPU variant to artifacts/model.onnx and the fp16 GPU one beside it):
+int8 CPU variant to artifacts/model.onnx and the fp16 GPU one beside it; `--input audio --out
+artifacts/model-audio.onnx` the waveform-in model, the GPU's recommended artifact: docs/gpu-and-modal.md):
 
     modal secret create percepiano-api PERCEPIANO_API_TOKEN=$(openssl rand -hex 32)
-    PERCEPIANO_MODEL=artifacts/model.fp16.onnx modal deploy deploy/modal_app.py            # A10G
-    PERCEPIANO_MODAL_TARGET=cpu PERCEPIANO_MODEL=artifacts/model.onnx modal deploy deploy/modal_app.py   # int8, CPU
+    python -m deploy check --target gpu && modal deploy deploy/modal_app.py                  # A10G
+    PERCEPIANO_MODAL_TARGET=cpu modal deploy deploy/modal_app.py                             # int8, CPU
+
+`modal deploy` runs the same check (deploy.checks) when it imports this file and stops on a model that cannot
+serve on the target: int8 on the GPU, fp16 on the CPU, a demo model (unless PERCEPIANO_DEPLOY_ALLOW_DEMO=1),
+a failed export gate, a missing file. Without PERCEPIANO_MODEL the GPU deploys the first of
+artifacts/model-audio.fp16.onnx, model.fp16.onnx, model-audio.fp32.onnx, model.fp32.onnx (never the int8 file).
 
 Snapshots. The CPU variant creates its onnxruntime session and warms it up (the self-check) inside
 `@modal.enter(snap=True)`, so the memory snapshot holds the ready session; after a restore the self-check
@@ -50,6 +56,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from collections.abc import Callable, Iterable
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -85,8 +92,50 @@ APP_NAME = "percepiano" if TARGET == "gpu" else "percepiano-cpu"
 GPU = "A10G" if TARGET == "gpu" else None
 CPU_CORES = 4.0  # the CPU target's reservation (physical cores), and its onnxruntime threads
 CPU_MEMORY_MB = 4096
+# The GPU target's CPUs feed its GPU: decode, resample (and, for a mel-input model, the features) of every request
+# run there. Without a reservation Modal gives 0.125 cores and 128 MiB. Sized with `python -m benchmarks.cpu_cost`
+# (docs/gpu-and-modal.md; process CPU ms per 30 s request, 44.1 kHz stereo): the worst format (m4a) costs 188 ms
+# with the mel-input model (features 125 ms of it) and 64 ms with the waveform-in model (the GPU's recommended
+# artifact). Reserved for GPU_TARGET_RPS requests/s per container with the mel-input model, so the waveform-in
+# one has room to spare: benchmarks.cpu_cost.reservation(GPU_CPU_MS_PER_REQUEST, GPU_TARGET_RPS) (tested).
+GPU_TARGET_RPS = 8.0
+GPU_CPU_MS_PER_REQUEST = 187.7
+GPU_CPU_CORES = 3.5
+GPU_MEMORY_MB = 3712
+GPU_THREADS = 2  # onnxruntime's intra-op threads beside CUDA (only shape ops run on its CPU provider)
 SCALEDOWN_WINDOW = 180  # s; restores from a snapshot take seconds, so idle containers need not linger long
-MODEL_LOCAL = Path(os.environ.get("PERCEPIANO_MODEL", REPO / "artifacts" / "model.onnx"))
+MODAL_COMMANDS = ("deploy", "serve", "run")  # the `modal` CLI commands that build and ship the image
+
+
+def shipping(argv: list[str] | None = None, env=os.environ) -> bool:
+    """True when this import is `modal deploy|serve|run` on the local machine (not the container's import, not a
+    test or `python -m deploy`); PERCEPIANO_DEPLOY_CHECK=1/0 forces it on or off."""
+    forced = env.get("PERCEPIANO_DEPLOY_CHECK", "").strip().lower()
+    if forced in SWITCHES and forced:
+        return SWITCHES[forced]
+    argv = sys.argv if argv is None else argv
+    cli = len(argv) > 1 and Path(argv[0]).name in ("modal", "__main__.py") and argv[1] in MODAL_COMMANDS
+    return cli and modal.is_local()
+
+
+def local_model(target: str, env=os.environ) -> Path:
+    """PERCEPIANO_MODEL, else the target's default (deploy.checks.DEFAULTS: on the GPU the recommended GPU
+    artifact, never the int8 file)."""
+    if env.get("PERCEPIANO_MODEL", "").strip():
+        return Path(env["PERCEPIANO_MODEL"])
+    if not modal.is_local():  # the container's import: the model is already baked (MODEL_REMOTE)
+        return REPO / "artifacts" / "model.onnx"
+    from deploy.checks import default_model
+
+    return default_model(target, REPO / "artifacts")
+
+
+MODEL_LOCAL = local_model(TARGET)
+if shipping():  # refuse, one line each, a model that cannot serve on this target before anything is built
+    from deploy.checks import enforce
+
+    enforce(MODEL_LOCAL, TARGET, allow_demo=SWITCHES.get(
+        os.environ.get("PERCEPIANO_DEPLOY_ALLOW_DEMO", "").strip().lower(), False))
 MODEL_REMOTE = "/opt/percepiano/model.onnx"
 SECRET_NAME = "percepiano-api"  # holds PERCEPIANO_API_TOKEN
 AUDIO_VOLUME = "percepiano-audio"
@@ -98,6 +147,7 @@ SERVICE_ENV = {
     "PERCEPIANO_GPU_SNAPSHOT": "1" if GPU_SNAPSHOT else "0",
     "PERCEPIANO_MODEL_PATH": MODEL_REMOTE,
     "PERCEPIANO_DEVICE": "cuda",  # fail loudly rather than serve from the CPU if CUDA does not load
+    "PERCEPIANO_THREADS": str(GPU_THREADS),  # not the host's core count, which onnxruntime would take by default
     "PERCEPIANO_MAX_CONCURRENCY": "4",  # decode/features of some requests overlap inference of others
     "PERCEPIANO_MAX_QUEUE": "32",
     "PERCEPIANO_PRICE_CONTAINER": "modal-a10g",  # the cost metrics' rate (runtime/serve/prices.json)
@@ -107,14 +157,18 @@ if TARGET == "cpu":
                    "PERCEPIANO_THREADS": str(int(CPU_CORES)),  # onnxruntime's threads: the reserved cores
                    "PERCEPIANO_PRICE_CONTAINER": "modal-cpu-4"}  # prices.json: 4 cores, 4 GiB, as reserved
 # What each class asks of Modal: the hardware and the snapshot options of the chosen target.
-HARDWARE = {"gpu": GPU} if TARGET == "gpu" else {"cpu": CPU_CORES, "memory": CPU_MEMORY_MB}
+HARDWARE = {"gpu": GPU, "cpu": GPU_CPU_CORES, "memory": GPU_MEMORY_MB} if TARGET == "gpu" else \
+    {"cpu": CPU_CORES, "memory": CPU_MEMORY_MB}
 SNAPSHOT = {"enable_memory_snapshot": True,
             **({"experimental_options": {"enable_gpu_snapshot": True}} if GPU_SNAPSHOT else {})}
 
 # The serving onnxruntime, pinned exactly. The parity gate ran on onnxruntime 1.32.0 (the `convert` extra), but
-# PyPI has no onnxruntime-gpu 1.32.0 wheel (its newest is 1.31.1, checked with `pip index versions
-# onnxruntime-gpu`), so the image takes the nearest release; the runtime logs the difference at load, and the
-# self-check at start-up measures this version's CUDA kernels on the A10G against the export's stored outputs.
+# PyPI has no onnxruntime-gpu 1.32.0 wheel (its newest is 1.31.1), so the image takes the nearest release; the
+# runtime logs the difference at load, and the self-check at start-up measures this version's CUDA kernels on the
+# A10G against the export's stored outputs. The GPU image installs the lock GPU_LOCK: onnxruntime-gpu and the NVIDIA
+# wheels it resolves to (CUDA 13, cuDNN 9; driver 580.65.06 or newer: runtime/cuda.py), written by
+# `python -m deploy.image_lock --write`; ONNXRUNTIME_GPU is its pin (tests/test_image_lock.py checks both).
+GPU_LOCK = REPO / "deploy" / "requirements-gpu.txt"
 ONNXRUNTIME_GPU = "1.31.1"
 ONNXRUNTIME_CPU = "1.32.0"  # the CPU target serves on the very version the gate (and the int8 gate) ran with
 
@@ -123,13 +177,13 @@ app = modal.App(APP_NAME)
 
 def build_image(target: str) -> modal.Image:
     """debian_slim + the pinned onnxruntime of the target + the runtime and serve extras + the baked model."""
-    if target == "gpu":  # the pin first, so that the gpu extra's `onnxruntime-gpu>=` floor is already met by it
-        pin, extras = f"onnxruntime-gpu[cuda,cudnn]=={ONNXRUNTIME_GPU}", ["gpu", "serve"]
+    base = modal.Image.debian_slim(python_version="3.11")
+    if target == "gpu":  # the lock first, so that the gpu extra's `onnxruntime-gpu>=` floor is already met by it
+        base, extras = base.pip_install_from_requirements(str(GPU_LOCK)), ["gpu", "serve"]
     else:  # the CPU wheel only: the gpu extra (onnxruntime-gpu) would own the same `onnxruntime` module
-        pin, extras = f"onnxruntime=={ONNXRUNTIME_CPU}", ["runtime", "serve"]
+        base, extras = base.pip_install(f"onnxruntime=={ONNXRUNTIME_CPU}"), ["runtime", "serve"]
     return (
-        modal.Image.debian_slim(python_version="3.11")
-        .pip_install(pin)
+        base
         .pip_install_from_pyproject(str(REPO / "pyproject.toml"), optional_dependencies=extras)
         .env(SERVICE_ENV)
         .add_local_file(MODEL_LOCAL, MODEL_REMOTE, copy=True)  # baked: see the module docstring
@@ -155,6 +209,7 @@ class ModelContainer:
     """Container lifecycle shared by the web service and the corpus worker (plain runtime code inside)."""
 
     analyzer = None
+    settings = None  # runtime.serve.settings.Settings, read when the session is created
     model_bytes = b""  # the GPU target's model, read before the snapshot (its session is made after restore)
 
     @modal.enter(snap=True)
@@ -200,26 +255,35 @@ class ModelContainer:
 
         threads = os.environ.get("PERCEPIANO_THREADS", "").strip()
         model = OnnxModel(source or self.model_bytes, device=os.environ.get("PERCEPIANO_DEVICE", "cuda"),
-                          threads=int(threads) if threads else None)
+                          threads=int(threads) if threads else None, tf32=Settings.from_env().cuda_tf32)
         refuse_int8_on_cuda(model)
         refuse_fp16_on_cpu(model)
-        settings = Settings.from_env()  # the cap and refusal limit apply to the corpus worker too
-        analyzer = Analyzer(model, cap_seconds=settings.cap_seconds, refuse_over_seconds=settings.refuse_over_seconds)
+        settings = Settings.from_env()
+        # No cap in the Analyzer: as in `runtime serve`, PERCEPIANO_CAP_SECONDS is the default that a request's
+        # own ?cap_seconds= (within the refusal limit) replaces; the service and analyze_path apply it per call.
+        analyzer = Analyzer(model, refuse_over_seconds=settings.refuse_over_seconds)
         warm_up(analyzer, allow_failed_self_check=settings.allow_failed_self_check)
-        self.analyzer = analyzer
+        self.analyzer, self.settings = analyzer, settings
         self.model_bytes = b""  # the session holds its own copy
 
     def build_app(self):
         """The FastAPI app of runtime.serve.app over the warmed Analyzer (no second warm-up), bearer auth required."""
         from runtime.serve.app import Settings, create_app
+        from runtime.serve.request_log import configure_request_log
 
-        return create_app(self.analyzer, settings=Settings.from_env(require_token=True))
+        settings = Settings.from_env(require_token=True)
+        configure_request_log(settings.request_log)  # nothing else configures logging in a Modal container
+        return create_app(self.analyzer, settings=settings)
+
+    def cap_for(self, cap_seconds: float | None) -> float | None:
+        """The call's cap, else the deployment's PERCEPIANO_CAP_SECONDS (the same rule as the web service)."""
+        return cap_seconds if cap_seconds is not None else self.settings.cap_seconds
 
     def analyze_path(self, relpath: str, cap_seconds: float | None = None) -> dict[str, Any]:
         """One file of the audio Volume -> its result; any failure becomes that file's `error` (never raised)."""
         from runtime.corpus.runner import analyze_one
 
-        return analyze_one(self.analyzer, relpath, Path(AUDIO_MOUNT) / relpath, cap_seconds)
+        return analyze_one(self.analyzer, relpath, Path(AUDIO_MOUNT) / relpath, self.cap_for(cap_seconds))
 
 
 def refuse_int8_on_cuda(model) -> None:
@@ -276,7 +340,7 @@ class CorpusWorker(ModelContainer):
         """A file sent by `python -m deploy analyze DIR --out REPORT` (deploy.modal_corpus.modal_results)."""
         from runtime.corpus.runner import analyze_one
 
-        return analyze_one(self.analyzer, name, data, cap_seconds)
+        return analyze_one(self.analyzer, name, data, self.cap_for(cap_seconds))
 
 
 @app.function(image=scheduler_image, timeout=60,

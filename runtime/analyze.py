@@ -76,9 +76,10 @@ class Analyzer:
     @classmethod
     def from_path(cls, path: str | os.PathLike, *, device: str = "auto", threads: int | None = None,
                   batch_size: int = 16, cap_seconds: float | None = None,
-                  refuse_over_seconds: float | None = None) -> Analyzer:
+                  refuse_over_seconds: float | None = None, tf32: bool = False) -> Analyzer:
         check_cap(cap_seconds, refuse_over_seconds)  # a bad limit is refused before the model loads
-        return cls(OnnxModel(path, device=device, threads=threads), batch_size=batch_size, cap_seconds=cap_seconds,
+        return cls(OnnxModel(path, device=device, threads=threads, tf32=tf32), batch_size=batch_size,
+                   cap_seconds=cap_seconds,
                    refuse_over_seconds=refuse_over_seconds)
 
     def chunk_scores(self, mel: np.ndarray) -> np.ndarray:

@@ -15,6 +15,8 @@ from runtime.self_check import ALLOW_ENV, ALLOW_FLAG, require_passed
 
 DEFAULT_MODEL = Path("artifacts/model.onnx")
 USER_ERRORS = (AudioError, ConfigError, InputError, ModelError)
+TF32_HELP = ("CUDA only: let onnxruntime run float32 matrix products in TF32 (faster on Ampere and newer, about "
+             "1e-4 off; the self-check then uses its own tolerance); default off: fp32 stays fp32")
 SKIP_HELP = (f"use the model even if its self-check fails on this device (its scores may then be wrong; "
              f"{ALLOW_ENV}=1 for the service)")
 
@@ -22,6 +24,8 @@ SKIP_HELP = (f"use the model even if its self-check fails on this device (its sc
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m runtime", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="log what the runtime does")
+    parser.add_argument("-q", "--quiet", action="store_true",
+                        help="serve: no per-request JSON log lines (PERCEPIANO_REQUEST_LOG=0 does the same)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     an = sub.add_parser("analyze", help="score audio files (or, with --out, whole folders) on the 19 dimensions")
@@ -31,6 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     an.add_argument("--batch-size", type=int, default=16, help="chunks per inference batch (default 16)")
     an.add_argument("--device", choices=DEVICES, default="auto")
     an.add_argument("--threads", type=int, help="onnxruntime intra-op threads (default: all cores)")
+    an.add_argument("--tf32", action="store_true", help=TF32_HELP)
     an.add_argument("--cap-seconds", type=float, nargs="?", const=ORIGINAL_CAP_SECONDS, metavar="N",
                     help=f"the cap: analyse only the first N s, cut after resampling as the original did "
                          f"(bare flag: {ORIGINAL_CAP_SECONDS:.0f} s); longer files are not refused")
@@ -53,7 +58,10 @@ def build_parser() -> argparse.ArgumentParser:
     info = sub.add_parser("info", help="print an exported model's metadata")
     info.add_argument("model", type=Path)
     info.add_argument("--json", action="store_true", help="the whole metadata document as JSON")
-    info.add_argument("--device", choices=DEVICES, default="cpu", help="the session to open (default cpu)")
+    info.add_argument("--device", choices=DEVICES, default="cpu",
+                      help="the device whose session is described (default cpu); only cpu opens a session, cuda and "
+                           "auto show the providers and options a session would get without opening one")
+    info.add_argument("--tf32", action="store_true", help=TF32_HELP)
 
     serve = sub.add_parser("serve", help="run the HTTP service")
     serve.add_argument("--model", type=Path, default=DEFAULT_MODEL)
@@ -61,6 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--device", choices=DEVICES, default="auto")
     serve.add_argument("--threads", type=int)
+    serve.add_argument("--tf32", action="store_true", help=TF32_HELP + " (or PERCEPIANO_CUDA_TF32=1)")
     serve.add_argument(ALLOW_FLAG, action="store_true", help=SKIP_HELP)
     return parser
 
@@ -77,7 +86,7 @@ def load_checked(args: argparse.Namespace):
 
     analyzer = Analyzer.from_path(args.model, device=args.device, threads=args.threads,
                                   batch_size=args.batch_size, cap_seconds=args.cap_seconds,
-                                  refuse_over_seconds=args.refuse_over)
+                                  refuse_over_seconds=args.refuse_over, tf32=args.tf32)
     warn_about(analyzer.model, args.model)
     require_passed(analyzer.model.run_self_check(), allow_failed=args.skip_self_check)
     return analyzer
@@ -186,16 +195,42 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+class Planned:
+    """What `info` says about a model it does not open a session for: metadata and the providers it would get."""
+
+    def __init__(self, path: Path, device: str, tf32: bool):
+        import onnxruntime
+
+        from runtime.model import header_metadata, parse_metadata, provider_plan
+
+        if not path.is_file():
+            raise ModelError(f"model file not found: {path}")
+        try:
+            props = header_metadata(str(path))
+        except (OSError, ValueError) as exc:
+            raise ModelError(f"{path}: not a readable ONNX model ({exc})") from None
+        self.info = parse_metadata(props, str(path))
+        self.plan = provider_plan(device, self.info.precision, tf32, onnxruntime.get_available_providers())
+        self.providers = [p[0] if isinstance(p, tuple) else p for p in self.plan]
+
+
 def cmd_info(args: argparse.Namespace) -> int:
     import onnxruntime
 
-    from runtime.model import OnnxModel
+    from runtime.cuda import describe_plan
+    from runtime.model import OnnxModel, provider_plan
 
-    model = OnnxModel(args.model, device=args.device)
+    if args.device == "cpu":
+        model = OnnxModel(args.model, device="cpu")
+        plan, opened = provider_plan("cpu"), True
+    else:  # no session: the plan is what one would get (also on a machine without a GPU)
+        model = Planned(args.model, args.device, args.tf32)
+        plan, opened = model.plan, False
     info = model.info
     warn_about(model, args.model)
     if args.json:
-        session = {"demo": info.demo, "providers": model.providers, "onnxruntime": onnxruntime.__version__}
+        session = {"demo": info.demo, "providers": model.providers, "onnxruntime": onnxruntime.__version__,
+                   "device": args.device, "session_opened": opened, "provider_options": describe_plan(plan)}
         print(json.dumps({**info.raw, "runtime": session}, indent=2))
         return 0
     parity = info.parity or {}
@@ -212,7 +247,8 @@ def cmd_info(args: argparse.Namespace) -> int:
                           for p, g in v.get("gates", {}).items())
         print(f"variants    files {v.get('files')}; recommended {v.get('recommended', '-')}; gates: {gates}")
     print(f"versions    {info.versions}")
-    print(f"session     {model.providers} (onnxruntime {onnxruntime.__version__})")
+    print(f"session     {describe_plan(plan)} (onnxruntime {onnxruntime.__version__}"
+          f"{'' if opened else '; planned, not opened'})")
     check = info.raw.get("self_check") or {}
     stored = f"{len(check.get('scores', []))} stored windows, atol {check.get('atol')}" if check else "absent"
     print(f"self-check  {stored} (run at load by analyze and serve)")
@@ -224,9 +260,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from runtime.analyze import Analyzer
     from runtime.serve.app import Settings, serve, warm_up
 
-    settings = Settings.from_env()
+    settings = Settings.from_env(**({"request_log": False} if args.quiet else {}))
     analyzer = Analyzer.from_path(args.model, device=args.device, threads=args.threads,
-                                  refuse_over_seconds=settings.refuse_over_seconds)
+                                  refuse_over_seconds=settings.refuse_over_seconds,
+                                  tf32=args.tf32 or settings.cuda_tf32)
     warm_up(analyzer, allow_failed_self_check=args.skip_self_check or settings.allow_failed_self_check)
     serve(analyzer, host=args.host, port=args.port, settings=settings)
     return 0

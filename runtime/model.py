@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from runtime.constants import AUDIO_INPUT_NAME, DIMENSIONS, FEATURES, INPUT_NAME, NUM_DIMENSIONS, OUTPUT_NAME
+from runtime.cuda import CUDA, TF32_ATOL, cuda_options, preload, why_cuda_did_not_start
 from runtime.errors import InputError, ModelError
 from runtime.protowire import EXTERNAL_MIN_BYTES, external_weights_graph, header_metadata
 from runtime.self_check import SelfCheckResult, run_self_check
@@ -23,7 +24,6 @@ METADATA_KEY = "percepiano"  # one JSON document in the ONNX model's metadata_pr
 FORMAT_VERSION = 1
 PRECISIONS = ("fp32", "int8", "fp16")
 DEVICES = ("auto", "cpu", "cuda")
-CUDA = "CUDAExecutionProvider"
 DEMO_NOTE = "DEMO model (exported from a checkpoint that was never trained to the end): its scores mean nothing"
 # What a model takes per batch item, by input kind (metadata io.input): log-mel windows, or 3 s audio chunks
 # when the graph holds the front end (convert.frontend).
@@ -68,6 +68,13 @@ class ModelInfo:
     def input_kind(self) -> str:
         """'mel' (log-mel windows) or 'audio' (3 s chunks: the front end is in the graph)."""
         return str((self.raw.get("io") or {}).get("input", INPUT_NAME))
+
+    @property
+    def gate_atol(self) -> float | None:
+        """This variant's export gate tolerance, end to end (the model's when none), or None when none was recorded."""
+        gate = ((self.variants or {}).get("gates") or {}).get(self.precision) or {}
+        atol = gate.get("atol_end_to_end") or gate.get("atol")
+        return float(atol) if atol else None
 
     def summary(self) -> dict[str, Any]:
         """The short description returned with every result."""
@@ -116,29 +123,36 @@ def parse_metadata(props: dict[str, str], where: str = "model") -> ModelInfo:
     return info
 
 
-def pick_providers(device: str = "auto") -> list[Any]:
-    """Execution providers for a device choice: CUDA when asked or available, else CPU.
+def provider_plan(device: str, precision: str = "fp32", tf32: bool = False,
+                  available: list[str] | None = None) -> list[Any]:
+    """The providers (with their options) a session on `device` gets for a model of `precision`; opens nothing.
 
-    The CPU provider stays in the list behind CUDA: onnxruntime's CUDA provider itself places the small
-    shape computations (Shape -> Gather -> Concat) on the CPU, so a session with CPU fallback disabled
-    (`session.disable_cpu_ep_fallback`) would refuse this graph on a working GPU. Whether CUDA really
-    started is checked on the session instead (`check_providers`).
+    `auto` means CUDA when `available` lists it. The CPU provider stays in the list behind CUDA: onnxruntime's
+    CUDA provider itself places the small shape computations (Shape -> Gather -> Concat) on the CPU, so a
+    session with CPU fallback disabled (`session.disable_cpu_ep_fallback`) would refuse this graph on a working
+    GPU. Whether CUDA really started is checked on the session instead (`check_providers`).
     """
+    if device not in DEVICES:
+        raise ModelError(f"unknown device {device!r}; choose one of {DEVICES}")
+    if device == "cuda" or (device == "auto" and CUDA in (available or [])):
+        return [(CUDA, cuda_options(precision, tf32)), "CPUExecutionProvider"]
+    return ["CPUExecutionProvider"]
+
+
+def pick_providers(device: str = "auto", precision: str = "fp32", tf32: bool = False) -> list[Any]:
+    """provider_plan on this machine: CUDA when asked or available (its libraries preloaded first), else CPU."""
     import onnxruntime as ort
 
     if device not in DEVICES:
         raise ModelError(f"unknown device {device!r}; choose one of {DEVICES}")
     available = ort.get_available_providers()
-    has_cuda = CUDA in available
-    if device == "cuda" and not has_cuda:
-        raise ModelError(
-            "device 'cuda' asked for, but onnxruntime has no CUDAExecutionProvider here "
-            f"(available: {available}); install the 'gpu' extra on a machine with an NVIDIA GPU"
-        )
-    if device == "cuda" or (device == "auto" and has_cuda):
-        cuda_options = {"cudnn_conv_algo_search": "HEURISTIC", "do_copy_in_default_stream": "1"}
-        return [(CUDA, cuda_options), "CPUExecutionProvider"]
-    return ["CPUExecutionProvider"]
+    if device == "cuda" and CUDA not in available:
+        raise ModelError(f"device 'cuda' asked for, but onnxruntime has no CUDAExecutionProvider here "
+                         f"(available: {available}): {why_cuda_did_not_start()}")
+    plan = provider_plan(device, precision, tf32, available)
+    if plan[0] != "CPUExecutionProvider":
+        preload()  # CUDA and cuDNN from the nvidia-* wheels, before the session needs them
+    return plan
 
 
 def check_providers(actual: list[str], requested: list[Any], device: str, where: str) -> list[str]:
@@ -146,9 +160,8 @@ def check_providers(actual: list[str], requested: list[Any], device: str, where:
     wanted_cuda = any((p[0] if isinstance(p, tuple) else p) == CUDA for p in requested)
     if not wanted_cuda or (actual and actual[0] == CUDA):
         return list(actual)
-    why = (f"onnxruntime's CUDA provider did not start for {where} (the session has {actual}): usually the CUDA 12 "
-           "/ cuDNN 9 libraries are missing (install the 'gpu' extra) or there is no usable GPU and driver; "
-           "onnxruntime's own log above says which")
+    why = (f"onnxruntime's CUDA provider did not start for {where} (the session has {actual}): "
+           f"{why_cuda_did_not_start()}")
     if device == "cuda":
         raise ModelError(f"device 'cuda' asked for, but {why}")
     log.warning("device 'auto': %s; running on the CPU", why)
@@ -169,6 +182,15 @@ def graph_section(props: dict[str, str]) -> dict[str, Any]:
         return dict(json.loads(props[METADATA_KEY]).get("graph") or {})
     except (KeyError, ValueError, TypeError, AttributeError):
         return {}
+
+
+def header_precision(props: dict[str, str]) -> str:
+    """The precision a model's metadata declares, read before any session ("fp32" when unreadable: the session's
+    own metadata check refuses a bad model later)."""
+    try:
+        return str(json.loads(props[METADATA_KEY]).get("precision") or "fp32")
+    except (KeyError, ValueError, TypeError, AttributeError):
+        return "fp32"
 
 
 def load_optimization(graph: dict[str, Any], device: str) -> str:
@@ -280,12 +302,14 @@ class OnnxModel:
         spinning: bool | None = None,
         prepacking: bool = True,
         external_weights: bool = True,
+        tf32: bool = False,
     ):
         """`optimization`: auto (none for a graph the export saved optimised for the CPU, when it runs on the
         CPU; else all), or none / basic / extended / all. `spinning`: onnxruntime's intra-op spin-waiting
         (None: its default, on). `prepacking`: onnxruntime's weight prepacking (off: less memory, slower
         runs). `external_weights`: a file's weights are read from it in place (create_session; off: onnxruntime
-        parses the whole file). The figures behind these defaults: `python -m benchmarks.run --session-table`."""
+        parses the whole file). `tf32`: let CUDA run float GEMMs in TF32 (off: fp32 is fp32; on, the self-check
+        uses runtime.cuda.TF32_ATOL). The figures behind these defaults: `python -m benchmarks.run --session-table`."""
         import onnxruntime as ort
 
         where = "model bytes" if isinstance(source, bytes) else str(source)
@@ -294,8 +318,9 @@ class OnnxModel:
             if not path.is_file():
                 raise ModelError(f"model file not found: {path}")
             source = str(path)
-        providers = pick_providers(device)
-        self.graph = graph_section(header_metadata(source))  # how the export saved the graph ({}: as traced)
+        props = header_metadata(source)
+        providers = pick_providers(device, header_precision(props), tf32)
+        self.graph = graph_section(props)  # how the export saved the graph ({}: as traced)
         on_cpu = not any((p[0] if isinstance(p, tuple) else p) == CUDA for p in providers)
         self.optimization = load_optimization(self.graph, "cpu" if on_cpu else "cuda") if optimization == "auto" \
             else optimization
@@ -321,6 +346,9 @@ class OnnxModel:
         if self.device == "cuda":
             self.session.disable_fallback()  # a CUDA failure at run time raises instead of re-running on the CPU
         self.io_binding = self.device == "cuda" if io_binding is None else io_binding
+        self.tf32 = tf32 and self.device == "cuda"
+        # TF32 has its own self-check tolerance (runtime.self_check reads it); None: the stored one
+        self.self_check_atol = TF32_ATOL if self.tf32 else None
         self.self_check: SelfCheckResult | None = None  # set by run_self_check (the warm-up)
         self.warmed = False  # set by runtime.serve.app.warm_up
         self.warmup_seconds: float | None = None  # likewise

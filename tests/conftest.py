@@ -69,3 +69,16 @@ def recorded(monkeypatch):
 
     yield import_recording(monkeypatch)
     sys.modules.pop("deploy.modal_app", None)
+
+
+@pytest.fixture(autouse=True)
+def _request_log_restored():
+    """runtime.serve.request_log.configure_request_log changes a process-wide logger: put it back after each test."""
+    import logging
+
+    logger = logging.getLogger("percepiano.requests")
+    saved = (list(logger.handlers), logger.level, logger.propagate)
+    yield
+    logger.handlers[:] = saved[0]
+    logger.setLevel(saved[1])
+    logger.propagate = saved[2]

@@ -59,7 +59,7 @@ def import_recording(monkeypatch, **env):
         real = getattr(modal.App, kind)
         monkeypatch.setattr(modal.App, kind, lambda self, _real=real, _kind=kind, **kw:
                             wrap_factory(_kind, lambda **k: _real(self, **k))(**kw))
-    for step in ("pip_install", "pip_install_from_pyproject", "env"):
+    for step in ("pip_install", "pip_install_from_requirements", "pip_install_from_pyproject", "env"):
         real = getattr(modal.Image, step)
         monkeypatch.setattr(modal.Image, step, lambda self, *a, _real=real, _step=step, **kw:
                             calls.append(("image", _step, {"args": a, **kw})) or _real(self, *a, **kw))

@@ -130,7 +130,12 @@ def test_the_declared_onnxruntime_floor_runs_the_exported_model(tiny_model, pian
     code = "import onnxruntime, sys; print(onnxruntime.__version__, CUDA in onnxruntime.get_available_providers())"
     version, cuda = run_in_check_venv("-c", code.replace("CUDA", repr(CUDA))).stdout.split()
     assert (version, cuda) == (ORT_FLOOR, "True")  # the floor itself, as the GPU wheel (CUDA listed)
-    assert floor("gpu", "onnxruntime-gpu") == ORT_FLOOR  # one floor for both wheels, tested here
+    # the gpu extra's floor is the first CUDA 13 wheel (runtime.cuda), above the runtime floor tested here
+    from packaging.version import Version
+
+    from runtime.cuda import FIRST_CUDA13_WHEEL
+
+    assert floor("gpu", "onnxruntime-gpu") == FIRST_CUDA13_WHEEL and Version(FIRST_CUDA13_WHEEL) >= Version(ORT_FLOOR)
     clip = str(piano_clips[0])
     proc = run_in_check_venv("-m", "runtime", "analyze", clip, "--model", str(tiny_model), "--device", "cpu",
                              "--json")

@@ -19,8 +19,9 @@ TOKEN = "modal-test-token"
 
 def test_the_gpu_variant_pins_onnxruntime_gpu_and_snapshots_cpu_memory_only(recorded):
     m, calls = recorded
-    gpu_pin = f"onnxruntime-gpu[cuda,cudnn]=={m.ONNXRUNTIME_GPU}"
-    assert [s["args"] for s in image_steps(calls, "pip_install")] == [(gpu_pin,)]
+    # the lock (onnxruntime-gpu and its NVIDIA wheels pinned: tests/test_image_lock.py), no loose pip_install
+    assert [s["args"] for s in image_steps(calls, "pip_install_from_requirements")] == [(str(m.GPU_LOCK),)]
+    assert image_steps(calls, "pip_install") == []
     assert [s["optional_dependencies"] for s in image_steps(calls, "pip_install_from_pyproject")] == [["gpu", "serve"]]
     env = image_steps(calls, "env")[0]["args"][0]
     assert (env["PERCEPIANO_DEVICE"], env["PERCEPIANO_MODAL_TARGET"], env["PERCEPIANO_GPU_SNAPSHOT"]) == \
@@ -28,7 +29,8 @@ def test_the_gpu_variant_pins_onnxruntime_gpu_and_snapshots_cpu_memory_only(reco
     for name in ("Service", "CorpusWorker"):
         opts = options(calls, "cls", name)
         assert opts["gpu"] == "A10G" and opts["enable_memory_snapshot"] is True
-        assert "experimental_options" not in opts and "cpu" not in opts  # GPU snapshots are opt-in
+        assert "experimental_options" not in opts  # GPU snapshots are opt-in
+        assert opts["cpu"] == m.GPU_CPU_CORES  # the CPUs that feed the GPU (tests/test_cpu_cost.py)
     assert m.SESSION_IN_SNAPSHOT is False  # the CUDA session is created after restore
 
 
@@ -66,8 +68,7 @@ def test_gpu_snapshots_are_an_opt_in(monkeypatch):
             opts = options(calls, "cls", name)
             assert opts["gpu"] == "A10G" and opts["enable_memory_snapshot"] is True
             assert opts["experimental_options"] == {"enable_gpu_snapshot": True}
-        gpu_pin = f"onnxruntime-gpu[cuda,cudnn]=={m.ONNXRUNTIME_GPU}"
-        assert [s["args"] for s in image_steps(calls, "pip_install")] == [(gpu_pin,)]
+        assert [s["args"] for s in image_steps(calls, "pip_install_from_requirements")] == [(str(m.GPU_LOCK),)]
         assert m.SESSION_IN_SNAPSHOT is True and m.app.name == "percepiano"
         env = image_steps(calls, "env")[0]["args"][0]
         assert (env["PERCEPIANO_MODAL_TARGET"], env["PERCEPIANO_GPU_SNAPSHOT"]) == ("gpu", "1")

@@ -44,7 +44,7 @@ from runtime.serve.body import (
 )
 from runtime.serve.ops import Format, TokenCheck, add_metrics_route, install_error_handlers
 from runtime.serve.original_contract import OriginalError, OriginalSuccess
-from runtime.serve.request_log import RequestLog
+from runtime.serve.request_log import RequestLog, configure_request_log
 from runtime.serve.schemas import (
     AnalyzeResponse,
     ErrorResponse,
@@ -172,6 +172,9 @@ def serve(model: str | os.PathLike | Analyzer, *, host: str = "127.0.0.1", port:
         Analyzer.from_path(model, device=device, threads=threads, refuse_over_seconds=settings.refuse_over_seconds)
     if not analyzer.model.warmed:
         warm_up(analyzer, allow_failed_self_check=settings.allow_failed_self_check)
+    configure_request_log(settings.request_log)  # one JSON line per request, unless -q / PERCEPIANO_REQUEST_LOG=0
+    if not settings.request_log and log_level == "info":
+        log_level = "warning"  # quiet: uvicorn's own access lines too
     if host not in ("127.0.0.1", "localhost", "::1") and not settings.api_token:
         log.warning("serving on %s without auth: set PERCEPIANO_API_TOKEN to require a bearer token", host)
     uvicorn.run(create_app(analyzer, settings=settings), host=host, port=port, log_level=log_level,

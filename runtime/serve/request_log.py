@@ -23,6 +23,25 @@ HEADER = "x-request-id"
 _SANE_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")  # echoed into headers and logs: no spaces, quotes or CR/LF
 
 
+def configure_request_log(enabled: bool = True, stream=None) -> None:
+    """Request lines on by default: the `percepiano.requests` logger at INFO with its own handler on stderr (bare
+    JSON lines), whatever the root logger's level; off (`-q`, PERCEPIANO_REQUEST_LOG=0) silences it. Idempotent."""
+    import sys
+
+    for handler in [h for h in log.handlers if getattr(h, "percepiano_request_log", False)]:
+        log.removeHandler(handler)
+    if not enabled:
+        log.setLevel(logging.CRITICAL + 1)
+        log.propagate = False
+        return
+    handler = logging.StreamHandler(stream or sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    handler.percepiano_request_log = True  # type: ignore[attr-defined]
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    log.propagate = False  # one line per request, not a second copy through a configured root logger
+
+
 def request_id(scope: dict) -> str:
     """The request's ID (set by RequestLog before the app runs)."""
     return scope.get("state", {}).get("request_id", "")

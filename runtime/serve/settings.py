@@ -40,6 +40,8 @@ class Settings:
     # the CPU; runtime/serve/prices.json) and the daily budget the spend alert compares with (None: no budget)
     price_container: str | None = None  # PERCEPIANO_PRICE_CONTAINER
     daily_budget_usd: float | None = None  # PERCEPIANO_DAILY_BUDGET_USD
+    cuda_tf32: bool = False  # CUDA: float32 products in TF32, own self-check tolerance (PERCEPIANO_CUDA_TF32)
+    request_log: bool = True  # one JSON line per request on stderr at the default level (PERCEPIANO_REQUEST_LOG)
 
     ENV = {"max_bytes": ("PERCEPIANO_MAX_BYTES", int), "refuse_over_seconds": ("PERCEPIANO_REFUSE_OVER_SECONDS", float),
            "cap_seconds": ("PERCEPIANO_CAP_SECONDS", float),
@@ -51,7 +53,8 @@ class Settings:
            "batch_wait_ms": ("PERCEPIANO_BATCH_WAIT_MS", float),
            "max_batch_chunks": ("PERCEPIANO_MAX_BATCH_CHUNKS", int),
            "price_container": ("PERCEPIANO_PRICE_CONTAINER", str),
-           "daily_budget_usd": ("PERCEPIANO_DAILY_BUDGET_USD", float)}
+           "daily_budget_usd": ("PERCEPIANO_DAILY_BUDGET_USD", float),
+           "cuda_tf32": ("PERCEPIANO_CUDA_TF32", bool), "request_log": ("PERCEPIANO_REQUEST_LOG", bool)}
     AUTO_BATCH_WAIT_MS = {"cuda": 10.0, "cpu": 0.0}  # batch_wait_ms=None, by the device the model runs on
     MAX_BATCH_WAIT_MS = 1000.0  # a longer wait would only add latency: refused as a likely unit mistake
 
