@@ -37,6 +37,8 @@ class Metrics:
         self.batch_requests = Histogram("percepiano_inference_batch_requests",
                                         "Requests whose windows share one inference call (1: not merged)",
                                         buckets=BATCH_BUCKETS, registry=r)
+        self.model_failures = Counter("percepiano_model_failures", "Analyses whose model gave NaN or infinite scores "
+                                      "(answered 500 model_failed)", registry=r)
         self.model = Info("percepiano_model", "The served model", registry=r)
 
     def set_model(self, *, version: str, precision: str, device: str, providers: list[str] | tuple[str, ...]) -> None:
