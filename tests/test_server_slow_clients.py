@@ -142,3 +142,15 @@ def test_multipart_file_named_only_by_rfc2231_filename_star_is_accepted(server):
     res = httpx.post(server.url + "/v1/analyze", content=body, headers={"content-type": kind}, timeout=30)
     assert res.status_code == 200, res.json()
     assert res.json()["duration_seconds"] == pytest.approx(4.0, abs=0.01)
+
+
+def test_the_whole_body_deadline_grows_with_the_declared_size():
+    from runtime.serve.app import Settings
+    from runtime.serve.body import BodyTiming
+
+    defaults = Settings()
+    assert (defaults.body_timeout, defaults.body_min_rate, defaults.body_idle_timeout) == (120.0, 50_000.0, 30.0)
+    body = BodyTiming(idle=30.0, timeout=120.0, min_rate=50_000.0)
+    assert body.deadline(50_000_000) == 120.0 + 1000.0  # a 50 MB upload at 400 kbit/s still arrives
+    assert body.deadline(0) == 120.0
+    assert BodyTiming(idle=30.0, timeout=120.0, min_rate=0).deadline(50_000_000) == 120.0  # 0: no growth

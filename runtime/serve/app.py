@@ -3,7 +3,7 @@
 Endpoints: POST /v1/analyze (audio), POST /v1/analyze/mel (precomputed log-mel), both also in the
 original service's shapes with `?format=original`; GET /v1/model, GET /healthz, GET /readyz, GET /metrics
 (Prometheus), the page at /; OpenAPI at /docs. The event loop only reads bodies (under a size limit, a
-deadline and a shared byte budget reserved before reading: runtime.serve.body); multipart unpacking, JSON
+deadline and a shared byte budget taken as bytes arrive: runtime.serve.body); multipart unpacking, JSON
 parsing, decoding, features and inference run in the bounded pool of runtime.serve.service. Every error is
 ``{"status": "error", "error": message, "error_type": kind, "request_id": id}`` with its HTTP status; every
 response carries X-Request-ID, and every request gets one JSON log line (runtime.serve.request_log).

@@ -97,6 +97,7 @@ class Service:
         self.metrics.waiting.set_function(lambda: max(0, self._admitted - self._running))
         self.bodies = ByteBudget(settings.body_budget(MULTIPART_SLACK))
         self.executor = ThreadPoolExecutor(settings.max_concurrency, thread_name_prefix="percepiano")
+        self._draining = False
         self.frame_limit = max_frames_for(settings.refuse_over_seconds)
         self.batcher: Batcher | None = None  # cross-request batching, when on (set once the model is loaded)
 
@@ -150,7 +151,9 @@ class Service:
     def drain(self) -> None:
         """Shutdown begins: the pool takes no new analysis and cancels the queued ones (each answered 503 by `run`);
         the running ones finish."""
-        log.info("shutting down: queued analyses are answered 503, running ones finish")
+        if not self._draining:
+            self._draining = True
+            log.info("shutting down: queued analyses are answered 503, running ones finish")
         self.executor.shutdown(wait=False, cancel_futures=True)
 
     def close(self) -> None:
