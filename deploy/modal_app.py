@@ -140,7 +140,12 @@ MODEL_REMOTE = "/opt/percepiano/model.onnx"
 SECRET_NAME = "percepiano-api"  # holds PERCEPIANO_API_TOKEN
 AUDIO_VOLUME = "percepiano-audio"
 AUDIO_MOUNT = "/audio"
-WEB_CONCURRENCY = {"max_inputs": 32, "target_inputs": 8}  # requests per container; the app runs 4 (CPU: 2) at once
+# The CPU target's requests per container and analyses at once: derived from the load test's knee for CPU_CORES
+# cores (docs/load-test.md, `python -m benchmarks.load --sweep auto`; re-derive if CPU_CORES changes). The GPU
+# target's are not measured (no GPU where the load test ran).
+CPU_LOAD = {"max_inputs": 4, "target_inputs": 2, "analyses_at_once": 4}
+WEB_CONCURRENCY = {"max_inputs": 32, "target_inputs": 8} if TARGET == "gpu" else \
+    {key: CPU_LOAD[key] for key in ("max_inputs", "target_inputs")}  # requests per container
 SERVICE_ENV = {
     # the switches again inside the container, whose import of this file must declare the same variant
     "PERCEPIANO_MODAL_TARGET": TARGET,
@@ -153,7 +158,8 @@ SERVICE_ENV = {
     "PERCEPIANO_PRICE_CONTAINER": "modal-a10g",  # the cost metrics' rate (runtime/serve/prices.json)
 }
 if TARGET == "cpu":
-    SERVICE_ENV = {**SERVICE_ENV, "PERCEPIANO_DEVICE": "cpu", "PERCEPIANO_MAX_CONCURRENCY": "2",
+    SERVICE_ENV = {**SERVICE_ENV, "PERCEPIANO_DEVICE": "cpu",
+                   "PERCEPIANO_MAX_CONCURRENCY": str(CPU_LOAD["analyses_at_once"]),
                    "PERCEPIANO_THREADS": str(int(CPU_CORES)),  # onnxruntime's threads: the reserved cores
                    "PERCEPIANO_PRICE_CONTAINER": "modal-cpu-4"}  # prices.json: 4 cores, 4 GiB, as reserved
 # What each class asks of Modal: the hardware and the snapshot options of the chosen target.

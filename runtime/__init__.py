@@ -5,13 +5,13 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from runtime.constants import API_KEYS, DIMENSIONS, FEATURES, LABELS
-from runtime.errors import AudioError, InputError, ModelError
+from runtime.errors import AudioError, InputError, ModelError, ModelOutputError
 
 if TYPE_CHECKING:
     from runtime.analyze import Analysis, Analyzer
     from runtime.model import ModelInfo, OnnxModel
 
-__all__ = ["API_KEYS", "DIMENSIONS", "FEATURES", "LABELS", "AudioError", "InputError", "ModelError",
+__all__ = ["API_KEYS", "DIMENSIONS", "FEATURES", "LABELS", "AudioError", "InputError", "ModelError", "ModelOutputError",
            "Analysis", "Analyzer", "ModelInfo", "OnnxModel"]
 
 _LAZY = {"Analysis": "runtime.analyze", "Analyzer": "runtime.analyze",

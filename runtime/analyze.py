@@ -11,7 +11,7 @@ import numpy as np
 
 from runtime.audio import check_cap, load_audio, prepare_audio
 from runtime.constants import API_KEYS, AUDIO_INPUT_NAME, FEATURES
-from runtime.errors import AudioError, InputError
+from runtime.errors import AudioError, InputError, ModelOutputError
 from runtime.features import chunk_audio, chunk_starts, features_from_audio
 from runtime.model import OnnxModel
 
@@ -129,6 +129,10 @@ class Analyzer:
         scores = (infer or self.chunk_scores)(mel)
         if timings is not None:
             timings["features"], timings["inference"] = t1 - t0, time.perf_counter() - t1
+        bad = ~np.isfinite(scores).all(axis=1)
+        if bad.any():  # never a result with NaN scores: the model is broken (or its numbers overflowed)
+            raise ModelOutputError(f"the model gave NaN or infinite scores for {int(bad.sum())} of {len(scores)} "
+                                   f"windows (first at {float(chunk_starts(len(scores))[bad.argmax()]):g} s)")
         return build_analysis(scores, duration)
 
 

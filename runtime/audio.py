@@ -1,6 +1,8 @@
 """Decode audio (path or bytes) to float32 mono at the model's rate, exactly as librosa.load does (SPEC §3).
 
-soundfile reads wav/flac/ogg/mp3; PyAV (imported lazily) reads m4a/AAC and whatever else soundfile cannot.
+soundfile reads wav/flac/ogg and MP3s that state their length (a Xing/Info header); PyAV (imported lazily) reads
+m4a/AAC, whatever else soundfile cannot, and MP3s without that header, to the stream's end (libsndfile would stop
+at a length guessed from the first frame's bitrate: a 30 s VBR file read as 2.6 s).
 Each decoded block is mixed to mono as ``librosa.to_mono`` does and fed to soxr's streaming 'HQ' resampler
 (runtime.resample), so the native-rate signal is never held whole. Two limits, two names:
 
@@ -23,7 +25,7 @@ import soundfile as sf
 
 from runtime.constants import FEATURES
 from runtime.errors import AudioDecodeError, AudioError, AudioTooLongError, ConfigError
-from runtime.integrity import opened, truncation
+from runtime.integrity import mp3_length_stated, opened, truncation
 from runtime.resample import Resampler, join, resample
 
 logger = logging.getLogger(__name__)
@@ -246,6 +248,8 @@ def _decode_soundfile(source: Source, name: str, plan: DecodePlan) -> None:
         raise _Unreadable(_reason(exc)) from exc
     with handle as f:
         rate, channels, declared = f.samplerate, f.channels, f.frames
+        if f.format in ("MPEG", "MP3") and not _length_stated(source):
+            raise _Unreadable("an MP3 without a Xing/Info header: libsndfile's length would be a guess")
         plan.check_stream(rate, channels)
         _check_structure(source, name, f.format)
         known = 0 < declared < _UNKNOWN_FRAMES
@@ -264,6 +268,12 @@ def _decode_soundfile(source: Source, name: str, plan: DecodePlan) -> None:
             raise AudioDecodeError(
                 f"{name}: truncated: the header declares {declared} frames but only {frames} could be decoded"
             )
+
+
+def _length_stated(source: Source) -> bool:
+    f, _ = opened(source if isinstance(source, bytes) else os.fspath(source))
+    with f:
+        return mp3_length_stated(f)
 
 
 def _read_blocks(f: sf.SoundFile, channels: int, plan: DecodePlan, rate: int) -> int:

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from runtime.constants import API_KEYS, ORIGINAL_CAP_SECONDS
-from runtime.errors import AudioError, ConfigError, InputError, ModelError
+from runtime.errors import AudioError, ConfigError, InputError, ModelError, ModelOutputError
 from runtime.model import DEMO_NOTE, DEVICES
 from runtime.self_check import ALLOW_ENV, ALLOW_FLAG, require_passed
 
@@ -100,7 +100,7 @@ def analyze_files(analyzer, files: list[Path], progress: bool) -> list[dict]:
         try:
             res = analyzer.analyze_file(path)
             results.append({"file": str(path), **res.to_dict(), "error": None})
-        except (AudioError, InputError) as exc:
+        except (AudioError, InputError, ModelOutputError) as exc:
             results.append({"file": str(path), "duration_seconds": None, "scores": None, "timeline": None,
                             "error": str(exc)})
     return results

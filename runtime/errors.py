@@ -23,3 +23,7 @@ class ModelError(ValueError):
 
 class InputError(ValueError):
     """A precomputed spectrogram or request of the wrong shape or content."""
+
+
+class ModelOutputError(RuntimeError):
+    """The model gave NaN or infinite scores: the model's fault, not the input's (HTTP 500 model_failed)."""

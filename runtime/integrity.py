@@ -3,7 +3,8 @@
 libsndfile reads whatever audio a cut-off WAV, AIFF, Ogg or MP3 still holds without an error (it only notes
 the mismatch in its log), so an interrupted upload would be scored as the fragment that remains. Each check
 reads a few header or tail bytes and returns the reason the file is truncated, or None. Formats that declare
-no length (a raw MP3 without a Xing/Info header, a WAV streamed with an unknown size) cannot be checked here.
+no length (a raw MP3 without a Xing/Info header, a WAV streamed with an unknown size) cannot be checked here;
+runtime.audio decodes such an MP3 with PyAV to the stream's end (`mp3_length_stated`).
 """
 
 from __future__ import annotations
@@ -79,8 +80,8 @@ def _ogg(f: BinaryIO, size: int) -> str | None:
     return "truncated: the file ends inside an Ogg page"
 
 
-def _mp3(f: BinaryIO, size: int) -> str | None:
-    """A Xing/Info header (LAME and most encoders write one) states the stream's size in bytes."""
+def _xing(f: BinaryIO) -> bytes | None:
+    """The flags and fields of the first MPEG frame's Xing/Info header (past any ID3v2 tag), or None."""
     head = _read_at(f, 0, 10)
     offset = 0
     if head[:3] == b"ID3" and len(head) == 10:
@@ -91,7 +92,20 @@ def _mp3(f: BinaryIO, size: int) -> str | None:
         return None
     tag = max(frame.find(b"Xing", 4), frame.find(b"Info", 4))
     fields = frame[tag + 4 : tag + 16] if tag > 0 else b""
-    if len(fields) < 12:
+    return fields if len(fields) >= 8 else None
+
+
+def mp3_length_stated(f: BinaryIO) -> bool:
+    """Does the MP3 state its frame count (a Xing/Info header)? Without one, a decoder's length is a guess from
+    the first frame's bitrate: libsndfile stops there (a VBR file read as a few seconds of its whole)."""
+    fields = _xing(f)
+    return fields is not None and bool(struct.unpack(">I", fields[:4])[0] & 0x1)
+
+
+def _mp3(f: BinaryIO, size: int) -> str | None:
+    """A Xing/Info header (LAME and most encoders write one) states the stream's size in bytes."""
+    fields = _xing(f)
+    if fields is None or len(fields) < 12:
         return None
     flags, first = struct.unpack(">II", fields[:8])
     if not flags & 0x2:

@@ -46,3 +46,19 @@ def with_self_check(src: Path, dst: Path, mel: np.ndarray, scores: np.ndarray, *
 def without_self_check(src: Path, dst: Path) -> Path:
     """A copy of src as an export made before the self-check existed."""
     return edit_metadata(src, dst, lambda doc: doc.pop("self_check", None))
+
+
+def with_nan_scores(src: Path, dst: Path) -> Path:
+    """A copy of src whose scores are all NaN (its output multiplied by a NaN constant): a broken model."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    proto = onnx.load(str(src))
+    graph = proto.graph
+    out = graph.output[0].name
+    for node in graph.node:  # the node that made the output now makes an inner tensor
+        node.output[:] = [f"{out}_before_nan" if name == out else name for name in node.output]
+    graph.initializer.append(numpy_helper.from_array(np.array(np.nan, np.float32), "nan_factor"))
+    graph.node.append(helper.make_node("Mul", [f"{out}_before_nan", "nan_factor"], [out]))
+    onnx.save(proto, str(dst))
+    return dst

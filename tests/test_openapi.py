@@ -97,8 +97,13 @@ def test_openapi_lists_each_refusal_and_the_spectrogram_bounds(analyzer):
 
     doc = TestClient(create_app(analyzer, settings=Settings(**SETTINGS))).get("/openapi.json").json()
     for path in ("/v1/analyze", "/v1/analyze/mel"):
-        assert sorted(doc["paths"][path]["post"]["responses"]) == ["200", "400", "408", "413", "415", "422", "503"]
-        assert "Retry-After" in doc["paths"][path]["post"]["responses"]["503"]["headers"]
+        responses = doc["paths"][path]["post"]["responses"]
+        assert sorted(responses) == ["200", "400", "408", "413", "415", "422", "500", "503"]
+        assert "Retry-After" in responses["503"]["headers"]
+        assert all(f"`{kind}`" in responses["500"]["description"] for kind in ("model_failed", "internal_error"))
+    cap = next(p for p in doc["paths"]["/v1/analyze"]["post"]["parameters"] if p["name"] == "cap_seconds")
+    number = next(s for s in cap["schema"]["anyOf"] if s.get("type") == "number")
+    assert number["exclusiveMinimum"] == 0 and number["maximum"] == SETTINGS["refuse_over_seconds"], cap
     mel = doc["paths"]["/v1/analyze/mel"]["post"]["requestBody"]["content"]["application/json"]["schema"]
     frames = mel["properties"]["mel_spectrogram"]
     assert frames["minItems"] == 1 and frames["maxItems"] == 862  # 20 s of frames

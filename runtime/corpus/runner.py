@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from runtime.corpus.report import CorpusSummary, write_outputs
-from runtime.errors import AudioError, InputError
+from runtime.errors import AudioError, InputError, ModelOutputError
 
 logger = logging.getLogger(__name__)
 
@@ -69,7 +69,8 @@ def find_audio(roots: Sequence[str | os.PathLike], *, recursive: bool = False) -
 def analyze_one(analyzer, name: str, source: str | os.PathLike | bytes, cap_seconds: float | None = None) -> dict:
     """One file -> its result dict named ``name``; never raises: every failure becomes ``error``.
 
-    An error that is the file's fault (AudioError, InputError) is final; any other (out of memory, a model
+    An error that is the file's fault (AudioError, InputError) or the model's on this file (ModelOutputError: NaN
+    scores, which a retry would give again) is final; any other (out of memory, a model
     failure) is marked ``retry`` so that the next run tries the file again. This is the corpus worker's logic.
     """
     try:
@@ -77,7 +78,7 @@ def analyze_one(analyzer, name: str, source: str | os.PathLike | bytes, cap_seco
         if cap_seconds is not None:
             analyzer = _with_cap(analyzer, cap_seconds)
         return {"file": name, **analyzer.analyze_file(source).to_dict(), "model": model, "error": None}
-    except (AudioError, InputError) as exc:
+    except (AudioError, InputError, ModelOutputError) as exc:
         return failure(name, _named(name, str(exc)))
     except Exception as exc:
         logger.exception("analysing %s failed", name)

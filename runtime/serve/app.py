@@ -3,7 +3,7 @@
 Endpoints: POST /v1/analyze (audio), POST /v1/analyze/mel (precomputed log-mel), both also in the
 original service's shapes with `?format=original`; GET /v1/model, GET /healthz, GET /readyz, GET /metrics
 (Prometheus), the page at /; OpenAPI at /docs. The event loop only reads bodies (under a size limit, a
-deadline and a shared byte budget reserved before reading: runtime.serve.body); multipart unpacking, JSON
+deadline and a shared byte budget taken as bytes arrive: runtime.serve.body); multipart unpacking, JSON
 parsing, decoding, features and inference run in the bounded pool of runtime.serve.service. Every error is
 ``{"status": "error", "error": message, "error_type": kind, "request_id": id}`` with its HTTP status; every
 response carries X-Request-ID, and every request gets one JSON log line (runtime.serve.request_log).
@@ -17,7 +17,7 @@ import os
 from contextlib import asynccontextmanager
 from functools import partial
 from pathlib import Path
-from typing import Annotated
+from typing import Any
 
 try:
     import prometheus_client  # noqa: F401  (runtime.serve.metrics needs it)
@@ -28,7 +28,7 @@ except ImportError as exc:  # pragma: no cover - depends on the installed extras
                       "pip install 'percepiano-onnx[serve]'") from exc
 
 from runtime.analyze import Analyzer
-from runtime.audio import check_cap
+from runtime.audio import HARD_LIMIT_SECONDS, check_cap
 from runtime.constants import FEATURES
 from runtime.errors import ConfigError
 from runtime.memory import return_large_buffers_to_the_os
@@ -59,11 +59,17 @@ log = logging.getLogger(__name__)
 
 
 BODY_ERRORS = (400, 408, 413, 415, 422, 503)  # what a route that reads a body can answer besides 401
+ANALYSIS_ERRORS = (*BODY_ERRORS, 500)  # and an analysis: model_failed (NaN scores) or internal_error (a bug)
 
 
-CAP_QUERY = Query(gt=0, allow_inf_nan=False, description=(
-    "analyse only the first N seconds, cut after resampling to 22,050 Hz as the original's 30 s cap did; "
-    "longer audio is then not refused (default: PERCEPIANO_CAP_SECONDS, else the whole recording)"))
+def cap_query(refuse_over_seconds: float | None) -> Any:
+    """?cap_seconds=: positive, at most the refusal limit (or the hard limit), as check_cap enforces."""
+    limit = refuse_over_seconds if refuse_over_seconds is not None and refuse_over_seconds <= HARD_LIMIT_SECONDS \
+        else HARD_LIMIT_SECONDS
+    return Query(None, gt=0, le=limit, allow_inf_nan=False, description=(
+        "analyse only the first N seconds, cut after resampling to 22,050 Hz as the original's 30 s cap did; "
+        f"longer audio is then not refused; at most the refusal limit, {limit:g} s "
+        "(default: PERCEPIANO_CAP_SECONDS, else the whole recording)"))
 
 
 def create_app(source: Source, *, settings: Settings | None = None) -> FastAPI:
@@ -89,12 +95,13 @@ def create_app(source: Source, *, settings: Settings | None = None) -> FastAPI:
     frame_limit = service.frame_limit
     add_metrics_route(app, service.metrics, auth if settings.metrics_auth else [])
     either = OriginalSuccess | AnalyzeResponse  # ?format=original, or this service's own
-    analysis_errors = error_responses(*auth_errors, *BODY_ERRORS, model=ErrorResponse | OriginalError)
+    analysis_errors = error_responses(*auth_errors, *ANALYSIS_ERRORS, model=ErrorResponse | OriginalError)
+    cap_seconds_query = cap_query(settings.refuse_over_seconds)
 
     async def read(request: Request, body, slack: int = 0) -> bytes:
         """The request body, once the service admits it: under its size limit, timeout and byte budget (`body`)."""
-        limit, timeout = await service.admit_body(slack)
-        return await read_body(request, limit, body, timeout)
+        limit, timing = await service.admit_body(slack)
+        return await read_body(request, limit, body, timing)
 
     @app.get("/healthz", response_model=HealthResponse, tags=["health"])
     async def healthz():
@@ -120,7 +127,7 @@ def create_app(source: Source, *, settings: Settings | None = None) -> FastAPI:
 
     @app.post("/v1/analyze", response_model=either, dependencies=auth, responses=analysis_errors,
               openapi_extra=audio_body(), tags=["analysis"])
-    async def analyze(request: Request, cap_seconds: Annotated[float | None, CAP_QUERY] = None,
+    async def analyze(request: Request, cap_seconds: float | None = cap_seconds_query,
                       format: Format = "default"):
         """Score an audio file (wav, flac, ogg, mp3, m4a/AAC, ...), optionally only its first cap_seconds."""
         try:
@@ -165,7 +172,7 @@ def create_app(source: Source, *, settings: Settings | None = None) -> FastAPI:
 def serve(model: str | os.PathLike | Analyzer, *, host: str = "127.0.0.1", port: int = 8000, device: str = "auto",
           threads: int | None = None, settings: Settings | None = None, log_level: str = "info") -> None:
     """Load and warm up the model (failing fast on a bad one or a failed self-check), then run uvicorn."""
-    import uvicorn
+    from runtime.serve.connection import run
 
     settings = settings or Settings.from_env()
     analyzer = model if isinstance(model, Analyzer) else \
@@ -177,8 +184,9 @@ def serve(model: str | os.PathLike | Analyzer, *, host: str = "127.0.0.1", port:
         log_level = "warning"  # quiet: uvicorn's own access lines too
     if host not in ("127.0.0.1", "localhost", "::1") and not settings.api_token:
         log.warning("serving on %s without auth: set PERCEPIANO_API_TOKEN to require a bearer token", host)
-    uvicorn.run(create_app(analyzer, settings=settings), host=host, port=port, log_level=log_level,
-                timeout_graceful_shutdown=10)
+    app = create_app(analyzer, settings=settings)
+    run(app, app.state.service.drain, host=host, port=port, log_level=log_level,
+        header_timeout=settings.header_timeout)
 
 
 __all__ = ["Settings", "Service", "ServiceError", "create_app", "serve", "warm_up"]

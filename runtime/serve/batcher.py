@@ -1,9 +1,11 @@
 """Cross-request batching: concurrent analyses' model windows merged into shared inference calls.
 
 One worker thread owns the inference calls. A caller submits its windows and blocks until its own rows
-come back; the worker merges what is pending into calls of at most ``max_chunks`` windows (a request larger
-than that is split across calls) and scatters each call's rows back by offset, so every caller gets the
-rows of its own windows, in order.
+come back; the worker merges what is pending into calls of at most ``max_chunks`` windows and scatters each
+call's rows back by offset, so every caller gets the rows of its own windows, in order. A call takes windows
+from the waiting requests in turn (one each, round after round, oldest first), so a request larger than a
+call is split across calls and shares each with whoever else waits: a short request's latency does not grow
+with a long one's length. A request served in a call that still has windows left goes to the back of the line.
 
 The waiting rule (``wait_ms``): the worker runs at once unless more work is known to be coming. It waits
 for more only while all of these hold:
@@ -18,12 +20,15 @@ So a lone request (the only active analysis) never waits, and no request waits m
 others (it may still queue behind an inference call already running, as it would for the model anyway).
 
 Every inference call, batched or not, is reported to ``observe(windows, requests)`` (the service's
-histograms on /metrics). A failed call fails every request with rows in it, with the same exception;
-``close()`` fails whatever is still pending, so no caller is left waiting.
+histograms on /metrics). A failed call fails every request with rows in it, each with its own copy of the
+exception (one object raised in many threads would gather their tracebacks); ``close()`` fails whatever is
+still pending, so no caller is left waiting. Every future is settled under the lock, so close() and the
+worker never both settle one.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 import threading
 import time
@@ -129,7 +134,8 @@ class Batcher:
     def _should_wait(self) -> bool:
         if self._closed or self._queued >= self.max_chunks:
             return False
-        return self._inside < self.active() and time.monotonic() < self._pending[0].submitted + self.wait
+        oldest = min(item.submitted for item in self._pending)
+        return self._inside < self.active() and time.monotonic() < oldest + self.wait
 
     def _next_call(self) -> list[tuple[_Pending, int, int]] | None:
         """Wait for work (and, by the rule above, for more of it); take at most max_chunks windows. None: closed."""
@@ -140,7 +146,8 @@ class Batcher:
                 if self._pending and self._should_wait():
                     self.waited_calls += 1
                 while self._pending and self._should_wait():
-                    self._cond.wait(max(0.0, self._pending[0].submitted + self.wait - time.monotonic()))
+                    oldest = min(item.submitted for item in self._pending)
+                    self._cond.wait(max(0.0, oldest + self.wait - time.monotonic()))
                 if self._closed:
                     self._fail_pending()
                     return None
@@ -149,18 +156,28 @@ class Batcher:
                     self._queued -= len(item.windows) - item.taken
                 if self._pending:
                     break
-            parts, room = [], self.max_chunks
-            for item in self._pending:
-                n = min(room, len(item.windows) - item.taken)
-                parts.append((item, item.taken, item.taken + n))
-                item.taken += n
-                room -= n
-                if room == 0:
-                    break
-            while self._pending and self._pending[0].taken == len(self._pending[0].windows):
-                self._pending.popleft()
-            self._queued -= self.max_chunks - room
-            return parts
+            return self._take_in_turn()
+
+    def _take_in_turn(self) -> list[tuple[_Pending, int, int]]:
+        """Up to max_chunks windows, one from each pending request in turn (oldest first), round after round;
+        served requests with windows left go to the back of the line. Called under the lock."""
+        counts = dict.fromkeys(range(len(self._pending)), 0)
+        room = self.max_chunks
+        while room and any(i.taken + counts[n] < len(i.windows) for n, i in enumerate(self._pending)):
+            for n, item in enumerate(self._pending):
+                if room and item.taken + counts[n] < len(item.windows):
+                    counts[n] += 1
+                    room -= 1
+        parts, served = [], []
+        for n, item in enumerate(self._pending):
+            if counts[n]:
+                parts.append((item, item.taken, item.taken + counts[n]))
+                item.taken += counts[n]
+                served.append(item)
+        rest = [i for i in self._pending if i not in served]
+        self._pending = deque(rest + [i for i in served if i.taken < len(i.windows)])
+        self._queued -= self.max_chunks - room
+        return parts
 
     def _loop(self) -> None:
         try:
@@ -183,15 +200,28 @@ class Batcher:
                 raise RuntimeError(f"the model returned {rows.shape} for {len(windows)} windows")
             if self.observe is not None:
                 self.observe(len(windows), len(parts))
-        except BaseException as exc:  # (every caller in this call gets it; the worker goes on)
-            for item, _, _ in parts:
-                if not item.future.done():
-                    item.future.set_exception(exc)
+        except BaseException as exc:  # (every caller in this call gets its own copy; the worker goes on)
+            with self._cond:
+                for item, _, _ in parts:
+                    if not item.future.done():
+                        item.future.set_exception(_own_copy(exc))
             return
-        offset = 0
-        for item, a, b in parts:
-            item.rows[a:b] = rows[offset : offset + b - a]
-            offset += b - a
-            item.left -= b - a
-            if item.left == 0 and not item.future.done():
-                item.future.set_result(item.rows)
+        with self._cond:  # settled under the lock: close() cannot settle a future between check and set
+            offset = 0
+            for item, a, b in parts:
+                item.rows[a:b] = rows[offset : offset + b - a]
+                offset += b - a
+                item.left -= b - a
+                if item.left == 0 and not item.future.done():
+                    item.future.set_result(item.rows)
+
+
+def _own_copy(exc: BaseException) -> BaseException:
+    """A caller's own exception object for a call's failure (the same type and message; the original as cause)."""
+    try:
+        own = copy.copy(exc)
+    except Exception:  # an exception type that cannot be copied: a plain one that says what it was
+        own = RuntimeError(f"the inference call failed: {type(exc).__name__}: {exc}")
+    own.__traceback__ = None
+    own.__cause__ = exc
+    return own

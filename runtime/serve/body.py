@@ -1,15 +1,20 @@
 """HTTP request bodies: media types, bounded body reading, multipart, the typed errors and the OpenAPI bodies.
 
 Plain functions over a Starlette Request used by runtime.serve.app; the service logic lives there. Every body is
-read under three bounds: its size (413), a deadline for the whole body (408), and a byte budget shared by all
-requests, reserved before the bytes are read (503 busy). Multipart is unpacked by the job in the thread pool,
-not on the event loop.
+read under four bounds: its size (413); an idle timeout between reads and a whole-body deadline that grows with
+the body's size (408 and close, as nginx's client_body_timeout); and a byte budget shared by all requests (503
+busy), taken as the bytes arrive, so that a body's promise (its Content-Length) holds nothing: a declared length
+that cannot fit in what is free now is refused at once, before its bytes are sent for nothing. Multipart is
+unpacked by the job in the thread pool, not on the event loop.
 """
 
 from __future__ import annotations
 
+import email.message
 import logging
 import threading
+import time
+from dataclasses import dataclass
 from typing import Any
 
 import anyio
@@ -81,10 +86,19 @@ class ByteBudget:
 
     def _take(self, n: int) -> None:
         with self._lock:
-            if self.held + n > self.limit:
-                raise ServiceError(503, "busy", f"the server holds {self.held} bytes of request bodies and cannot take "
-                                   f"{n} more within its budget of {self.limit}; retry shortly", BUSY_HEADERS)
+            self._check(n)
             self.held += n
+
+    def check_room(self, n: int) -> None:
+        """503 busy now if `n` more bytes would not fit (a declared length, before its bytes are read)."""
+        with self._lock:
+            self._check(n)
+
+    def _check(self, n: int) -> None:
+        if self.held + n > self.limit:
+            raise ServiceError(503, "busy", f"the server holds {self.held} bytes of request bodies and cannot take "
+                               f"{n} more within its budget of {self.limit}; retry shortly",
+                               {**BUSY_HEADERS, "Connection": "close"})
 
     def _give(self, n: int) -> None:
         with self._lock:
@@ -92,7 +106,7 @@ class ByteBudget:
 
 
 class Reservation:
-    """One request's share of the budget: grows before bytes are read; released once, when the request ends.
+    """One request's share of the budget: grows as bytes arrive; released once, when the request ends.
 
     As a context manager it releases on exit unless `hand_off` passed it to a job, whose end releases it.
     """
@@ -135,38 +149,63 @@ def declared_length(request: Request) -> int | None:
     return int(declared)
 
 
-async def read_body(request: Request, limit: int, held: Reservation, timeout: float) -> bytes:
-    """The body, its bytes reserved in `held` before they are read (from Content-Length, else chunk by chunk).
+@dataclass(frozen=True)
+class BodyTiming:
+    """How long a body may take: `idle` s without a byte, and `timeout` s plus one second per `min_rate` bytes
+    of its size (the declared size, else what has arrived) for the whole body; min_rate 0: `timeout` alone."""
 
-    413 past `limit` (an oversized body is read no further than DRAIN_LIMIT past it, and never kept), 408 when the
-    whole body has not arrived within `timeout` seconds; a client that leaves mid-body is logged in one line.
+    idle: float
+    timeout: float
+    min_rate: float = 0.0
+
+    def deadline(self, size: int) -> float:
+        return self.timeout + (size / self.min_rate if self.min_rate > 0 else 0.0)
+
+
+async def read_body(request: Request, limit: int, held: Reservation, timing: BodyTiming) -> bytes:
+    """The body, its bytes reserved in `held` as they arrive (a declared length that cannot fit is refused first).
+
+    413 past `limit` (an oversized body is read no further than DRAIN_LIMIT past it, and never kept); 408 and
+    close when no byte arrives for `timing.idle` s or the whole body is later than its deadline; a client that
+    leaves mid-body is logged in one line.
     """
     too_large = ServiceError(413, "too_large", f"the request body is over the limit of {limit} bytes")
     declared = declared_length(request)
     if declared is not None and declared > limit + DRAIN_LIMIT:
         raise too_large
-    held.grow(min(declared, limit) if declared is not None else 0)
-    chunks, size = [], 0
-    try:
-        with anyio.fail_after(timeout):
-            async for chunk in request.stream():
-                size += len(chunk)
-                if size > limit + DRAIN_LIMIT:
-                    raise too_large
-                if size <= limit:
-                    if declared is None:
-                        held.grow(len(chunk))
-                    chunks.append(chunk)
-    except TimeoutError:
-        log.warning("request body cut off after %.3g s: %d of %s bytes arrived", timeout, size, declared or "?")
-        raise ServiceError(408, "request_timeout", f"the request body did not arrive within {timeout:g} s",
-                           {"Connection": "close"}) from None
-    except ClientDisconnect:
-        log.warning("client disconnected after %d of %s bytes of the request body", size, declared or "?")
-        raise ServiceError(400, "client_disconnected", "the client disconnected before sending the body") from None
+    if declared is not None:
+        held.budget.check_room(min(declared, limit))
+    chunks, size, start = [], 0, time.monotonic()
+    stream = request.stream().__aiter__()
+    while True:
+        deadline = timing.deadline(max(size, declared or 0))
+        wait = min(timing.idle, deadline - (time.monotonic() - start))
+        try:
+            with anyio.fail_after(max(wait, 0.0)):
+                chunk = await stream.__anext__()
+        except StopAsyncIteration:
+            break
+        except TimeoutError:
+            idle = wait >= timing.idle
+            why = f"no byte for {timing.idle:g} s" if idle else f"not all within {deadline:g} s"
+            raise _late(size, declared, why) from None
+        except ClientDisconnect:
+            log.warning("client disconnected after %d of %s bytes of the request body", size, declared or "?")
+            raise ServiceError(400, "client_disconnected", "the client disconnected before sending the body") from None
+        size += len(chunk)
+        if size > limit + DRAIN_LIMIT:
+            raise too_large
+        if size <= limit and chunk:
+            held.grow(len(chunk))
+            chunks.append(chunk)
     if size > limit:
         raise too_large
     return b"".join(chunks)
+
+
+def _late(size: int, declared: int | None, why: str) -> ServiceError:
+    log.warning("request body cut off (%s): %d of %s bytes arrived", why, size, declared or "?")
+    return ServiceError(408, "request_timeout", f"the request body did not arrive: {why}", {"Connection": "close"})
 
 
 def audio_kind(request: Request) -> str:
@@ -199,7 +238,7 @@ class _AudioPart:
     """Callbacks of python-multipart's parser that keep the first file part named `audio` and nothing else."""
 
     def __init__(self, max_bytes: int):
-        self.max_bytes, self.parts, self.found, self.size = max_bytes, 0, False, 0
+        self.max_bytes, self.parts, self.found, self.size, self.ended = max_bytes, 0, False, 0, False
         self.keep, self.chunks, self.headers = False, [], {}
         self.field = self.value = b""
 
@@ -220,8 +259,9 @@ class _AudioPart:
         self.field = self.value = b""
 
     def on_headers_finished(self) -> None:
-        kind, options = parse_options_header(self.headers.get(b"content-disposition", b"").decode("latin-1"))
-        is_file = kind == b"form-data" and options.get(b"name") == b"audio" and b"filename" in options
+        disposition = self.headers.get(b"content-disposition", b"").decode("latin-1")
+        kind, options = parse_options_header(disposition)
+        is_file = kind == b"form-data" and options.get(b"name") == b"audio" and has_filename(options, disposition)
         self.keep = is_file and not self.found
         self.found = self.found or self.keep
 
@@ -232,6 +272,18 @@ class _AudioPart:
                 raise ServiceError(413, "too_large", f"the audio file is over the limit of {self.max_bytes} bytes")
             self.chunks.append(data[start:end])
 
+    def on_end(self) -> None:
+        self.ended = True
+
+
+def has_filename(options: dict[bytes, bytes], disposition: str) -> bool:
+    """A file part: `filename=`, or only RFC 2231's `filename*=` (which python-multipart leaves out of options)."""
+    if b"filename" in options:
+        return True
+    header = email.message.Message()
+    header["content-disposition"] = disposition
+    return header.get_filename() is not None
+
 
 def multipart_audio(body: bytes, content_type: str, max_bytes: int) -> bytes:
     """The file field `audio` of a multipart/form-data body (runs in the pool: parsing is CPU work)."""
@@ -241,13 +293,16 @@ def multipart_audio(body: bytes, content_type: str, max_bytes: int) -> bytes:
         raise ServiceError(400, "bad_request", "the multipart/form-data content type has no boundary")
     part = _AudioPart(max_bytes)
     callbacks = {name: getattr(part, name) for name in ("on_part_begin", "on_header_field", "on_header_value",
-                                                        "on_header_end", "on_headers_finished", "on_part_data")}
+                                                        "on_header_end", "on_headers_finished", "on_part_data",
+                                                        "on_end")}
     parser = MultipartParser(boundary, callbacks)  # type: ignore[arg-type]
     try:
         parser.write(body)
         parser.finalize()
     except MultipartParseError as exc:
         raise ServiceError(400, "bad_request", f"the multipart body is malformed ({exc})") from None
+    if not part.ended:  # cut short (a dropped connection, a proxy): what arrived is a fragment, never scored
+        raise ServiceError(400, "bad_request", "the multipart body ends without its closing boundary (cut short)")
     if not part.found:
         raise ServiceError(422, "missing_field", 'multipart upload needs a file field named "audio"')
     return b"".join(part.chunks)
@@ -258,12 +313,13 @@ def multipart_audio(body: bytes, content_type: str, max_bytes: int) -> bytes:
 ERROR_DESCRIPTIONS = {
     400: "the body is not valid JSON or multipart, or Content-Length is malformed (`bad_request`)",
     401: "missing or wrong bearer token (`unauthorized`)",
-    408: "the request body did not arrive within the body timeout (`request_timeout`)",
+    408: "the request body stalled or did not arrive within its deadline (`request_timeout`)",
     413: "the body, the audio or the spectrogram is over a limit (`too_large`, `audio_too_long`)",
     415: "a content type the route does not take, or audio that cannot be decoded "
          "(`unsupported_media_type`, `unsupported_audio`)",
     422: "a body that parses but cannot be analysed (`invalid_audio`, `invalid_input`, `missing_field`)",
-    503: "not ready, the model failed to load, or at capacity (`not_ready`, `model_failed`, `busy`)",
+    500: "the model gave non-finite scores, or a bug in the server (`model_failed`, `internal_error`)",
+    503: "not ready, shutting down, the model failed to load, or at capacity (`not_ready`, `model_failed`, `busy`)",
 }
 _RETRY = {"Retry-After": {"description": "seconds to wait before retrying", "schema": {"type": "integer"}}}
 

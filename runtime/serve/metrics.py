@@ -74,6 +74,8 @@ class Metrics:
         self.batch_requests = Histogram("percepiano_inference_batch_requests",
                                         "Requests whose windows share one inference call (1: not merged)",
                                         buckets=BATCH_BUCKETS, registry=r)
+        self.model_failures = Counter("percepiano_model_failures", "Analyses whose model gave NaN or infinite scores "
+                                      "(answered 500 model_failed)", registry=r)
         self.model = Info("percepiano_model", "The served model", registry=r)
         self.ready = Gauge("percepiano_model_ready", "1 once the model is loaded and warmed up, else 0", registry=r)
         self.self_check_failed = Gauge("percepiano_self_check_failed", "1 when the served model's self-check "

@@ -22,13 +22,14 @@ import numpy as np
 from runtime.analyze import Analysis, Analyzer
 from runtime.audio import load_audio
 from runtime.constants import FEATURES, NUM_DIMENSIONS
-from runtime.errors import AudioError, InputError
+from runtime.errors import AudioError, InputError, ModelOutputError
 from runtime.model import DEMO_NOTE
 from runtime.self_check import require_passed
 from runtime.serve.batcher import Batcher, BatcherClosed, run_in_batches
 from runtime.serve.body import (
     BUSY_HEADERS,
     MULTIPART_SLACK,
+    BodyTiming,
     ByteBudget,
     Reservation,
     ServiceError,
@@ -44,6 +45,7 @@ from runtime.serve.request_log import note, request_id
 from runtime.serve.settings import Settings
 
 log = logging.getLogger(__name__)
+SHUTTING_DOWN = (503, "not_ready", "the server is shutting down; retry shortly", {"Retry-After": "1"})
 
 
 Source = str | os.PathLike | Analyzer | Callable[[], Analyzer]
@@ -75,6 +77,11 @@ def model_status(analyzer: Analyzer) -> dict[str, Any]:
             "self_check": check, "demo": model.info.demo}
 
 
+def _cancelling() -> bool:
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
+
+
 class Service:
     """The loaded model, its readiness, and a bounded pool that runs analyses off the event loop."""
 
@@ -97,6 +104,7 @@ class Service:
             self.metrics.set_price(container_rate(settings.price_container, ""), settings.daily_budget_usd)
         self.bodies = ByteBudget(settings.body_budget(MULTIPART_SLACK))
         self.executor = ThreadPoolExecutor(settings.max_concurrency, thread_name_prefix="percepiano")
+        self._draining = False
         self.frame_limit = max_frames_for(settings.refuse_over_seconds)
         self.batcher: Batcher | None = None  # cross-request batching, when on (set once the model is loaded)
 
@@ -150,11 +158,19 @@ class Service:
         self.ready.set()
         self.settled.set()
 
+    def drain(self) -> None:
+        """Shutdown begins: the pool takes no new analysis and cancels the queued ones (each answered 503 by `run`);
+        the running ones finish."""
+        if not self._draining:
+            self._draining = True
+            log.info("shutting down: queued analyses are answered 503, running ones finish")
+        self.executor.shutdown(wait=False, cancel_futures=True)
+
     def close(self) -> None:
         """Wait for a load still in progress (never exit under onnxruntime's feet), then stop the pool."""
         if self._loader is not None:
             self._loader.join()
-        self.executor.shutdown(wait=False, cancel_futures=True)
+        self.drain()
         if self.batcher is not None:
             self.batcher.close()
 
@@ -167,7 +183,7 @@ class Service:
         try:
             return self.batcher.predict(windows)
         except BatcherClosed:
-            raise ServiceError(503, "not_ready", "the server is shutting down") from None
+            raise ServiceError(*SHUTTING_DOWN) from None
 
     def require_analyzer(self) -> Analyzer:
         if self.analyzer is not None:
@@ -221,7 +237,7 @@ class Service:
             future = self.executor.submit(running)
         except RuntimeError:  # executor shut down
             self._release()
-            raise ServiceError(503, "not_ready", "the server is shutting down") from None
+            raise ServiceError(*SHUTTING_DOWN) from None
         future.add_done_callback(self._release)  # the slot is freed when the work really ends, not when we stop waiting
         if body is not None:
             body.hand_off()
@@ -233,8 +249,16 @@ class Service:
                                BUSY_HEADERS)
         try:
             return await waiter
+        except asyncio.CancelledError:  # not an Exception: the pool cancelled the queued job (shutdown), or we are
+            if future.cancelled() and not _cancelling():  # cancelled ourselves (then the cancel goes on)
+                raise ServiceError(*SHUTTING_DOWN) from None
+            raise
         except ServiceError:
             raise
+        except ModelOutputError as exc:  # the model's fault, not the client's: 500, counted
+            self.metrics.model_failures.inc()
+            log.error("%s", exc)
+            raise ServiceError(500, "model_failed", str(exc)) from None
         except Exception:  # a bug, not a bad request: log it, answer 500, keep serving
             log.exception("analysis failed")
             raise ServiceError(500, "internal_error", "internal error while analysing; see the server log") from None
@@ -243,11 +267,12 @@ class Service:
         with self._lock:
             self._admitted -= 1
 
-    async def admit_body(self, slack: int = 0) -> tuple[int, float]:
-        """Wait for the model and for capacity; then the size limit and timeout a body is read under."""
+    async def admit_body(self, slack: int = 0) -> tuple[int, BodyTiming]:
+        """Wait for the model and for capacity; then the size limit and timeouts a body is read under."""
         await self.wait_analyzer()
         self.check_capacity()
-        return self.settings.max_bytes + slack, self.settings.body_timeout
+        s = self.settings
+        return s.max_bytes + slack, BodyTiming(s.body_idle_timeout, s.body_timeout, s.body_min_rate)
 
     # --- the jobs (run in the pool)
     def analyze_upload(self, box: list[bytes], content_type: str, cap_seconds: float | None = None,

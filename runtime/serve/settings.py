@@ -28,7 +28,11 @@ class Settings:
     max_concurrency: int = 2  # analyses running at once (PERCEPIANO_MAX_CONCURRENCY)
     max_queue: int = 32  # requests waiting for a slot beyond that; more get 503 at once (PERCEPIANO_MAX_QUEUE)
     queue_timeout: float = 30.0  # seconds a request may wait for a slot before 503 (PERCEPIANO_QUEUE_TIMEOUT)
-    body_timeout: float = 120.0  # seconds a client has to send the whole body, else 408 (PERCEPIANO_BODY_TIMEOUT)
+    # the whole body's deadline: body_timeout s plus one s per body_min_rate bytes of its size, else 408
+    body_timeout: float = 120.0  # PERCEPIANO_BODY_TIMEOUT
+    body_min_rate: float = 50_000.0  # bytes/s, 0 = no growth (PERCEPIANO_BODY_MIN_RATE): 50 MB may take 1,120 s
+    body_idle_timeout: float = 30.0  # seconds without a body byte, else 408 and close (PERCEPIANO_BODY_IDLE_TIMEOUT)
+    header_timeout: float = 30.0  # seconds for a request's headers, else 408 and close (PERCEPIANO_HEADER_TIMEOUT)
     max_body_memory: int = 256_000_000  # request-body bytes held at once, at most (PERCEPIANO_MAX_BODY_MEMORY)
     allow_failed_self_check: bool = False  # serve a model whose self-check failed (PERCEPIANO_ALLOW_FAILED_SELF_CHECK)
     metrics_auth: bool = True  # /metrics behind the API token when one is set (PERCEPIANO_METRICS_AUTH)
@@ -47,7 +51,11 @@ class Settings:
            "cap_seconds": ("PERCEPIANO_CAP_SECONDS", float),
            "api_token": ("PERCEPIANO_API_TOKEN", str), "max_concurrency": ("PERCEPIANO_MAX_CONCURRENCY", int),
            "max_queue": ("PERCEPIANO_MAX_QUEUE", int), "queue_timeout": ("PERCEPIANO_QUEUE_TIMEOUT", float),
-           "body_timeout": ("PERCEPIANO_BODY_TIMEOUT", float), "max_body_memory": ("PERCEPIANO_MAX_BODY_MEMORY", int),
+           "body_timeout": ("PERCEPIANO_BODY_TIMEOUT", float),
+           "body_min_rate": ("PERCEPIANO_BODY_MIN_RATE", float),
+           "body_idle_timeout": ("PERCEPIANO_BODY_IDLE_TIMEOUT", float),
+           "header_timeout": ("PERCEPIANO_HEADER_TIMEOUT", float),
+           "max_body_memory": ("PERCEPIANO_MAX_BODY_MEMORY", int),
            "allow_failed_self_check": ("PERCEPIANO_ALLOW_FAILED_SELF_CHECK", bool),
            "metrics_auth": ("PERCEPIANO_METRICS_AUTH", bool),
            "batch_wait_ms": ("PERCEPIANO_BATCH_WAIT_MS", float),
@@ -60,7 +68,8 @@ class Settings:
 
     def __post_init__(self) -> None:
         if self.max_bytes < 1 or self.max_concurrency < 1 or self.max_queue < 0 or self.queue_timeout < 0 \
-                or not self.body_timeout > 0 or self.max_body_memory < 1:
+                or not self.body_timeout > 0 or self.max_body_memory < 1 or not self.body_idle_timeout > 0 \
+                or not self.header_timeout > 0 or not self.body_min_rate >= 0:
             raise ConfigError(f"invalid service limits: {self}")
         if self.refuse_over_seconds is not None and self.refuse_over_seconds <= 0:
             raise ConfigError(f"refuse_over_seconds must be positive or None, got {self.refuse_over_seconds}")
