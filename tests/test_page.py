@@ -371,11 +371,12 @@ def test_the_page_ships_in_the_package():
     from fnmatch import fnmatch
 
     globs = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["runtime"]
-    static = REPO / "runtime" / "static"
-    files = sorted(p.relative_to(static.parent).as_posix() for p in static.iterdir())
+    static = REPO / "runtime" / "serve" / "static"
+    files = sorted(p.relative_to(static.parent.parent).as_posix() for p in static.iterdir())
     assert files and all(any(fnmatch(f, g) for g in globs) for f in files), (files, globs)
     html = (static / "index.html").read_text()
-    for asset in ("static/app.js", "static/charts.js", "static/style.css"):
+    for asset in ("static/app.js", "static/style.css"):
         assert f'"{asset}"' in html
+    assert 'from "./charts.js"' in (static / "app.js").read_text()  # the charts module, shared with clients/web
     links = re.findall(r'(?:src|href)="([^"]*)"', html)
     assert links and all(re.match(r"(static/|docs$|data:)", link) for link in links), links
