@@ -4,12 +4,15 @@
 // for it), and show the 19 scores and the timeline with the service page's chart module. Nothing is uploaded.
 //
 // Query parameters (for measuring; the defaults are what a visitor gets): model=URL (same origin, default
-// model.onnx beside the page), backend=auto|wasm|webgpu, threads=N, batch=N (windows per run, default 1).
+// model.onnx beside the page), backend=auto|wasm|webgpu, threads=N, batch=N (windows per run, default 16 as the runtime).
 import { describeDimensions, radar, timeline, timelineSeries } from "./charts.js";
 import { loadModel } from "./model-store.js";
 import { SAMPLE_RATE, CHUNK, analysisOf, chunkAudio, mixToMono, modelInfo, selfCheckWindows } from "./pipeline.js";
 
 const params = new URLSearchParams(location.search);
+// Windows per run, as the runtime batches them: int8 quantizes each run's activations with one scale, so the
+// same batches give the server's numbers.
+const BATCH = 16;
 const state = { doc: null, session: null, ort: null, execution: null, dims: [], analysis: null, selfCheck: null };
 const $ = (sel) => document.querySelector(sel);
 const show = (node, visible) => { node.hidden = !visible; };
@@ -113,6 +116,7 @@ async function decode(file) {
 async function analyze(file) {
   const card = $("#take-a"), bar = $(".progress", card), text = $(".status-text", card);
   show($(".take-error", card), false);
+  $(".status-text", card).classList.remove("done");
   setBusy(card, true);
   show(bar, true);
   bar.removeAttribute("value");
@@ -122,11 +126,11 @@ async function analyze(file) {
     const samples = await decode(file);
     const decodeMs = ms(t0);
     if (!samples.every(Number.isFinite)) throw new Error("the audio contains NaN or infinite samples");
-    const { chunks, count } = chunkAudio(samples), batch = Math.max(1, Number(params.get("batch")) || 1);
+    const { chunks, count } = chunkAudio(samples), batch = Math.max(1, Number(params.get("batch")) || BATCH);
     const rows = [], t1 = performance.now();
     for (let i = 0; i < count; i += batch) {
       const n = Math.min(batch, count - i);
-      text.textContent = `Scoring ${file.name} on this device: window ${i + 1} of ${count}…`;
+      text.textContent = `Scoring ${file.name} on this device: windows ${i + 1}–${i + n} of ${count}…`;
       bar.value = i / count;
       rows.push(...await run(chunks.subarray(i * CHUNK, (i + n) * CHUNK), n));
     }
