@@ -98,3 +98,19 @@ def test_metadata_is_read_from_the_model_bytes(node, tiny_audio_model, tiny_mode
     assert got["version"] == f"percepiano-ast-{doc['source']['sha256'][:12]}-{doc['precision']}"
     assert got["check"] == doc["self_check"]["inputs"]["shape"][0]
     assert "waveform-in" in got["refused"]  # a mel-input model is refused with the way out
+
+
+def test_the_variants_metadata_says_which_run_on_which_web_backend():
+    """WebGPU has no integer MatMul kernels (fused or not): int8 is meant for WASM; a failed gate is not picked."""
+    from convert.variants import web_section
+
+    builds = {"fp32": {"nodes": {"MatMul": 75}}, "fp16": {"nodes": {"MatMul": 75, "Cast": 4}},
+              "int8": {"nodes": {"com.microsoft:MatMulIntegerToFloat": 72, "DynamicQuantizeLinear": 72}}}
+    unfused = {"nodes": {"MatMulInteger": 72, "DynamicQuantizeLinear": 72, "Cast": 72}}
+    passed = {p: {"passed": True} for p in builds}
+    web = web_section("int8", builds, passed)
+    assert web["backends"] == ["wasm"] and web["variants"]["fp32"] == ["webgpu", "wasm"]
+    assert web["variants"]["fp16"] == ["webgpu"] and web["recommended"] == {"wasm": "int8", "webgpu": "fp16"}
+    assert web_section("int8", {**builds, "int8": unfused}, passed)["backends"] == ["wasm"]
+    failed = {**passed, "int8": {"passed": False}, "fp16": {"passed": False}}
+    assert web_section("fp32", builds, failed)["recommended"] == {"wasm": "fp32", "webgpu": "fp32"}
