@@ -5,7 +5,8 @@
 Serves M with `python -m runtime serve` (the page at /on-device/), scores each FILE in the page once per thread
 count (the first file `--repeat` times for the timing) and prints one JSON document: per file and thread count,
 the largest difference from the runtime's scores (M, and R when given: e.g. the fp32 model for an int8 one) and
-the median ms per window. `--chromium-arg` passes flags (e.g. WebGPU's); `--backend webgpu` asks the page for it.
+the median ms per window; with `--waveform`, the decoded 22,050 Hz mono samples against the runtime's (soxr).
+`--chromium-arg` passes flags (e.g. WebGPU's); `--backend webgpu` asks the page for it.
 """
 
 from __future__ import annotations
@@ -71,6 +72,35 @@ def score(page, path: Path) -> tuple[dict, dict]:
             json.loads(page.get_attribute("body", "data-timings")))
 
 
+DECODE = """async (b64) => {
+    const bytes = Uint8Array.from(atob(b64), (c) => c.charCodeAt(0));
+    const buf = await new OfflineAudioContext(1, 1, 22050).decodeAudioData(bytes.buffer);
+    const mono = new Float32Array(buf.length);
+    for (let c = 0; c < buf.numberOfChannels; c++) buf.getChannelData(c).forEach((v, i) => { mono[i] += v; });
+    mono.forEach((v, i) => { mono[i] = v / buf.numberOfChannels; });
+    let s = ""; const u8 = new Uint8Array(mono.buffer);
+    for (let i = 0; i < u8.length; i += 32768) s += String.fromCharCode(...u8.subarray(i, i + 32768));
+    return btoa(s);
+}"""
+
+
+def waveform(page, path: Path) -> dict:
+    """The page's decode (the browser's resampler to 22,050 Hz, mono) against the runtime's (soxr HQ)."""
+    import base64
+
+    import numpy as np
+
+    from runtime.audio import load_audio
+
+    got = np.frombuffer(base64.b64decode(page.evaluate(DECODE, base64.b64encode(path.read_bytes()).decode())), "<f4")
+    ref = load_audio(path)
+    n = min(len(got), len(ref))
+    diff = got[:n].astype(np.float64) - ref[:n]
+    return {"samples": [len(got), len(ref)], "max_abs": float(np.abs(diff).max()),
+            "rms": float(np.sqrt(np.mean(diff**2))), "snr_db": float(10 * np.log10(np.mean(ref[:n].astype(
+                np.float64) ** 2) / np.mean(diff**2)))}
+
+
 def measure(args) -> dict:
     from playwright.sync_api import sync_playwright
 
@@ -99,6 +129,8 @@ def measure(args) -> dict:
                            "windows": timings["windows"], "ms_per_window_runs": per_window,
                            "ms_per_window_median": statistics.median(per_window)}
                     run.update({f"max_abs_vs_{name}": max_abs(got, ref[path.name]) for name, ref in refs.items()})
+                    if args.waveform:
+                        run["waveform_vs_runtime"] = waveform(page, path)
                     out["runs"].append(run)
                     print(json.dumps(run), file=sys.stderr)
                 context.close()
@@ -116,6 +148,7 @@ def main(argv=None) -> int:
     parser.add_argument("--repeat", type=int, default=3, help="timed runs of the first file")
     parser.add_argument("--backend", default="wasm", choices=["auto", "wasm", "webgpu"])
     parser.add_argument("--chromium-arg", action="append", default=[])
+    parser.add_argument("--waveform", action="store_true", help="also compare the decoded samples with the runtime's")
     parser.add_argument("files", type=Path, nargs="+")
     print(json.dumps(measure(parser.parse_args(argv)), indent=2))
     return 0

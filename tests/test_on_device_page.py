@@ -17,14 +17,15 @@ from urllib.parse import urlsplit
 import httpx
 import numpy as np
 import pytest
+import test_page
 from conftest import REPO
 from test_page import Server, shown
-from test_page import browser as _browser  # noqa: F401  (the `browser` fixture: headless Chromium)
 
 from runtime.constants import API_KEYS, FEATURES
 from runtime.model import METADATA_KEY
 from runtime.protowire import header_metadata
 
+browser = test_page.browser  # the page tests' headless Chromium fixture
 WEB = REPO / "clients" / "web"
 SHIPPED = sorted((REPO / "convert" / "clips").glob("*.flac"))  # 22,050 Hz mono: no resampling involved
 FP32_ATOL = 1e-4  # the issue's bound for fp32: the browser's float32 kernels against the runtime's
@@ -164,10 +165,10 @@ def test_a_44khz_stereo_file_is_resampled_within_the_invisible_error(browser, fp
     import soundfile as sf
     import soxr
 
-    y, rate = sf.read(SHIPPED[0], dtype="float32")
+    (left, rate), (right, _) = (sf.read(clip, dtype="float32") for clip in SHIPPED[:2])
     assert rate == FEATURES.sample_rate
-    up = soxr.resample(y, rate, 44100, quality="VHQ")
-    stereo = np.stack([up, 0.6 * up + 0.02 * np.roll(up, 441)], axis=1)  # two different channels
+    n = min(len(left), len(right))  # two different performances, so that a wrong mono mix shows (>0.005)
+    stereo = np.stack([soxr.resample(y[:n], rate, 44100, quality="VHQ") for y in (left, right)], axis=1)
     path = tmp_path / "stereo-44k.flac"
     sf.write(path, stereo, 44100, subtype="PCM_24")
     (expected,) = runtime_analyze(tiny_audio_model, [path])["results"]
