@@ -222,3 +222,24 @@ def test_the_server_offers_the_page_isolated_and_the_model_only_if_it_takes_audi
     static = REPO / "runtime" / "serve" / "static"
     assert "model.onnx" not in page_files(static, tiny_model)  # a mel-input model: the page cannot run it
     assert page_files(static, tiny_audio_model, web=REPO / "no-such-client") == {}
+
+
+# Headless Chromium offers no WebGPU adapter here by default; with these flags it offers SwiftShader's (Vulkan on
+# the CPU): slow, but the page's WebGPU path and onnxruntime-web's WebGPU kernels run, and are checked.
+SWIFTSHADER_WEBGPU = ["--enable-unsafe-webgpu", "--use-webgpu-adapter=swiftshader", "--enable-features=Vulkan",
+                      "--use-vulkan=swiftshader"]
+
+
+def test_fp32_scores_on_webgpu_are_the_runtime_s(browser, fp32_server, tiny_audio_model):
+    (expected,) = runtime_analyze(tiny_audio_model, SHIPPED[:1])["results"]
+    chromium = browser.browser_type.launch(executable_path=str(test_page.CHROMIUM), args=SWIFTSHADER_WEBGPU)
+    visit = Visit(chromium, fp32_server.url)
+    try:
+        assert "WebGPU" in visit.open("?backend=webgpu")
+        doc = visit.score(SHIPPED[0])
+    finally:
+        visit.close()
+        chromium.close()
+    assert doc["model"]["execution"]["backend"] == "webgpu" and doc["model"]["self_check"]["passed"]
+    diff = max_abs(doc["results"][0], expected)
+    assert diff <= FP32_ATOL, f"WebGPU vs runtime max abs {diff:.3g}"

@@ -39,7 +39,9 @@ async function pickBackend(doc) {
     if (!adapter) throw new Error("WebGPU is not available in this browser");
     return "webgpu";
   }
-  return adapter && meant.includes("webgpu") ? "webgpu" : "wasm";
+  // fp16 on WebGPU needs the adapter's shader-f16 (SwiftShader, for one, lacks it): WebAssembly runs it instead
+  const usable = adapter && (doc.precision !== "fp16" || adapter.features.has("shader-f16"));
+  return usable && meant.includes("webgpu") ? "webgpu" : "wasm";
 }
 
 function threadCount() {
