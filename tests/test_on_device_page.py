@@ -142,6 +142,9 @@ def test_fp32_scores_in_the_browser_are_the_runtime_s(browser, fp32_server, tiny
             assert dict(cells) == {k: shown(got["scores"][k]) for k in API_KEYS}
             assert len(visit.page.query_selector_all("#timeline circle.dot.a")) == len(got["timeline"])
             assert visit.page.get_attribute("#download", "href").startswith("blob:")
+        visit.page.set_input_files("#take-a input.file", str(REPO / "pyproject.toml"))  # not audio: said, not thrown
+        visit.page.wait_for_selector(".take-error:not([hidden])", timeout=60_000)
+        assert "pyproject.toml could not be scored" in visit.page.text_content(".take-error")
         assert visit.foreign() == [] and not [u for m, u in visit.requests if m not in ("GET", "HEAD")]
     finally:
         visit.close()
@@ -243,3 +246,17 @@ def test_fp32_scores_on_webgpu_are_the_runtime_s(browser, fp32_server, tiny_audi
     assert doc["model"]["execution"]["backend"] == "webgpu" and doc["model"]["self_check"]["passed"]
     diff = max_abs(doc["results"][0], expected)
     assert diff <= FP32_ATOL, f"WebGPU vs runtime max abs {diff:.3g}"
+
+
+def test_a_mel_input_model_is_refused_with_the_way_out(browser, tiny_model, tmp_path):
+    srv = Server(tiny_model, tmp_path / "server.log")
+    visit = Visit(browser, srv.url)
+    try:
+        visit.page.goto(f"{srv.url}/on-device/")
+        visit.page.wait_for_selector("body[data-ready]", state="attached", timeout=60_000)
+        assert visit.page.get_attribute("body", "data-ready") == "false"
+        assert "waveform-in export" in visit.page.text_content("#notice")
+        assert visit.page.is_hidden("#app")
+    finally:
+        visit.close()
+        srv.stop()

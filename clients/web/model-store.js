@@ -51,7 +51,10 @@ export async function loadModel(url, onProgress = () => {}) {
     }
   }
   const res = await fetch(where.href, { cache: "no-store" });
-  if (!res.ok) throw new Error(`could not load the model ${where.pathname}: HTTP ${res.status}`);
+  if (!res.ok) {
+    const body = await res.json().catch(() => null); // the service explains its refusals: {"error": "..."}
+    throw new Error(`could not load the model ${where.pathname}: ${(body && body.error) || `HTTP ${res.status}`}`);
+  }
   const bytes = await readBody(res, onProgress);
   let stored = false;
   if (cache) {
