@@ -35,6 +35,32 @@ def recommend(reports: dict[str, dict]) -> dict[str, str]:
     return {"cpu": "int8" if "int8" in passed else "fp32", "gpu": "fp16" if "fp16" in passed else "fp32"}
 
 
+# onnxruntime-web (clients/web, the on-device page): its WebAssembly build runs every operator of every variant,
+# com.microsoft ones included (int8's MatMulIntegerToFloat: checked in Chromium, tests/test_on_device_page.py);
+# its WebGPU backend has no kernel for the integer ones (onnxruntime/contrib_ops/webgpu/webgpu_contrib_kernels.cc,
+# core/providers/webgpu: no MatMulInteger, MatMulIntegerToFloat or DynamicQuantizeLinear), which then run on the
+# WebAssembly fallback with copies each way. fp16 is for GPUs; WebGPU runs it where the adapter has shader-f16.
+WEBGPU_MISSING = frozenset({"MatMulInteger", "DynamicQuantizeLinear", "com.microsoft:MatMulIntegerToFloat",
+                            "com.microsoft:DynamicQuantizeMatMul"})
+
+
+def web_backends(precision: str, nodes: dict[str, int]) -> list[str]:
+    """The onnxruntime-web backends a variant is meant for, best first: webgpu, wasm, or both."""
+    if precision == "fp16":
+        return ["webgpu"]
+    return ["wasm"] if WEBGPU_MISSING & set(nodes) else ["webgpu", "wasm"]
+
+
+def web_section(this: str, builds: dict[str, dict], reports: dict[str, dict]) -> dict:
+    """Which variants are meant for the web: this file's backends, each variant's, and the pick per backend."""
+    by_variant = {p: web_backends(p, b.get("nodes", {})) for p, b in builds.items()}
+    passed = {p for p, r in reports.items() if r.get("passed")} & set(by_variant)
+    pick = {backend: next((p for p in ("int8", "fp16", "fp32") if p in passed and by_variant[p][0] == backend),
+                          "fp32") for backend in ("wasm", "webgpu")}
+    return {"backends": by_variant[this], "variants": by_variant, "recommended": pick,
+            "runtime": "onnxruntime-web (clients/web)"}
+
+
 def variant_paths(out: Path, precisions: tuple[str, ...], main: str) -> dict[str, Path]:
     """`out` for the main variant; MODEL.<precision>.onnx beside it for the others."""
     return {p: out if p == main else out.with_name(f"{out.stem}.{p}{out.suffix}") for p in precisions}
@@ -74,12 +100,14 @@ def variants_doc(
     paths: dict[str, Path],
     recommended: dict[str, str] | None,
 ) -> dict:
-    """The `variants` metadata section: this file's build, every gate run, sibling files, recommendations."""
+    """The `variants` metadata section: this file's build, every gate run, sibling files, recommendations (the
+    server's per device, and `web`: which variants onnxruntime-web's backends are meant to run)."""
     doc = {
         "this": this,
         "build": builds[this],
         "files": {p: paths[p].name for p in builds if p in paths},
         "gates": {p: gate_summary(r) for p, r in reports.items()},
+        "web": web_section(this, builds, reports),
     }
     if recommended:
         doc["recommended"] = recommended

@@ -265,7 +265,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                                   refuse_over_seconds=settings.refuse_over_seconds,
                                   tf32=args.tf32 or settings.cuda_tf32)
     warm_up(analyzer, allow_failed_self_check=args.skip_self_check or settings.allow_failed_self_check)
-    serve(analyzer, host=args.host, port=args.port, settings=settings)
+    serve(analyzer, host=args.host, port=args.port, settings=settings, model_file=args.model)
     return 0
 
 

@@ -14,4 +14,6 @@ ruff check .
 # the Node.js client's onnxruntime-node (tests/test_node_client.py); its CUDA binaries are not needed
 ! command -v npm >/dev/null || [ -d clients/node/node_modules/onnxruntime-node ] ||
     npm ci --prefix clients/node --onnxruntime-node-install-cuda=skip
+# the on-device page's onnxruntime-web (tests/test_on_device_page.py): served from clients/web/node_modules
+! command -v npm >/dev/null || [ -d clients/web/node_modules/onnxruntime-web ] || npm ci --prefix clients/web
 python -m pytest -q "$@"

@@ -378,7 +378,8 @@ def test_the_page_ships_in_the_package():
     files = sorted(p.relative_to(REPO / "runtime").as_posix() for p in static.iterdir())  # as package-data names
     assert files and all(any(fnmatch(f, g) for g in globs) for f in files), (files, globs)
     html = (static / "index.html").read_text()
-    for asset in ("static/app.js", "static/charts.js", "static/style.css"):
+    for asset in ("static/app.js", "static/style.css"):
         assert f'"{asset}"' in html
+    assert 'from "./charts.js"' in (static / "app.js").read_text()  # the charts module, shared with clients/web
     links = re.findall(r'(?:src|href)="([^"]*)"', html)
     assert links and all(re.match(r"(static/|docs$|data:)", link) for link in links), links

@@ -72,8 +72,11 @@ def cap_query(refuse_over_seconds: float | None) -> Any:
         "(default: PERCEPIANO_CAP_SECONDS, else the whole recording)"))
 
 
-def create_app(source: Source, *, settings: Settings | None = None) -> FastAPI:
-    """The FastAPI app: `source` is an ONNX model path, a loaded Analyzer, or a function returning one."""
+def create_app(source: Source, *, settings: Settings | None = None,
+               model_file: str | os.PathLike | None = None) -> FastAPI:
+    """The FastAPI app: `source` is an ONNX model path, a loaded Analyzer, or a function returning one.
+
+    `model_file` (default: `source` when it is a path) is offered to the on-device page at /on-device/."""
     settings = settings or Settings.from_env()
     return_large_buffers_to_the_os()
     service = Service(source, settings)
@@ -166,12 +169,18 @@ def create_app(source: Source, *, settings: Settings | None = None) -> FastAPI:
         app.add_api_route("/", lambda: FileResponse(static / "index.html"), include_in_schema=False)
     else:  # an install that copied only .py files: the API still serves
         log.warning("the page's files are missing from %s: / is not served", static)
+    from runtime.serve.on_device import add_on_device_routes
+
+    add_on_device_routes(app, static, model_file or (source if isinstance(source, str | os.PathLike) else None))
     return app
 
 
 def serve(model: str | os.PathLike | Analyzer, *, host: str = "127.0.0.1", port: int = 8000, device: str = "auto",
-          threads: int | None = None, settings: Settings | None = None, log_level: str = "info") -> None:
-    """Load and warm up the model (failing fast on a bad one or a failed self-check), then run uvicorn."""
+          threads: int | None = None, settings: Settings | None = None, log_level: str = "info",
+          model_file: str | os.PathLike | None = None) -> None:
+    """Load and warm up the model (failing fast on a bad one or a failed self-check), then run uvicorn.
+
+    `model_file`: the model's file, for the on-device page (default: `model` when it is a path)."""
     from runtime.serve.connection import run
 
     settings = settings or Settings.from_env()
@@ -184,7 +193,8 @@ def serve(model: str | os.PathLike | Analyzer, *, host: str = "127.0.0.1", port:
         log_level = "warning"  # quiet: uvicorn's own access lines too
     if host not in ("127.0.0.1", "localhost", "::1") and not settings.api_token:
         log.warning("serving on %s without auth: set PERCEPIANO_API_TOKEN to require a bearer token", host)
-    app = create_app(analyzer, settings=settings)
+    model_file = model_file or (None if isinstance(model, Analyzer) else model)
+    app = create_app(analyzer, settings=settings, model_file=model_file)
     run(app, app.state.service.drain, host=host, port=port, log_level=log_level,
         header_timeout=settings.header_timeout)
 

@@ -1,13 +1,7 @@
 // The page: connect to the service (asking for a token if it wants one), send recordings to /v1/analyze,
 // and show the 19 scores of up to two takes. Names come from /v1/model; nothing is stored beyond memory.
-"use strict";
+import { describeDimensions, radar, timeline, timelineSeries } from "./charts.js";
 
-// Display names of the families, by API key prefix (the dimensions themselves come from /v1/model).
-const FAMILIES = [
-  [/^timing_/, "Timing"], [/^articulation_/, "Articulation"], [/^pedal_/, "Pedal"], [/^timbre_/, "Timbre"],
-  [/^dynamics?_/, "Dynamics"], [/^music_making_/, "Music making"], [/^emotion_mood_/, "Emotion & mood"],
-  [/^interpretation_/, "Interpretation"],
-];
 const ERROR_HINTS = {
   unsupported_audio: "This file could not be read as audio.",
   unsupported_media_type: "This kind of upload is not accepted.",
@@ -45,22 +39,6 @@ function describeError(status, body, retryAfter) {
 
 function parseJSON(textBody) {
   try { return JSON.parse(textBody); } catch { return null; }
-}
-
-function familyOf(key) {
-  for (const [re, name] of FAMILIES) if (re.test(key)) return { name, prefix: key.match(re)[0] };
-  return { name: "Other", prefix: "" };
-}
-
-// "Music_Making_Fast_paced_Slow_paced" -> "Fast paced Slow paced": the label less its family's words.
-function shortName(label, prefix) {
-  const want = prefix.replace(/[^a-z]/g, ""), words = label.split("_");
-  let seen = "";
-  for (let i = 0; i < words.length && want; i++) {
-    seen += words[i].toLowerCase().replace(/[^a-z]/g, "");
-    if (seen === want) return words.slice(i + 1).join(" ");
-  }
-  return words.join(" ");
 }
 
 // --- connecting
@@ -105,10 +83,7 @@ function askToken(refused) {
 
 function setModel(model) {
   state.model = model;
-  state.dims = model.dimensions.map(({ label, key }) => {
-    const fam = familyOf(key);
-    return { key, label, family: fam.name, name: shortName(label, fam.prefix) };
-  });
+  state.dims = describeDimensions(model.dimensions);
   const where = Array.isArray(model.providers) && model.providers.length ? ` (${model.providers[0]})` : "";
   $("#model").textContent = `Model ${model.version} · ${model.precision} · ${model.device}${where}`;
   const src = model.source && typeof model.source === "object" ? model.source : {};
@@ -201,7 +176,7 @@ function render() {
   show($("#results"), all.length > 0);
   show($("#timeline-card"), all.length > 0);
   if (!all.length) return;
-  PercePianoCharts.radar($("#radar"), state.dims, all.map((s) => ({ id: s.id, scores: s.body.scores })));
+  radar($("#radar"), state.dims, all.map((s) => ({ id: s.id, scores: s.body.scores })));
   renderTable();
   renderTimeline();
 }
@@ -260,11 +235,7 @@ function fillPicker() {
 function renderTimeline() {
   const key = $("#dimension").value, dim = state.dims.find((d) => d.key === key);
   if (!dim) return;
-  const lines = series().map((s) => ({
-    id: s.id, duration: s.body.duration_seconds,
-    points: s.body.timeline.map((w) => ({ t: w.start_seconds + 1.5, v: w.scores[key] })),
-  }));
-  PercePianoCharts.timeline($("#timeline"), lines, `${dim.family}: ${dim.name}`);
+  timeline($("#timeline"), series().map((s) => timelineSeries(s.id, s.body, key)), `${dim.family}: ${dim.name}`);
 }
 
 // --- input: drop, pick, record
