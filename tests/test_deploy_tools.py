@@ -22,14 +22,20 @@ CLIPS = sorted((REPO / "convert" / "clips").glob("*.flac"))
 
 @pytest.fixture(scope="module")
 def variants(tiny_model, tmp_path_factory) -> dict[str, Path]:
-    """The tiny model as each kind of file the check must tell apart (only the metadata differs)."""
+    """The tiny model as each kind of file the check must tell apart (only the metadata differs).
+
+    The tiny checkpoint is a demo one (never trained), so every file but "demo" is marked as trained here."""
     d = tmp_path_factory.mktemp("variants")
 
     def as_(name, edit):
-        return edit_metadata(tiny_model, d / f"{name}.onnx", edit)
+        def trained_then(doc):
+            doc["source"].update(demo=False)
+            edit(doc)
+
+        return edit_metadata(tiny_model, d / f"{name}.onnx", trained_then)
 
     return {
-        "fp32": tiny_model,
+        "fp32": as_("fp32", lambda doc: None),
         "int8": as_("int8", lambda doc: doc.update(precision="int8")),
         "fp16": as_("fp16", lambda doc: doc.update(precision="fp16")),
         "demo": as_("demo", lambda doc: doc["source"].update(demo=True)),
@@ -102,10 +108,11 @@ def other_model(tmp_path_factory) -> Path:
     """Another tiny model (seed 1): other weights, another version."""
     from convert.demo import make_demo_checkpoint
     from convert.export import export
+    from convert.options import ExportOptions
 
     d = tmp_path_factory.mktemp("other")
     return export(make_demo_checkpoint(d / "tiny1.pkl", preset="tiny", seed=1), d / "tiny1.onnx",
-                  preoptimize="none").path
+                  ExportOptions(preoptimize="none")).path
 
 
 @pytest.fixture(scope="module")
