@@ -11,6 +11,7 @@ from pathlib import Path
 
 from convert.errors import CheckpointError, ExportError, ParityError
 from convert.frontend import DEFAULT_DFT, DFT_CHOICES
+from convert.quantize import DEFAULT_INT8_ACTIVATIONS, INT8_ACTIVATIONS
 from runtime.errors import AudioError, ModelError
 
 USER_ERRORS = (CheckpointError, ParityError, ExportError, AudioError, ModelError, FileNotFoundError)
@@ -82,6 +83,9 @@ def add_variant_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--reduce-range", action=argparse.BooleanOptionalAction, default=True,
                         help="int8: 7-bit weights (default on): x86 CPUs without VNNI (AVX2 only) saturate u8*s8 "
                              "products of full-range weights; --no-reduce-range only for VNNI/ARM servers, gated there")
+    parser.add_argument("--int8-activations", choices=INT8_ACTIVATIONS, default=DEFAULT_INT8_ACTIVATIONS,
+                        help="int8 activation scales: one per row of each layer's input (default: a window's scores "
+                             "do not depend on its batch neighbours) or onnxruntime's one per call (batch)")
     parser.add_argument("--optimize", action="store_true",
                         help="apply onnxruntime's transformer fusions (off by default: slower on CPU, see README)")
 
@@ -99,6 +103,7 @@ def cmd_export(args: argparse.Namespace) -> int:
                         clips=args.clips, seed=args.seed,
                         quantize=args.quantize, int8_atol=args.int8_atol, fp16_atol=args.fp16_atol,
                         per_channel=args.per_channel, reduce_range=args.reduce_range, optimize=args.optimize,
+                        int8_activations=args.int8_activations,
                         allow_partial=args.allow_partial)
     except ParityError as exc:
         if exc.report:
@@ -128,7 +133,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         reports, written = quantize_file(
             args.model, args.checkpoint, args.out, args.quantize, clips=args.clips, seed=args.seed,
             atol={"int8": args.int8_atol, "fp16": args.fp16_atol}, per_channel=args.per_channel,
-            reduce_range=args.reduce_range, optimized=args.optimize, allow_partial=args.allow_partial)
+            reduce_range=args.reduce_range, optimized=args.optimize, allow_partial=args.allow_partial,
+            int8_activations=args.int8_activations)
     except ParityError as exc:
         if exc.report:
             print(format_report(exc.report), file=sys.stderr)

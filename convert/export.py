@@ -15,7 +15,7 @@ from convert.forward import build_forward
 from convert.metadata import describe, jax2onnx_backend, self_check_section, set_metadata
 from convert.parity import Tolerance, clip_references, random_references, run_gate
 from convert.process_memory import low_memory_malloc, release_jax, release_weights
-from convert.quantize import QUANTIZE_CHOICES
+from convert.quantize import DEFAULT_INT8_ACTIVATIONS, QUANTIZE_CHOICES
 from convert.staging import (
     DEFAULT_PREOPTIMIZE,
     PREOPTIMIZE_CHOICES,
@@ -62,6 +62,7 @@ def export(
     allow_partial: bool = False,
     demo: bool = False,
     preoptimize: str = DEFAULT_PREOPTIMIZE,
+    int8_activations: str = DEFAULT_INT8_ACTIVATIONS,
 ) -> ExportResult:
     """Export a checkpoint (a demo one when None) to a parity-checked ONNX model at `out`.
 
@@ -134,7 +135,7 @@ def export(
                 staged, ckpt, None, out, quantize, fp32_report=report, references=references, randoms=randoms,
                 seed=seed, atol={"int8": int8_atol, "fp16": fp16_atol}, per_channel=per_channel,
                 reduce_range=reduce_range, optimized=optimize, allow_partial=allow_partial, demo=demo,
-                preoptimize=preoptimize, scratch=Path(tmp))
+                preoptimize=preoptimize, scratch=Path(tmp), int8_activations=int8_activations)
     return ExportResult(path=out, checkpoint=Path(checkpoint), demo=demo, seconds=time.perf_counter() - start,
                         reports=reports, written=written)
 

@@ -14,7 +14,7 @@ from convert.forward import build_forward
 from convert.metadata import describe, self_check_section
 from convert.parity import Tolerance, clip_references, random_references, run_gate
 from convert.process_memory import low_memory_malloc, release_jax, release_weights
-from convert.quantize import QUANTIZE_CHOICES, make_variant, op_counts
+from convert.quantize import DEFAULT_INT8_ACTIVATIONS, QUANTIZE_CHOICES, make_variant, op_counts
 from convert.staging import (
     DEFAULT_PREOPTIMIZE,
     Staged,
@@ -112,6 +112,7 @@ def publish_variants(
     demo: bool = False,
     preoptimize: str = DEFAULT_PREOPTIMIZE,
     scratch: Path | None = None,
+    int8_activations: str = DEFAULT_INT8_ACTIVATIONS,
 ) -> tuple[dict[str, dict], dict[str, Path]]:
     """Make, gate and write the variants `quantize` asks for from a gated fp32 graph; (reports, written paths).
 
@@ -136,12 +137,13 @@ def publish_variants(
             fp32 = Staged(write_model(Path(scratch) / "fp32.onnx", fp32), Path(scratch) / "fp32.onnx",
                           {"optimized": "none"})
         return _publish(fp32, ckpt, Path(out), quantize, precisions, fp32_report, references, randoms, seed,
-                        atol or {}, per_channel, reduce_range, optimized, allow_partial, demo, preoptimize,
-                        Path(scratch))
+                        atol or {}, {"per_channel": per_channel, "reduce_range": reduce_range,
+                                     "int8_activations": int8_activations},
+                        optimized, allow_partial, demo, preoptimize, Path(scratch))
 
 
 def _publish(fp32: Staged, ckpt, out: Path, quantize: str, precisions: tuple[str, ...], fp32_report: dict,
-             references, randoms, seed: int, atol: dict, per_channel: bool, reduce_range: bool, optimized: bool,
+             references, randoms, seed: int, atol: dict, int8: dict, optimized: bool,
              allow_partial: bool, demo: bool, preoptimize: str, scratch: Path) -> tuple[dict, dict]:
     import onnx
 
@@ -150,11 +152,12 @@ def _publish(fp32: Staged, ckpt, out: Path, quantize: str, precisions: tuple[str
     for precision in precisions:
         if precision == "fp32" and not optimized:
             made[precision] = fp32
-            builds[precision] = {"optimized": False, "nodes": op_counts(onnx.load(str(fp32.raw)))}
+            builds[precision] = {"optimized": False, "batch_independent": True,
+                                 "nodes": op_counts(onnx.load(str(fp32.raw)))}
             continue
         log.info("making the %s variant%s", precision, " (optimized graph)" if optimized else "")
         variant = make_variant(onnx.load(str(fp32.raw)), precision, ckpt.config, optimized=optimized,
-                               per_channel=per_channel, reduce_range=reduce_range, owned=True)
+                               owned=True, **int8)
         sections = variant_sections(ckpt, precision, references, atol.get(precision), demo, backend)
         level = "none" if precision == "fp16" else preoptimize
         raw = write_stage(variant.proto, sections, scratch / f"{precision}.onnx", level)
@@ -222,7 +225,8 @@ def quantize_file(
     """Variants of an already exported fp32 model, gated against JAX with the checkpoint it came from.
 
     `out` defaults to MODEL.<precision>.onnx beside the model; `auto` needs an explicit `out`.
-    `options` are publish_variants' atol, per_channel, reduce_range, optimized and allow_partial; `demo`
+    `options` are publish_variants' atol, per_channel, reduce_range, int8_activations, optimized and
+    allow_partial; `demo`
     defaults to what the fp32 model's metadata says.
     """
     import tempfile

@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 from collections.abc import Callable, Iterable
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -80,6 +81,8 @@ MODEL_REMOTE = "/opt/percepiano/model.onnx"
 SECRET_NAME = "percepiano-api"  # holds PERCEPIANO_API_TOKEN
 AUDIO_VOLUME = "percepiano-audio"
 AUDIO_MOUNT = "/audio"
+CORPUS_INPUTS = 4  # files in flight per corpus container: some decode while the model runs the others' windows
+CORPUS_BATCH_WAIT_MS = 50.0  # how long a call may wait for the windows of a file still decoding (see CorpusBatches)
 WEB_CONCURRENCY = {"max_inputs": 32, "target_inputs": 8}  # requests per container; the app runs 4 (CPU: 2) at once
 SERVICE_ENV = {
     # the switches again inside the container, whose import of this file must declare the same variant
@@ -196,9 +199,51 @@ class ModelContainer:
 
     def analyze_path(self, relpath: str, cap_seconds: float | None = None) -> dict[str, Any]:
         """One file of the audio Volume -> its result; any failure becomes that file's `error` (never raised)."""
+        return self.corpus_batches().analyze(relpath, Path(AUDIO_MOUNT) / relpath, cap_seconds)
+
+    def corpus_batches(self) -> CorpusBatches:
+        """This container's CorpusBatches, made on first use (after the snapshot: its batcher runs a thread)."""
+        with _BATCHES_LOCK:
+            if getattr(self, "_batches", None) is None:
+                self._batches = CorpusBatches(self.analyzer)
+            return self._batches
+
+
+_BATCHES_LOCK = threading.Lock()
+
+
+class CorpusBatches:
+    """The corpus worker's concurrent files, their windows in shared model calls where the scores allow it.
+
+    For a model whose scores do not depend on their batch neighbours (``ModelInfo.batch_independent``: fp32,
+    fp16, per-row int8) the windows of the files in flight go through one runtime.serve.batcher.Batcher: full
+    calls of the analyzer's batch size across files, each file still getting the scores it gets alone. A call
+    waits at most CORPUS_BATCH_WAIT_MS for a file that is still decoding. Any other model runs each file in its
+    own calls, as before. Plain Python (no Modal): tests drive it directly.
+    """
+
+    def __init__(self, analyzer, wait_ms: float = CORPUS_BATCH_WAIT_MS) -> None:
+        from runtime.constants import NUM_DIMENSIONS
+        from runtime.serve.batcher import Batcher
+
+        self.analyzer, self.running, self._lock = analyzer, 0, threading.Lock()
+        model = analyzer.model
+        self.batcher = Batcher(model.run, wait_ms=wait_ms, max_chunks=analyzer.batch_size,
+                               item_shape=model.input_shape, outputs=NUM_DIMENSIONS,
+                               active=lambda: self.running) if model.info.batch_independent else None
+
+    def analyze(self, name: str, source, cap_seconds: float | None = None) -> dict[str, Any]:
+        """runtime.corpus.runner.analyze_one, its windows through the shared batcher (if any)."""
         from runtime.corpus.runner import analyze_one
 
-        return analyze_one(self.analyzer, relpath, Path(AUDIO_MOUNT) / relpath, cap_seconds)
+        with self._lock:
+            self.running += 1
+        try:
+            return analyze_one(self.analyzer, name, source, cap_seconds,
+                               infer=self.batcher.predict if self.batcher else None)
+        finally:
+            with self._lock:
+                self.running -= 1
 
 
 def refuse_int8_on_cuda(model) -> None:
@@ -237,7 +282,7 @@ class Service(ModelContainer):
 
 @app.cls(image=image, **HARDWARE, **SNAPSHOT, scaledown_window=60, timeout=600, volumes={AUDIO_MOUNT: audio_volume},
          max_containers=20)
-@modal.concurrent(max_inputs=4)  # one container decodes the next files while the model runs
+@modal.concurrent(max_inputs=CORPUS_INPUTS)  # some files decode while the model runs the others' windows
 class CorpusWorker(ModelContainer):
     """Analyses corpus files; the callers fan out over many of these with `.map` (order_outputs=False).
 
@@ -253,9 +298,7 @@ class CorpusWorker(ModelContainer):
     @modal.method()
     def analyze_bytes(self, name: str, data: bytes, cap_seconds: float | None = None) -> dict[str, Any]:
         """A file sent by `python -m deploy analyze DIR --out REPORT` (deploy.modal_corpus.modal_results)."""
-        from runtime.corpus.runner import analyze_one
-
-        return analyze_one(self.analyzer, name, data, cap_seconds)
+        return self.corpus_batches().analyze(name, data, cap_seconds)
 
 
 def list_audio(root: Path, prefix: str = "") -> list[str]:

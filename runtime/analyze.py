@@ -105,8 +105,19 @@ class Analyzer:
 
     def analyze_file(self, source: str | os.PathLike | bytes) -> Analysis:
         """A path or the bytes of an audio file -> Analysis."""
-        return self._analyze(load_audio(source, cap_seconds=self.cap_seconds,
-                                        refuse_over_seconds=self.refuse_over_seconds))
+        return self._analyze(self.load(source))
+
+    def load(self, source: str | os.PathLike | bytes) -> np.ndarray:
+        """A path or the bytes of an audio file -> mono float32 audio at 22,050 Hz, capped and checked."""
+        return load_audio(source, cap_seconds=self.cap_seconds, refuse_over_seconds=self.refuse_over_seconds)
+
+    def prepare_file(self, source: str | os.PathLike | bytes) -> tuple[np.ndarray, float]:
+        """A path or the bytes of an audio file -> (model windows, duration in seconds): all but the model.
+
+        ``build_analysis(scores of those windows, duration)`` is then what ``analyze_file`` returns.
+        """
+        y = self.load(source)
+        return self.model_inputs(y), len(y) / FEATURES.sample_rate
 
     def _analyze(self, y: np.ndarray, timings: dict[str, float] | None = None, infer: Infer | None = None) -> Analysis:
         """Mono float32 audio at 22,050 Hz -> Analysis."""
