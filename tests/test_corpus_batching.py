@@ -13,7 +13,7 @@ from runtime.analyze import Analyzer
 from runtime.constants import API_KEYS
 from runtime.corpus import runner as corpus
 from runtime.corpus.batched import batched_results
-from runtime.corpus.floor import Floor, Work, measure_floor
+from runtime.corpus.floor import Floor, FloorMeter, Work
 from runtime.corpus.report import CorpusSummary
 from runtime.model import OnnxModel
 
@@ -117,12 +117,15 @@ def test_batch_independence_comes_from_the_metadata_else_the_precision(model):
 
 
 def test_floor_is_full_batches_plus_decoding(model):
-    work = Work(windows=100, prepare_seconds=2.0)
-    floor = measure_floor(model, 8, work, audio_seconds=3600.0)
+    calls = Calls(model)
+    meter = FloorMeter(calls, 8, Work(windows=100, prepare_seconds=2.0))
+    meter.start()
+    floor = meter.finish(audio_seconds=3600.0)
     per_window = floor.model_ms_per_window / 1e3
+    assert per_window == min(meter.per_window) and len(meter.per_window) == 6 and set(calls.sizes) == {8}
     assert floor.audio_hours_per_hour == pytest.approx(3600.0 / (100 * per_window + 2.0))
     assert 0 < per_window < 1 and (floor.windows, floor.batch_size) == (100, 8)
-    assert measure_floor(model, 8, Work(), 10.0) is None
+    assert FloorMeter(model, 8, Work()).finish(10.0) is None
 
 
 def test_summary_line_sets_the_speed_beside_the_floor(tmp_path):

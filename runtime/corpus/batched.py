@@ -11,6 +11,7 @@ file with a window in it for retry; decoding and feature errors are the file's o
 from __future__ import annotations
 
 import logging
+import time
 from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -98,6 +99,7 @@ def _run_call(analyzer, opened: deque[_Open], model: dict, work: Work) -> Iterat
             size += take
     if size:
         batch = np.concatenate([o.windows[start : start + n] for o, start, n in parts])
+        began = time.perf_counter()
         try:
             scores = analyzer.model.run(batch)
         except Exception as exc:
@@ -108,7 +110,7 @@ def _run_call(analyzer, opened: deque[_Open], model: dict, work: Work) -> Iterat
             for o in [o for o in opened if id(o) in failed]:
                 opened.remove(o)
             return
-        work.ran(size)
+        work.ran(size, time.perf_counter() - began)
         offset = 0
         for o, start, n in parts:
             o.scores.append(scores[offset : offset + n])

@@ -24,7 +24,7 @@ from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 
-from runtime.corpus.floor import Work, measure_floor
+from runtime.corpus.floor import FloorMeter, Work
 from runtime.corpus.outcome import failure, named_error
 from runtime.corpus.report import CorpusSummary, write_outputs
 from runtime.errors import AudioError, InputError
@@ -87,8 +87,9 @@ def analyze_one(analyzer, name: str, source: str | os.PathLike | bytes, cap_seco
         work = work if work is not None else Work()
         with work.preparing():
             windows, duration = analyzer.prepare_file(source)
+        began = time.perf_counter()
         scores = (infer or analyzer.chunk_scores)(windows)
-        work.ran(len(windows))
+        work.ran(len(windows), time.perf_counter() - began)
         return {"file": name, **build_analysis(scores, duration).to_dict(), "model": model, "error": None}
     except (AudioError, InputError) as exc:
         return failure(name, named_error(name, str(exc)))
@@ -231,7 +232,7 @@ def analyze_corpus(roots: Sequence[str | os.PathLike], out_dir: str | os.PathLik
     work = Work()
     return run_corpus(files, out_dir, local_results(analyzer, workers, work, across_files),
                       model=analyzer.model.info.version, cap_seconds=cap_seconds, progress=progress, plots=plots,
-                      floor=lambda seconds: measure_floor(analyzer.model, analyzer.batch_size, work, seconds))
+                      floor=FloorMeter(analyzer.model, analyzer.batch_size, work))
 
 
 def run_corpus(files: list[AudioFile], out_dir: str | os.PathLike, results: Results, *, model: str | None,
@@ -240,7 +241,7 @@ def run_corpus(files: list[AudioFile], out_dir: str | os.PathLike, results: Resu
     """Journal the results of the files whose journal entry is not current, then write the outputs.
 
     ``model`` is the version string results will carry (None: whatever the remote worker runs). ``floor``
-    (audio seconds analysed -> runtime.corpus.floor.Floor or None) is measured once the files are done.
+    (a runtime.corpus.floor.FloorMeter) times the model before and after the files, outside the run's time.
     """
 
     out = Path(out_dir)
@@ -248,6 +249,8 @@ def run_corpus(files: list[AudioFile], out_dir: str | os.PathLike, results: Resu
     entries = journal.load()
     todo = [f for f in files if not is_current(entries.get(f.key), f, model, cap_seconds)]
     by_path = {f.path: f for f in todo}
+    if floor is not None and todo:
+        floor.start()
     start, seconds = time.perf_counter(), 0.0
     logger.info("%d files: %d to analyse, %d from the journal", len(files), len(todo), len(files) - len(todo))
     with journal, _Progress(todo, progress) as bar:
@@ -263,7 +266,7 @@ def run_corpus(files: list[AudioFile], out_dir: str | os.PathLike, results: Resu
                             sum(r["result"]["duration_seconds"] for r in rows if r["result"]), seconds,
                             time.perf_counter() - start, [(r["path"], r["error"]) for r in rows if r["error"]])
     if floor is not None and todo and seconds > 0:
-        summary.floor = floor(seconds)
+        summary.floor = floor.finish(seconds)
     summary.plots = write_outputs(out, rows, summary, plots=plots)
     return summary
 
