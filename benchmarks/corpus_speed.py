@@ -1,12 +1,15 @@
 """A corpus run's speed beside this machine's floor, measured in the same run (runtime.corpus.floor).
 
-    python -m benchmarks.corpus_speed --model M.onnx [--clips F.flac ...] [--copies 4] [--per-file] [--json]
+    python -m benchmarks.corpus_speed --model M.onnx [--model M2.onnx ...] [--clips F.flac ...] [--copies 4]
+        [--rounds 1] [--per-file] [--json]
 
 The corpus is the real piano clips (default: the shared ones, else the shipped ones), each copied `--copies`
 times into a temporary folder; ``runtime.corpus.analyze_corpus`` analyses it into a temporary report folder as
 ``python -m runtime analyze DIR --out REPORT`` would. Reported: audio hours per hour, the floor (the model at
 full batches plus decoding and features), their ratio, and whether windows of several files shared model calls
-(``--per-file``: never, as before cross-file batching).
+(``--per-file``: never, as before cross-file batching). With several models and ``--rounds``, the runs take turns
+(model after model, round after round) in one process, so that a shared machine's load falls on all alike; each
+model's median run (by speed) is reported.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import statistics
 import sys
 import tempfile
 from pathlib import Path
@@ -61,18 +65,28 @@ def main(argv: list[str] | None = None) -> int:
     from benchmarks.artifacts import source_clips
 
     parser = argparse.ArgumentParser(prog="python -m benchmarks.corpus_speed", description=__doc__.splitlines()[0])
-    parser.add_argument("--model", type=Path, required=True)
+    parser.add_argument("--model", type=Path, required=True, action="append", help="repeat to compare models")
     parser.add_argument("--clips", type=Path, nargs="+", help="audio files (default: the shared piano clips)")
     parser.add_argument("--copies", type=int, default=DEFAULT_COPIES, help="copies of each clip (default %(default)s)")
+    parser.add_argument("--rounds", type=int, default=1, help="runs per model, taking turns (default %(default)s)")
     parser.add_argument("--threads", type=int, help="onnxruntime intra-op threads (default: onnxruntime's choice)")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--per-file", action="store_true", help="each file in its own model calls (as before)")
     parser.add_argument("--json", action="store_true", help="print the section as one JSON line (benchmarks.run)")
     args = parser.parse_args(argv)
-    print(PROGRESS_PREFIX + f"corpus run: {args.model.name}", file=sys.stderr, flush=True)
-    section = corpus_section(args.model, args.clips or source_clips(None), args.copies, threads=args.threads,
-                             across_files=False if args.per_file else None, batch_size=args.batch_size)
-    print(json.dumps(section) if args.json else format_section(section), flush=True)
+    runs: dict[Path, list[dict]] = {m: [] for m in args.model}
+    for _ in range(args.rounds):
+        for model in args.model:
+            print(PROGRESS_PREFIX + f"corpus run: {model.name}", file=sys.stderr, flush=True)
+            runs[model].append(corpus_section(model, args.clips or source_clips(None), args.copies,
+                                              threads=args.threads, across_files=False if args.per_file else None,
+                                              batch_size=args.batch_size))
+    for sections in runs.values():
+        median = statistics.median_low([s["audio_hours_per_hour"] for s in sections])
+        section = next(s for s in sections if s["audio_hours_per_hour"] == median)
+        if len(sections) > 1:
+            section["rounds"] = [{k: s[k] for k in ("audio_hours_per_hour", "ratio")} for s in sections]
+        print(json.dumps(section) if args.json else format_section(section), flush=True)
     return 0
 
 
