@@ -6,7 +6,8 @@
 The corpus is the real piano clips (default: the shared ones, else the shipped ones), each copied `--copies`
 times into a temporary folder; ``runtime.corpus.analyze_corpus`` analyses it into a temporary report folder as
 ``python -m runtime analyze DIR --out REPORT`` would. Reported: audio hours per hour, the floor (the model at
-full batches plus decoding and features), their ratio, and whether windows of several files shared model calls
+full batches plus decoding and features), their ratio, the process's CPU seconds (a measure of work that a shared
+machine's load does not inflate), and whether windows of several files shared model calls
 (``--per-file``: never, as before cross-file batching). With several models and ``--rounds``, the runs take turns
 (model after model, round after round) in one process, so that a shared machine's load falls on all alike; each
 model's median run (by speed) is reported.
@@ -46,7 +47,8 @@ def corpus_section(model: Path, clips: list[Path], copies: int = DEFAULT_COPIES,
     return {"model": str(model), "precision": info.precision, "batch_independent": info.batch_independent,
             "across_files": info.batch_independent if across_files is None else across_files,
             "files": summary.files, "failed": summary.failed, "audio_seconds": summary.analysed_seconds,
-            "wall_seconds": summary.wall_seconds, "audio_hours_per_hour": summary.speed,
+            "wall_seconds": summary.wall_seconds, "cpu_seconds": summary.cpu_seconds,
+            "audio_hours_per_hour": summary.speed,
             "floor": floor.to_dict() if floor else None,
             "ratio": summary.speed / floor.audio_hours_per_hour if floor and summary.speed else None}
 

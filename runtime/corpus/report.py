@@ -35,6 +35,7 @@ class CorpusSummary:
     failures: list[tuple[str, str]] = field(default_factory=list)
     plots: bool = False
     floor: object | None = None  # runtime.corpus.floor.Floor of a local run: the model at full batches + decoding
+    cpu_seconds: float | None = None  # this process's CPU time during the run (a local run's work, whatever the load)
 
     @property
     def failed(self) -> int:

@@ -251,7 +251,7 @@ def run_corpus(files: list[AudioFile], out_dir: str | os.PathLike, results: Resu
     by_path = {f.path: f for f in todo}
     if floor is not None and todo:
         floor.start()
-    start, seconds = time.perf_counter(), 0.0
+    start, cpu, seconds = time.perf_counter(), time.process_time(), 0.0
     logger.info("%d files: %d to analyse, %d from the journal", len(files), len(todo), len(files) - len(todo))
     with journal, _Progress(todo, progress) as bar:
         for result in results(todo):
@@ -265,6 +265,7 @@ def run_corpus(files: list[AudioFile], out_dir: str | os.PathLike, results: Resu
     summary = CorpusSummary(out, len(files), len(todo), len(files) - len(todo),
                             sum(r["result"]["duration_seconds"] for r in rows if r["result"]), seconds,
                             time.perf_counter() - start, [(r["path"], r["error"]) for r in rows if r["error"]])
+    summary.cpu_seconds = time.process_time() - cpu
     if floor is not None and todo and seconds > 0:
         summary.floor = floor.finish(seconds)
     summary.plots = write_outputs(out, rows, summary, plots=plots)
