@@ -84,8 +84,9 @@ def add_variant_args(parser: argparse.ArgumentParser) -> None:
                         help="int8: 7-bit weights (default on): x86 CPUs without VNNI (AVX2 only) saturate u8*s8 "
                              "products of full-range weights; --no-reduce-range only for VNNI/ARM servers, gated there")
     parser.add_argument("--int8-activations", choices=INT8_ACTIVATIONS, default=DEFAULT_INT8_ACTIVATIONS,
-                        help="int8 activation scales: one per row of each layer's input (default: a window's scores "
-                             "do not depend on its batch neighbours) or onnxruntime's one per call (batch)")
+                        help="int8 activation scales: onnxruntime's one per call (batch, the default: faster here) or "
+                             "one per row of each layer's input (row: a window's scores do not depend on its batch "
+                             "neighbours, and corpus runs fill calls across files; docs/corpus-speed.md)")
     parser.add_argument("--optimize", action="store_true",
                         help="apply onnxruntime's transformer fusions (off by default: slower on CPU, see README)")
 
