@@ -74,15 +74,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, help="onnxruntime intra-op threads (default: onnxruntime's choice)")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--per-file", action="store_true", help="each file in its own model calls (as before)")
+    parser.add_argument("--both", action="store_true",
+                        help="run each model per file and then across files (where its scores allow), in turns")
     parser.add_argument("--json", action="store_true", help="print the section as one JSON line (benchmarks.run)")
     args = parser.parse_args(argv)
-    runs: dict[Path, list[dict]] = {m: [] for m in args.model}
+    ways = (False, None) if args.both else (False,) if args.per_file else (None,)
+    runs: dict[tuple, list[dict]] = {(m, way): [] for m in args.model for way in ways}
     for _ in range(args.rounds):
-        for model in args.model:
+        for model, way in runs:
             print(PROGRESS_PREFIX + f"corpus run: {model.name}", file=sys.stderr, flush=True)
-            runs[model].append(corpus_section(model, args.clips or source_clips(None), args.copies,
-                                              threads=args.threads, across_files=False if args.per_file else None,
-                                              batch_size=args.batch_size))
+            runs[model, way].append(corpus_section(model, args.clips or source_clips(None), args.copies,
+                                                   threads=args.threads, across_files=way,
+                                                   batch_size=args.batch_size))
     for sections in runs.values():
         median = statistics.median_low([s["audio_hours_per_hour"] for s in sections])
         section = next(s for s in sections if s["audio_hours_per_hour"] == median)
