@@ -9,7 +9,7 @@ most the files in progress. A run over the same report folder skips the files wh
 re-analyses changed ones. ``scores.csv``, ``timeline.csv`` and ``report.md`` are rebuilt from the journal at the
 end of every run. ``run_corpus`` takes any source of results: ``local_results`` here, the deployed Modal worker's
 in ``deploy.modal_corpus``. Locally, a model whose scores do not depend on their batch neighbours runs its
-windows in full calls across files (``runtime.corpus.batched``); the summary then sets the run's speed beside
+windows in full calls across files (``runtime.corpus.batched``). The summary sets the run's speed beside
 this machine's floor, measured in the same run (``runtime.corpus.floor``).
 """
 
