@@ -173,7 +173,7 @@ def benchmark(args: argparse.Namespace, cpus: list[int]) -> dict:
         from benchmarks.corpus_speed import format_section
 
         results["corpus"] = corpus
-        results["notes"] += [f"corpus run, {format_section(c)}" for c in corpus.values() if "failed" not in c]
+        results["notes"] += [f"corpus run, {format_section(c)}" for c in corpus.values() if "error" not in c]
     return results
 
 
@@ -192,7 +192,7 @@ def corpus_speeds(art, args, cpus: list[int], display: Display) -> dict | None:
             out[precision] = run_module("benchmarks.corpus_speed", argv, cpus, "cpu", display.note)
         except WorkerError as exc:
             log.error("corpus speed (%s): %s", precision, exc)
-            out[precision] = {"failed": str(exc)}
+            out[precision] = {"error": str(exc)}
     return out
 
 
