@@ -69,6 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
                               "(benchmarks.breakdown)")
     studies.add_argument("--profile-runs", type=int, default=5, help="with --breakdown: profiled batch-15 runs per "
                          "CPU model (default %(default)s)")
+    parser.add_argument("--corpus-copies", type=int, default=2,
+                        help="corpus speed beside this machine's floor (benchmarks.corpus_speed) over this many copies "
+                        "of the piano clips, for the CPU models (default %(default)s, 0 skips it)")
     return parser
 
 
@@ -150,15 +153,17 @@ def benchmark(args: argparse.Namespace, cpus: list[int]) -> dict:
         art = prepare(args.out, args.checkpoint, preset, args.audio, args.model, {p for p, d in devices.items() if d},
                       display.note)
         ort_runs = sum(1 for p, d in devices.items() if d and art.models[p].available)
-        # prepare, GEMM x2, JAX first run, cold starts, the session table, the profiles, the concurrency table
+        # prepare, GEMM x2, JAX first run, cold starts, the session table, the profiles, the concurrency table,
+        # the corpus runs
         display.set_total(1 + 2 + 1 + args.cold_runs * (2 + ort_runs) + int(args.session_table)
-                          + int(args.breakdown) + (1 if args.concurrency else 0))
+                          + int(args.breakdown) + (1 if args.concurrency else 0) + (1 if args.corpus_copies else 0))
         display.step("GEMM rate (before the variants)")
         before = gemm(cpus, args.gemm_size, GEMM_REPEATS, display.note)
         raw = run_variants(art, args, cpus, devices, display)
         session = session_configurations(art, args, cpus, display)
         profiles = op_breakdown(art, args, cpus, display)
         concurrency = concurrency_levels(art, args, cpus, display)
+        corpus = corpus_speeds(art, args, cpus, display)
         display.step("GEMM rate (after the variants)")
         gemm_rate = best_gemm([before, gemm(cpus, args.gemm_size, GEMM_REPEATS, display.note)])
     settings = {"preset": preset if art.demo else None, "quick": args.quick, "runs": args.runs,
@@ -174,7 +179,31 @@ def benchmark(args: argparse.Namespace, cpus: list[int]) -> dict:
         results["notes"] += summary_lines(results["breakdown"])
     if concurrency:
         results["concurrency"] = concurrency
+    if corpus:
+        from benchmarks.corpus_speed import format_section
+
+        results["corpus"] = corpus
+        results["notes"] += [f"corpus run, {format_section(c)}" for c in corpus.values() if "error" not in c]
     return results
+
+
+def corpus_speeds(art, args, cpus: list[int], display: Display) -> dict | None:
+    """Each CPU model over a corpus of the piano clips: audio hours per hour beside the floor measured in the run."""
+    from benchmarks.workers import WorkerError, run_module
+
+    models = {p: art.models[p].path for p in ("int8", "fp32") if art.models[p].available}
+    if not args.corpus_copies or not models:
+        return None
+    display.step("corpus speed beside this machine's floor")
+    out = {}
+    for precision, path in models.items():
+        argv = ["--model", str(path), "--copies", str(args.corpus_copies), "--threads", str(len(cpus)), "--json"]
+        try:
+            out[precision] = run_module("benchmarks.corpus_speed", argv, cpus, "cpu", display.note)
+        except WorkerError as exc:
+            log.error("corpus speed (%s): %s", precision, exc)
+            out[precision] = {"error": str(exc)}
+    return out
 
 
 def concurrency_levels(art, args, cpus: list[int], display: Display) -> dict | None:

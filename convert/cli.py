@@ -12,7 +12,14 @@ from pathlib import Path
 from convert.config import PRESETS
 from convert.errors import CheckpointError, ExportError, ParityError
 from convert.frontend import DEFAULT_DFT, DFT_CHOICES
-from convert.options import BACKENDS, QUANTIZE_CHOICES, ExportOptions, VariantOptions
+from convert.options import (
+    BACKENDS,
+    DEFAULT_INT8_ACTIVATIONS,
+    INT8_ACTIVATIONS,
+    QUANTIZE_CHOICES,
+    ExportOptions,
+    VariantOptions,
+)
 from runtime.errors import AudioError, ModelError
 
 USER_ERRORS = (CheckpointError, ParityError, ExportError, AudioError, ModelError, FileNotFoundError)
@@ -84,6 +91,10 @@ def add_variant_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--reduce-range", action=argparse.BooleanOptionalAction, default=VariantOptions.reduce_range,
                         help="int8: 7-bit weights (default on): x86 CPUs without VNNI (AVX2 only) saturate u8*s8 "
                              "products of full-range weights; --no-reduce-range only for VNNI/ARM servers, gated there")
+    parser.add_argument("--int8-activations", choices=INT8_ACTIVATIONS, default=DEFAULT_INT8_ACTIVATIONS,
+                        help="int8 activation scales: onnxruntime's one per call (batch, the default: faster here) or "
+                             "one per row of each layer's input (row: a window's scores do not depend on its batch "
+                             "neighbours, and corpus runs fill calls across files; docs/corpus-speed.md)")
     parser.add_argument("--optimize", action="store_true",
                         help="apply onnxruntime's transformer fusions (off by default: slower on CPU, see README)")
 
@@ -97,7 +108,7 @@ def variant_options(args: argparse.Namespace) -> VariantOptions:
     """The VariantOptions the variant flags (add_variant_args) ask for."""
     return VariantOptions(quantize=args.quantize, int8_atol=args.int8_atol, fp16_atol=args.fp16_atol,
                           per_channel=args.per_channel, reduce_range=args.reduce_range, optimize=args.optimize,
-                          allow_partial=args.allow_partial)
+                          allow_partial=args.allow_partial, int8_activations=args.int8_activations)
 
 
 def cmd_export(args: argparse.Namespace) -> int:

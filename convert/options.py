@@ -14,6 +14,10 @@ BACKENDS = ("jax2onnx", "tf2onnx")  # tf2onnx: jax2tf -> TensorFlow -> tf2onnx i
 QUANTIZE_CHOICES = ("none", "int8", "fp16", "auto")
 PREOPTIMIZE_CHOICES = ("none", "extended")
 DEFAULT_PREOPTIMIZE = "extended"
+# int8 activation scales: onnxruntime's one per call (a window's scores depend on its batch neighbours) or one per
+# row of each layer's input (they do not, convert.int8_rows)
+INT8_ACTIVATIONS = ("row", "batch")
+DEFAULT_INT8_ACTIVATIONS = "batch"  # per row costs more speed than batching gains here: docs/corpus-speed.md
 
 
 def _check_choice(what: str, value: str, choices: tuple[str, ...]) -> None:
@@ -40,9 +44,13 @@ class VariantOptions:
     """Apply onnxruntime's transformer fusions to the variants (slower on CPU)."""
     allow_partial: bool = False
     """With quantize auto: write the variants that pass even if another fails its gate."""
+    int8_activations: str = DEFAULT_INT8_ACTIVATIONS
+    """int8: one activation scale per call (batch, onnxruntime's) or per row of each layer's input (row: a window's
+    scores do not depend on its batch neighbours, at some speed; docs/corpus-speed.md)."""
 
     def __post_init__(self) -> None:
         _check_choice("quantize", self.quantize, QUANTIZE_CHOICES)
+        _check_choice("int8 activations", self.int8_activations, INT8_ACTIVATIONS)
 
     def atol(self, precision: str) -> float | None:
         """The tolerance asked for `precision`'s gate (None: its default); fp32's is ExportOptions.atol."""

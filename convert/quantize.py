@@ -21,6 +21,8 @@ from convert.errors import ExportError
 from convert.graph_rewrites import attributes, copy_proto, prepare
 from convert.int8_fusion import FUSED as INT8_FUSED
 from convert.int8_fusion import fuse_int8_matmuls
+from convert.int8_rows import per_row_activations
+from convert.options import DEFAULT_INT8_ACTIVATIONS, INT8_ACTIVATIONS
 from runtime.model import PRECISIONS
 
 log = logging.getLogger(__name__)
@@ -148,14 +150,20 @@ def int8_float_layers(proto) -> dict[str, list[str]]:
 
 
 def quantize_int8(proto, *, per_channel: bool = False, reduce_range: bool = True, keep_float: bool = True,
-                  fuse: bool = True):
+                  fuse: bool = True, activations: str = DEFAULT_INT8_ACTIVATIONS):
     """Dynamic int8 quantization of the dense layers (signed int8 weights, uint8 activations).
 
     Attention's activation-by-activation MatMuls stay float32 (MatMulConstBOnly), as do LayerNorm and GELU;
     with `keep_float`, so do the patch embedding and the regression head (int8_float_layers). `reduce_range`
     (7-bit weights) keeps x86 CPUs without VNNI from saturating their u8 x s8 products. With `fuse`, each
     quantized layer is written as one MatMulIntegerToFloat node, bias included (convert.int8_fusion).
+    `activations` "row" (needs `fuse`) then gives each row of each layer's input its own scale
+    (convert.int8_rows); "batch" keeps onnxruntime's one scale per call.
     """
+    if activations not in INT8_ACTIVATIONS:
+        raise ValueError(f"unknown int8 activations {activations!r}; choose one of {INT8_ACTIVATIONS}")
+    if activations == "row" and not fuse:
+        raise ValueError("per-row int8 activations rewrite the fused graph: fuse must be on")
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
@@ -190,7 +198,10 @@ def quantize_int8(proto, *, per_channel: bool = False, reduce_range: bool = True
     finally:
         root.setLevel(root_level)
         root.removeHandler(guard)
-    return fuse_int8_matmuls(quantized)[0] if fuse else quantized
+    if not fuse:
+        return quantized
+    fused = fuse_int8_matmuls(quantized)[0]
+    return per_row_activations(fused)[0] if activations == "row" else fused
 
 
 def _reduced_axes(node, constants: dict) -> tuple[int, ...] | None:
@@ -270,14 +281,17 @@ def make_variant(
     reduce_range: bool = True,
     keep_float: bool = True,
     owned: bool = False,
+    int8_activations: str = DEFAULT_INT8_ACTIVATIONS,
 ) -> Variant:
     """The `precision` variant of a gated fp32 model (metadata is left to the caller).
 
     `owned`: the caller hands `fp32` over (it is rewritten in place instead of copied: memory).
+    The build records `batch_independent`: whether a window's scores are the same whatever else shares its
+    batch (fp32, fp16 and per-row int8; not per-batch int8). The corpus runner batches across files only then.
     """
     if precision not in PRECISIONS:
         raise ValueError(f"unknown precision {precision!r}; choose one of {PRECISIONS}")
-    build: dict = {"optimized": optimized}
+    build: dict = {"optimized": optimized, "batch_independent": precision != "int8" or int8_activations == "row"}
     if optimized:
         proto, build["fused_ops"] = optimize(fp32, config)
     else:
@@ -287,14 +301,16 @@ def make_variant(
         kept = int8_float_layers(proto) if keep_float else {}
         held = [proto]  # popped into the call, the float graph's only reference is quantize_int8's: it frees it
         del proto
-        proto = quantize_int8(held.pop(), per_channel=per_channel, reduce_range=reduce_range, keep_float=keep_float)
+        proto = quantize_int8(held.pop(), per_channel=per_channel, reduce_range=reduce_range, keep_float=keep_float,
+                              activations=int8_activations)
         counts = op_counts(proto)
         quantized = counts.get("MatMulInteger", 0) + counts.get(f"{MS_DOMAIN}:{INT8_FUSED}", 0)
         expected = linear_layers(config) - sum(map(len, kept.values()))
         build["quantization"] = {
             "method": "onnxruntime dynamic",
             "weights": "int8 (signed)" + (", 7-bit range" if reduce_range else ""),
-            "activations": "uint8, per batch",
+            "activations": ("uint8, per row (symmetric, zero point 128)" if int8_activations == "row"
+                            else "uint8, per batch"),
             "per_channel": per_channel,
             "reduce_range": reduce_range,
             "kept_float32": sorted(kept),

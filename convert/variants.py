@@ -168,11 +168,13 @@ def _make_and_gate(fp32: Staged, ckpt, precisions: tuple[str, ...], fp32_report:
     for precision in precisions:
         if precision == "fp32" and not variants.optimize:
             made[precision] = fp32
-            builds[precision] = {"optimized": False, "nodes": op_counts(onnx.load(str(fp32.raw)))}
+            builds[precision] = {"optimized": False, "batch_independent": True,
+                                 "nodes": op_counts(onnx.load(str(fp32.raw)))}
             continue
         log.info("making the %s variant%s", precision, " (optimized graph)" if variants.optimize else "")
         variant = make_variant(onnx.load(str(fp32.raw)), precision, ckpt.config, optimized=variants.optimize,
-                               per_channel=variants.per_channel, reduce_range=variants.reduce_range, owned=True)
+                               per_channel=variants.per_channel, reduce_range=variants.reduce_range, owned=True,
+                               int8_activations=variants.int8_activations)
         sections = variant_sections(ckpt, precision, references, variants.atol(precision), backend)
         level = "none" if precision == "fp16" else preoptimize
         raw = write_stage(variant.proto, sections, scratch / f"{precision}.onnx", level)

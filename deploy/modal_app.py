@@ -57,6 +57,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import threading
 from collections.abc import Callable, Iterable
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -146,6 +147,7 @@ AUDIO_MOUNT = "/audio"
 CPU_LOAD = {"max_inputs": 4, "target_inputs": 2, "analyses_at_once": 4}
 WEB_CONCURRENCY = {"max_inputs": 32, "target_inputs": 8} if TARGET == "gpu" else \
     {key: CPU_LOAD[key] for key in ("max_inputs", "target_inputs")}  # requests per container
+CORPUS_INPUTS = 4  # files in flight per corpus container: some decode while the model runs the others' windows
 SERVICE_ENV = {
     # the switches again inside the container, whose import of this file must declare the same variant
     "PERCEPIANO_MODAL_TARGET": TARGET,
@@ -287,9 +289,20 @@ class ModelContainer:
 
     def analyze_path(self, relpath: str, cap_seconds: float | None = None) -> dict[str, Any]:
         """One file of the audio Volume -> its result; any failure becomes that file's `error` (never raised)."""
-        from runtime.corpus.runner import analyze_one
+        return self.corpus_batches().analyze(relpath, Path(AUDIO_MOUNT) / relpath, self.cap_for(cap_seconds))
 
-        return analyze_one(self.analyzer, relpath, Path(AUDIO_MOUNT) / relpath, self.cap_for(cap_seconds))
+    def corpus_batches(self):
+        """This container's deploy.corpus_batches.CorpusBatches, made on first use (after the snapshot: its
+        batcher runs a thread)."""
+        from deploy.corpus_batches import CorpusBatches
+
+        with _BATCHES_LOCK:
+            if getattr(self, "_batches", None) is None:
+                self._batches = CorpusBatches(self.analyzer)
+            return self._batches
+
+
+_BATCHES_LOCK = threading.Lock()
 
 
 def refuse_int8_on_cuda(model) -> None:
@@ -328,7 +341,7 @@ class Service(ModelContainer):
 
 @app.cls(image=image, **HARDWARE, **SNAPSHOT, scaledown_window=60, timeout=600, volumes={AUDIO_MOUNT: audio_volume},
          max_containers=20)
-@modal.concurrent(max_inputs=4)  # one container decodes the next files while the model runs
+@modal.concurrent(max_inputs=CORPUS_INPUTS)  # some files decode while the model runs the others' windows
 class CorpusWorker(ModelContainer):
     """Analyses corpus files; the callers fan out over many of these with `.map` (order_outputs=False).
 
@@ -344,9 +357,7 @@ class CorpusWorker(ModelContainer):
     @modal.method()
     def analyze_bytes(self, name: str, data: bytes, cap_seconds: float | None = None) -> dict[str, Any]:
         """A file sent by `python -m deploy analyze DIR --out REPORT` (deploy.modal_corpus.modal_results)."""
-        from runtime.corpus.runner import analyze_one
-
-        return analyze_one(self.analyzer, name, data, self.cap_for(cap_seconds))
+        return self.corpus_batches().analyze(name, data, self.cap_for(cap_seconds))
 
 
 @app.function(image=scheduler_image, timeout=60,

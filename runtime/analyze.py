@@ -49,8 +49,12 @@ def aggregate(chunk_scores: np.ndarray) -> np.ndarray:
 
 
 def build_analysis(chunk_scores: np.ndarray, duration_seconds: float) -> Analysis:
-    """Assemble the result from per-chunk scores (n, 19) in label units."""
+    """Assemble the result from per-chunk scores (n, 19) in label units; non-finite scores raise ModelOutputError."""
     starts = chunk_starts(len(chunk_scores))
+    bad = ~np.isfinite(chunk_scores).all(axis=1)
+    if bad.any():  # never a result with NaN scores: the model is broken (or its numbers overflowed)
+        raise ModelOutputError(f"the model gave NaN or infinite scores for {int(bad.sum())} of {len(chunk_scores)} "
+                               f"windows (first at {float(starts[bad.argmax()]):g} s)")
     timeline = [
         ChunkScores(float(s), named(np.clip(row, 0.0, 1.0))) for s, row in zip(starts, chunk_scores, strict=True)
     ]
@@ -106,8 +110,19 @@ class Analyzer:
 
     def analyze_file(self, source: str | os.PathLike | bytes) -> Analysis:
         """A path or the bytes of an audio file -> Analysis."""
-        return self._analyze(load_audio(source, cap_seconds=self.cap_seconds,
-                                        refuse_over_seconds=self.refuse_over_seconds))
+        return self._analyze(self.load(source))
+
+    def load(self, source: str | os.PathLike | bytes) -> np.ndarray:
+        """A path or the bytes of an audio file -> mono float32 audio at 22,050 Hz, capped and checked."""
+        return load_audio(source, cap_seconds=self.cap_seconds, refuse_over_seconds=self.refuse_over_seconds)
+
+    def prepare_file(self, source: str | os.PathLike | bytes) -> tuple[np.ndarray, float]:
+        """A path or the bytes of an audio file -> (model windows, duration in seconds): all but the model.
+
+        ``build_analysis(scores of those windows, duration)`` is then what ``analyze_file`` returns.
+        """
+        y = self.load(source)
+        return self.model_inputs(y), len(y) / FEATURES.sample_rate
 
     def _analyze(self, y: np.ndarray, timings: dict[str, float] | None = None, infer: Infer | None = None) -> Analysis:
         """Mono float32 audio at 22,050 Hz -> Analysis."""
@@ -129,10 +144,6 @@ class Analyzer:
         scores = (infer or self.chunk_scores)(mel)
         if timings is not None:
             timings["features"], timings["inference"] = t1 - t0, time.perf_counter() - t1
-        bad = ~np.isfinite(scores).all(axis=1)
-        if bad.any():  # never a result with NaN scores: the model is broken (or its numbers overflowed)
-            raise ModelOutputError(f"the model gave NaN or infinite scores for {int(bad.sum())} of {len(scores)} "
-                                   f"windows (first at {float(chunk_starts(len(scores))[bad.argmax()]):g} s)")
         return build_analysis(scores, duration)
 
 

@@ -46,6 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
     an.add_argument("--out", type=Path, metavar="REPORT_DIR",
                     help="analyse a corpus: journal, scores.csv, timeline.csv and report.md in REPORT_DIR (resumable)")
     an.add_argument("--recursive", action="store_true", help="with --out: include files in subfolders")
+    an.add_argument("--per-file", action="store_true",
+                    help="with --out: run each file's windows in its own model calls (default: calls filled across "
+                         "files whenever the model's scores do not depend on their batch neighbours)")
     an.add_argument("--modal", action="store_true", help=argparse.SUPPRESS)  # moved: python -m deploy analyze
     an.add_argument("--url", metavar="URL[,URL...]",
                     help="with --out: score through a deployed service (local or Modal) instead of a local model; "
@@ -149,7 +152,7 @@ def cmd_corpus(args: argparse.Namespace) -> int:
         summary = analyze_corpus(args.files, args.out, model=args.model, recursive=args.recursive,
                                  cap_seconds=args.cap_seconds, batch_size=args.batch_size,
                                  device=args.device, threads=args.threads, progress=sys.stderr.isatty(),
-                                 analyzer=analyzer)
+                                 analyzer=analyzer, across_files=False if args.per_file else None)
     except KeyboardInterrupt:
         print(f"interrupted: finished files are in {args.out}/journal.jsonl; run again to resume", file=sys.stderr)
         return 130

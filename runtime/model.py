@@ -76,6 +76,19 @@ class ModelInfo:
         atol = gate.get("atol_end_to_end") or gate.get("atol")
         return float(atol) if atol else None
 
+    @property
+    def batch_independent(self) -> bool:
+        """Whether a window's scores are the same whatever other windows share its batch.
+
+        Written by the converter per variant (`variants.build.batch_independent`); a file without it is judged
+        by its precision: int8 then has onnxruntime's one activation scale per call (its scores depend on the
+        batch), fp32 and fp16 do not.
+        """
+        build = (self.variants or {}).get("build") or {}
+        if "batch_independent" in build:
+            return bool(build["batch_independent"])
+        return self.precision != "int8"
+
     def summary(self) -> dict[str, Any]:
         """The short description returned with every result."""
         return {"version": self.version, "sha256": self.sha256, "precision": self.precision}

@@ -288,3 +288,18 @@ def test_breakdown_summary_needs_both_profiles():
     assert math.isclose(both["int8_gemm_speedup"], 4.0) and math.isclose(both["int8_gemm_floor_s"], 0.24)
     assert math.isclose(both["int8_floor_ratio_to_jax"], 3.75) and math.isclose(both["int8_ratio_to_jax"], 3.0)
     assert summary({"int8": int8}) == {} and "int8_gemm_speedup" not in summary({"fp32": fp32, "int8": {"failed": "x"}})
+
+
+def test_corpus_runs_sit_beside_the_floor_measured_in_them(results):
+    for precision in ("int8", "fp32"):
+        section = results["corpus"][precision]
+        floor = section["floor"]
+        assert section["files"] > 0 and section["files"] % 2 == 0 and section["failed"] == 0  # 2 copies of the clips
+        assert floor["windows"] >= section["files"] and floor["model_ms_per_window"] > 0
+        assert section["ratio"] == pytest.approx(section["audio_hours_per_hour"] / floor["audio_hours_per_hour"])
+        # the floor: the windows at full-batch speed plus the decoding and features counted in the run
+        seconds = floor["windows"] * floor["model_ms_per_window"] / 1e3 + floor["prepare_seconds"]
+        assert floor["audio_hours_per_hour"] == pytest.approx(section["audio_seconds"] / seconds)
+        # int8 by default has one activation scale per call: its files are never batched together
+        assert section["across_files"] is (precision == "fp32")
+    assert any(n.startswith("corpus run, int8 (per file)") and "of the floor" in n for n in results["notes"])

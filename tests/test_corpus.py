@@ -96,12 +96,12 @@ def test_csv_rows_equal_single_file_json(folder, tiny_model, tmp_path):
 
 SLOW_RUN = """
 import sys, time
-import runtime.corpus.runner as c
-real = c.analyze_one
-def slow(*args, **kwargs):
+from runtime.analyze import Analyzer
+real = Analyzer.prepare_file
+def slow(self, source):
     time.sleep(0.4)
-    return real(*args, **kwargs)
-c.analyze_one = slow
+    return real(self, source)
+Analyzer.prepare_file = slow
 from runtime.cli import main
 sys.exit(main(sys.argv[1:]))
 """
@@ -178,10 +178,13 @@ def test_unexpected_errors_are_recorded_and_retried(folder, analyzer, tmp_path):
         batch_size = analyzer.batch_size
         fail = True
 
-        def analyze_file(self, source):
+        def prepare_file(self, source):
             if self.fail and str(source).endswith("top2.flac"):
                 raise MemoryError("out of memory")
-            return analyzer.analyze_file(source)
+            return analyzer.prepare_file(source)
+
+        def chunk_scores(self, windows):
+            return analyzer.chunk_scores(windows)
 
     flaky = Flaky()
     files = corpus.find_audio([folder], recursive=True)

@@ -193,7 +193,7 @@ def test_corpus_worker_names_every_result_and_never_raises(container, piano_clip
     def explode(source):
         raise RuntimeError("CUDA failure")
 
-    monkeypatch.setattr(worker.analyzer, "analyze_file", explode)
+    monkeypatch.setattr(worker.analyzer, "prepare_file", explode)
     for result in (worker.analyze_bytes("set/x.flac", clip.read_bytes(), None), worker.analyze_file("set/x.flac")):
         assert result["file"] == "set/x.flac" and result["scores"] is None
         assert result["error"] == "set/x.flac: RuntimeError: CUDA failure" and result["retry"] is True

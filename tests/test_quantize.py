@@ -133,22 +133,56 @@ def _session_ops(path, tmp_path) -> dict[str, int]:
     return op_counts(onnx.load(str(tmp_path / "session.onnx")))
 
 
-def test_int8_layers_are_fused_in_the_file_with_their_bias_and_run_fused(auto, fp32, ckpt, tmp_path):
-    proto = onnx.load(str(auto.written["int8"]))
+def test_int8_layers_are_fused_in_the_file_with_their_bias_and_run_fused(fp32, ckpt, tmp_path):
+    """onnxruntime's one activation scale per call (--int8-activations batch)."""
+    proto = make_variant(fp32, "int8", ckpt.config, int8_activations="batch").proto
+    path = tmp_path / "int8.batch.onnx"
+    onnx.save(proto, str(path))
     inits = {i.name for i in proto.graph.initializer}
     fused = [n for n in proto.graph.node if n.op_type == "MatMulIntegerToFloat"]
     # A, W, A scale, W scale, A zero point, W zero point, bias: the bias Add and the scale Muls are in the node
     assert fused and all(len(n.input) == 7 and n.input[6] in inits and n.domain == "com.microsoft" for n in fused)
-    session = _session_ops(auto.written["int8"], tmp_path)
+    session = _session_ops(path, tmp_path)
     layers = linear_layers(ckpt.config) - 3
     assert session.get("MatMulInteger", 0) == 0 and session.get("Cast", 0) == 0
     assert session[FUSED_INT8] + session["com.microsoft:DynamicQuantizeMatMul"] == layers
     # one activation quantization per input of q, k and v (shared), none left for the single-input layers
     assert session["DynamicQuantizeLinear"] == ckpt.config.num_layers
-    unfused = quantize_int8(prepare(fp32), fuse=False)
+    unfused = quantize_int8(prepare(fp32), fuse=False, activations="batch")
     assert op_counts(unfused)["MatMulInteger"] == layers
     mel = random_inputs(4, seed=7)
     np.testing.assert_allclose(_scores(proto, mel), _scores(unfused, mel), atol=1e-6, rtol=0)
+
+
+def neighbour_change(proto, target: np.ndarray) -> float:
+    """Largest change of `target`'s scores (one window) when it shares a call with other windows."""
+    alone = _scores(proto, target)[0]
+    neighbours = [random_inputs(7, seed=11), np.full((3, 128, 128), -80.0, np.float32),
+                  np.clip(random_inputs(3, seed=12) * 4.0, -80.0, 0.0).astype(np.float32)]
+    return max(float(np.abs(_scores(proto, np.concatenate([n, target]))[-1] - alone).max()) for n in neighbours)
+
+
+def test_int8_with_per_row_scales_gives_a_window_its_scores_whatever_its_neighbours(auto, fp32, ckpt, tmp_path):
+    variant = make_variant(fp32, "int8", ckpt.config, int8_activations="row")
+    row, build = variant.proto, variant.build
+    assert build["batch_independent"] and build["quantization"]["activations"].startswith("uint8, per row")
+    layers = linear_layers(ckpt.config) - 3
+    ops = op_counts(row)
+    batch = make_variant(fp32, "int8", ckpt.config)  # the default: one scale per call, as the auto export's
+    assert OnnxModel(auto.written["int8"], device="cpu").info.variants["build"]["batch_independent"] is False
+    assert ops[FUSED_INT8] == layers and "DynamicQuantizeLinear" not in ops
+    # each DynamicQuantizeLinear of the per-batch graph became one per-row quantization
+    assert ops["QuantizeLinear"] == op_counts(batch.proto)["DynamicQuantizeLinear"] >= layers / 2
+    onnx.save(row, str(tmp_path / "int8.row.onnx"))
+    session = _session_ops(tmp_path / "int8.row.onnx", tmp_path)
+    assert session.get("MatMulInteger", 0) == session.get("Cast", 0) == 0 and session[FUSED_INT8] == layers
+    assert not batch.build["batch_independent"] and batch.build["quantization"]["activations"] == "uint8, per batch"
+    target = random_inputs(1, seed=5)
+    row_change, batch_change = neighbour_change(row, target), neighbour_change(batch.proto, target)
+    # float32 parts may differ by an ulp between batch sizes; the per-batch scales move the scores far more
+    assert row_change <= 1e-6 < batch_change and batch_change > 20 * row_change, (row_change, batch_change)
+    with pytest.raises(ValueError, match="fuse must be on"):
+        quantize_int8(prepare(fp32), fuse=False, activations="row")
 
 
 def test_fp16_is_half_inside_float32_at_the_edges(auto):

@@ -34,6 +34,8 @@ class CorpusSummary:
     wall_seconds: float
     failures: list[tuple[str, str]] = field(default_factory=list)
     plots: bool = False
+    floor: object | None = None  # runtime.corpus.floor.Floor of a local run: the model at full batches + decoding
+    cpu_seconds: float | None = None  # this process's CPU time during the run (a local run's work, whatever the load)
 
     @property
     def failed(self) -> int:
@@ -168,6 +170,12 @@ def report_markdown(scored: list[dict], summary: CorpusSummary, plots: dict[str,
     lines += [f"Model: {models}. Analysed: {cap}.", ""]
     if summary.speed:
         lines += [f"Speed of this run: {summary.speed:.1f} audio hours per hour ({summary.wall_seconds:.1f} s).", ""]
+        if summary.floor:
+            f = summary.floor
+            lines[-1:-1] = [f"This machine's floor, measured in the same run: {f.audio_hours_per_hour:.1f} audio hours "
+                            f"per hour ({f.windows} windows at {f.model_ms_per_window:.1f} ms each in calls of "
+                            f"{f.batch_size}, plus {f.prepare_seconds:.1f} s of decoding and features): the run "
+                            f"went at {summary.speed / f.audio_hours_per_hour:.2f} of it."]
     if skipped:
         lines += [f"*{skipped}*", ""]
     if summary.failures:

@@ -9,7 +9,9 @@ most the files in progress. A run over the same report folder skips the files wh
 re-analyses changed ones. ``scores.csv``, ``timeline.csv`` and ``report.md`` are rebuilt from the journal at the
 end of every run. ``run_corpus`` takes any source of results: ``local_results`` here, a deployed service's over
 HTTP in ``runtime.corpus.remote`` (which records the endpoint that scored each file), the deployed Modal worker's
-in ``deploy.modal_corpus``.
+in ``deploy.modal_corpus``. Locally, a model whose scores do not depend on their batch neighbours runs its
+windows in full calls across files (``runtime.corpus.batched``). The summary sets the run's speed beside
+this machine's floor, measured in the same run (``runtime.corpus.floor``).
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 
+from runtime.corpus.floor import FloorMeter, Work
+from runtime.corpus.outcome import failure, named_error
 from runtime.corpus.report import CorpusSummary, write_outputs
 from runtime.errors import AudioError, InputError, ModelOutputError
 
@@ -66,34 +70,34 @@ def find_audio(roots: Sequence[str | os.PathLike], *, recursive: bool = False) -
     return sorted(found.values(), key=lambda f: f.path)
 
 
-def analyze_one(analyzer, name: str, source: str | os.PathLike | bytes, cap_seconds: float | None = None) -> dict:
+def analyze_one(analyzer, name: str, source: str | os.PathLike | bytes, cap_seconds: float | None = None,
+                work: Work | None = None, infer=None) -> dict:
     """One file -> its result dict named ``name``; never raises: every failure becomes ``error``.
 
     An error that is the file's fault (AudioError, InputError) or the model's on this file (ModelOutputError: NaN
     scores, which a retry would give again) is final; any other (out of memory, a model
     failure) is marked ``retry`` so that the next run tries the file again. This is the corpus worker's logic.
+    ``work`` counts its decode + features and windows (the floor); ``infer`` (windows -> scores) replaces the
+    analyzer's own batches (the Modal worker's cross-file batcher).
     """
+    from runtime.analyze import build_analysis
+
     try:
         model = analyzer.model.info.summary()  # inside the try: nothing may escape the worker
         if cap_seconds is not None:
             analyzer = _with_cap(analyzer, cap_seconds)
-        return {"file": name, **analyzer.analyze_file(source).to_dict(), "model": model, "error": None}
+        work = work if work is not None else Work()
+        with work.preparing():
+            windows, duration = analyzer.prepare_file(source)
+        began = time.perf_counter()
+        scores = (infer or analyzer.chunk_scores)(windows)
+        work.ran(len(windows), time.perf_counter() - began)
+        return {"file": name, **build_analysis(scores, duration).to_dict(), "model": model, "error": None}
     except (AudioError, InputError, ModelOutputError) as exc:
-        return failure(name, _named(name, str(exc)))
+        return failure(name, named_error(name, str(exc)))
     except Exception as exc:
         logger.exception("analysing %s failed", name)
-        return failure(name, _named(name, f"{type(exc).__name__}: {exc}"), retry=True)
-
-
-def _named(name: str, message: str) -> str:
-    """The message, starting with the file's name (errors about bytes only say '<N bytes of audio>')."""
-    return message if message.startswith(name) else f"{name}: {message}"
-
-
-def failure(name: str, error: str, *, retry: bool = False) -> dict:
-    """The result of a file that has no scores."""
-    return {"file": name, "duration_seconds": None, "scores": None, "timeline": None, "error": error,
-            **({"retry": True} if retry else {})}
+        return failure(name, named_error(name, f"{type(exc).__name__}: {exc}"), retry=True)
 
 
 def make_analyzer(model: str | os.PathLike, *, device: str = "auto", threads: int | None = None,
@@ -115,19 +119,35 @@ def _with_cap(analyzer, cap_seconds: float):
 # --- a source of results: local threads (deploy.modal_corpus has the Modal worker's) -------------------------
 
 
-def local_results(analyzer, workers: int = DEFAULT_WORKERS) -> Results:
-    """Analyse files here, ``workers`` at a time (decoding and features of some overlap the model of others)."""
+def local_results(analyzer, workers: int = DEFAULT_WORKERS, work: Work | None = None,
+                  across_files: bool | None = None) -> Results:
+    """Analyse files here, decoding and features of some overlapping the model of others.
+
+    ``across_files`` (default: whenever the model's scores do not depend on their batch neighbours) fills each
+    model call with windows of several files (runtime.corpus.batched, ``workers - 1`` decoding threads);
+    otherwise ``workers`` files are analysed at a time, each in its own calls. ``work`` counts for the floor.
+    """
+    work = work if work is not None else Work()
+    if across_files is None:
+        across_files = analyzer.model.info.batch_independent
+    if across_files:
+        from runtime.corpus.batched import batched_results
+
+        return batched_results(analyzer, work, decoders=max(1, workers - 1))
+
+    def one(f: AudioFile) -> dict:
+        return analyze_one(analyzer, f.path, f.path, work=work)
 
     def run(files: list[AudioFile]) -> Iterator[dict]:
         if workers <= 1:
-            yield from (analyze_one(analyzer, f.path, f.path) for f in files)
+            yield from map(one, files)
             return
         todo = iter(files)
         with ThreadPoolExecutor(workers, thread_name_prefix="corpus") as pool:
-            pending = {pool.submit(analyze_one, analyzer, f.path, f.path) for f in _take(todo, workers)}
+            pending = {pool.submit(one, f) for f in _take(todo, workers)}
             while pending:
                 done, pending = wait(pending, return_when=FIRST_COMPLETED)
-                pending |= {pool.submit(analyze_one, analyzer, f.path, f.path) for f in _take(todo, len(done))}
+                pending |= {pool.submit(one, f) for f in _take(todo, len(done))}
                 yield from (d.result() for d in done)
 
     return run
@@ -203,21 +223,28 @@ def analyze_corpus(roots: Sequence[str | os.PathLike], out_dir: str | os.PathLik
                    model: str | os.PathLike = "artifacts/model.onnx", recursive: bool = False,
                    cap_seconds: float | None = None, batch_size: int = 16, device: str = "auto",
                    threads: int | None = None, workers: int = DEFAULT_WORKERS, progress: bool = False,
-                   plots: bool = True, analyzer=None) -> CorpusSummary:
-    """Analyse every audio file under ``roots`` here, with the model at ``model``, into ``out_dir``."""
+                   plots: bool = True, analyzer=None, across_files: bool | None = None) -> CorpusSummary:
+    """Analyse every audio file under ``roots`` here, with the model at ``model``, into ``out_dir``.
+
+    The summary carries this machine's floor, measured in the run (runtime.corpus.floor).
+    """
     files = find_audio(roots, recursive=recursive)
     if analyzer is None:  # `analyzer`: one already loaded (and checked) by the caller, e.g. the CLI
         analyzer = make_analyzer(model, device=device, threads=threads, batch_size=batch_size,
                                  cap_seconds=cap_seconds)
-    return run_corpus(files, out_dir, local_results(analyzer, workers), model=analyzer.model.info.version,
-                      cap_seconds=cap_seconds, progress=progress, plots=plots)
+    work = Work()
+    return run_corpus(files, out_dir, local_results(analyzer, workers, work, across_files),
+                      model=analyzer.model.info.version, cap_seconds=cap_seconds, progress=progress, plots=plots,
+                      floor=FloorMeter(analyzer.model, analyzer.batch_size, work))
 
 
 def run_corpus(files: list[AudioFile], out_dir: str | os.PathLike, results: Results, *, model: str | None,
-               cap_seconds: float | None = None, progress: bool = False, plots: bool = True) -> CorpusSummary:
+               cap_seconds: float | None = None, progress: bool = False, plots: bool = True,
+               floor=None) -> CorpusSummary:
     """Journal the results of the files whose journal entry is not current, then write the outputs.
 
-    ``model`` is the version string results will carry (None: whatever the remote worker runs).
+    ``model`` is the version string results will carry (None: whatever the remote worker runs). ``floor``
+    (a runtime.corpus.floor.FloorMeter) times the model before and after the files, outside the run's time.
     """
 
     out = Path(out_dir)
@@ -225,7 +252,9 @@ def run_corpus(files: list[AudioFile], out_dir: str | os.PathLike, results: Resu
     entries = journal.load()
     todo = [f for f in files if not is_current(entries.get(f.key), f, model, cap_seconds)]
     by_path = {f.path: f for f in todo}
-    start, seconds = time.perf_counter(), 0.0
+    if floor is not None and todo:
+        floor.start()
+    start, cpu, seconds = time.perf_counter(), time.process_time(), 0.0
     logger.info("%d files: %d to analyse, %d from the journal", len(files), len(todo), len(files) - len(todo))
     with journal, _Progress(todo, progress) as bar:
         for result in results(todo):
@@ -239,6 +268,9 @@ def run_corpus(files: list[AudioFile], out_dir: str | os.PathLike, results: Resu
     summary = CorpusSummary(out, len(files), len(todo), len(files) - len(todo),
                             sum(r["result"]["duration_seconds"] for r in rows if r["result"]), seconds,
                             time.perf_counter() - start, [(r["path"], r["error"]) for r in rows if r["error"]])
+    summary.cpu_seconds = time.process_time() - cpu
+    if floor is not None and todo and seconds > 0:
+        summary.floor = floor.finish(seconds)
     summary.plots = write_outputs(out, rows, summary, plots=plots)
     return summary
 
@@ -279,6 +311,9 @@ class _Progress:
 def summary_lines(summary: CorpusSummary, limit: int = 20) -> list[str]:
     """A few readable lines: counts, audio hours, speed, and why files failed."""
     speed = f", {summary.speed:.1f} audio hours per hour" if summary.speed else ""
+    if summary.speed and summary.floor:
+        speed += (f" (this machine's floor {summary.floor.audio_hours_per_hour:.1f}, measured in this run: "
+                  f"{summary.speed / summary.floor.audio_hours_per_hour:.2f} of it)")
     lines = [f"{summary.files} files: {summary.analysed} analysed now, {summary.from_journal} from the journal, "
              f"{summary.failed} failed; {summary.audio_seconds / 3600:.3f} h of audio scored{speed}",
              f"outputs in {summary.out_dir}: scores.csv, timeline.csv, report.md"
