@@ -101,7 +101,7 @@ def audio_io(mel_io: dict, dft: str) -> dict:
     """The `io` metadata section of an audio-input model."""
     return {**mel_io, "input": AUDIO_INPUT_NAME, "output": OUTPUT_NAME,
             "audio": {"shape": ["batch", FEATURES.chunk_samples], "dtype": "float32",
-                      "sample_rate": FEATURES.sample_rate, "chunking": "SPEC §3: 3 s chunks, 2 s hop, zero-padded"},
+                      "sample_rate": FEATURES.sample_rate, "chunking": "spec §3: 3 s chunks, 2 s hop, zero-padded"},
             "frontend": {"dft": dft, "precision": "fp32"}}
 
 

@@ -1,4 +1,4 @@
-"""Load the original `final_finetuned_model.pkl` (SPEC §2) safely, with numpy only, and check it.
+"""Load the original `final_finetuned_model.pkl` (docs/spec.md §2) safely, with numpy only, and check it.
 
 The file is unpickled by `convert.safe_pickle` (an allowlist: nothing in the file is imported or run),
 then checked against its own `model_config` (whose types and ranges are checked first): every parameter
@@ -105,7 +105,7 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
     del data
     log.info("read, hashed and unpickled in %.2f s; validating", time.perf_counter() - start)
     if not isinstance(ckpt, dict):
-        raise CheckpointError(f"{path} holds a {type(ckpt).__name__}, not the checkpoint dict of SPEC §2")
+        raise CheckpointError(f"{path} holds a {type(ckpt).__name__}, not the checkpoint dict of docs/spec.md §2")
     missing = [k for k in REQUIRED_KEYS if k not in ckpt]
     if missing:
         raise CheckpointError(f"{path} lacks the keys {missing}; it has {_some(ckpt)}")

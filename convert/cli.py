@@ -36,7 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--opset", type=int, help="ONNX opset (default 23 with jax2onnx, 18 with tf2onnx)")
     exp.add_argument("--backend", choices=BACKENDS, default=ExportOptions.backend,
                      help="converter: jax2onnx (default), or jax2tf -> TensorFlow -> tf2onnx, the independent second "
-                          "one, run in its own pinned venv (created on first use, 1.9 GB; see README)")
+                          "one, run in its own pinned venv (created on first use, 1.9 GB; see docs/convert.md)")
     exp.add_argument("--atol", type=float, help="fp32 parity tolerance in score units (default 1e-5)")
     exp.add_argument("--clips", type=Path, nargs="+",
                      help="real audio files for the parity gate (default: the shipped clips; none is an error)")
@@ -45,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--input", choices=("mel", "audio"), default="mel",
                      help="model input: log-mel windows (mel), or 3 s audio chunks with the front end in the graph")
     exp.add_argument("--dft", choices=DFT_CHOICES, default=DEFAULT_DFT,
-                     help=f"--input audio: how the front end computes the DFT (default {DEFAULT_DFT}, see README)")
+                     help=f"--input audio: how the front end computes the DFT (default {DEFAULT_DFT}, docs/convert.md)")
     add_variant_args(exp)
 
     qnt = sub.add_parser("quantize", help="exported fp32 model -> parity-checked int8 / fp16 variant(s)")
@@ -87,7 +87,7 @@ def add_variant_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--int8-atol", type=float, help="int8 parity tolerance in score units (default 0.005)")
     parser.add_argument("--fp16-atol", type=float, help="fp16 parity tolerance in score units (default 0.005)")
     parser.add_argument("--per-channel", action=argparse.BooleanOptionalAction, default=VariantOptions.per_channel,
-                        help="int8: one weight scale per output channel (default off: no gain measured, see README)")
+                        help="int8: one weight scale per output channel (default off: no gain measured)")
     parser.add_argument("--reduce-range", action=argparse.BooleanOptionalAction, default=VariantOptions.reduce_range,
                         help="int8: 7-bit weights (default on): x86 CPUs without VNNI (AVX2 only) saturate u8*s8 "
                              "products of full-range weights; --no-reduce-range only for VNNI/ARM servers, gated there")
@@ -96,7 +96,7 @@ def add_variant_args(parser: argparse.ArgumentParser) -> None:
                              "one per row of each layer's input (row: a window's scores do not depend on its batch "
                              "neighbours, and corpus runs fill calls across files; docs/corpus-speed.md)")
     parser.add_argument("--optimize", action="store_true",
-                        help="apply onnxruntime's transformer fusions (off by default: slower on CPU, see README)")
+                        help="apply onnxruntime's transformer fusions (off by default: slower on CPU)")
 
 
 def export_options(args: argparse.Namespace) -> ExportOptions:

@@ -15,7 +15,7 @@ CONFIG_RANGES: dict[str, tuple[int, int]] = {
     "embed_dim": (1, 8192),
     "num_layers": (1, 64),
     "num_heads": (1, 8192),  # and it must divide embed_dim
-    "patch_size": (1, 128),  # the input is 128 x 128; a size that does not divide it is padded (SPEC 1)
+    "patch_size": (1, 128),  # the input is 128 x 128; a size that does not divide it is padded (docs/spec.md §1)
     "num_outputs": (NUM_DIMENSIONS, NUM_DIMENSIONS),
     "mlp_ratio": (1, 16),
     "regression_hidden": (1, 8192),
@@ -26,7 +26,7 @@ CONFIG_RANGES: dict[str, tuple[int, int]] = {
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """Hyper-parameters of ProductionASTForRegression (SPEC §1)."""
+    """Hyper-parameters of ProductionASTForRegression (docs/spec.md §1)."""
 
     embed_dim: int = 768
     num_layers: int = 12

@@ -1,4 +1,4 @@
-"""Write a stand-in for `final_finetuned_model.pkl` in exactly its format (SPEC §2), from a random init.
+"""Write a stand-in for `final_finetuned_model.pkl` in exactly its format (docs/spec.md §2), from a random init.
 
 For tests, benchmarks and demos where the real weights are not at hand: the same pickled dict, real
 `jax.Array` leaves and a real fitted scikit-learn StandardScaler. It was never trained, and its own fields

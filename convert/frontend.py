@@ -1,4 +1,4 @@
-"""The front end as an ONNX graph: 3 s audio chunks in, the model's log-mel windows out (SPEC §3).
+"""The front end as an ONNX graph: 3 s audio chunks in, the model's log-mel windows out (docs/spec.md §3).
 
 `frontend_graph` builds, with standard operators, what `runtime.features` computes in numpy: librosa's centre
 padding (zeros), framing, the periodic Hann window, the DFT, power, the Slaney mel filterbank,

@@ -5,8 +5,8 @@ weight's bytes again: protobuf's upb backend allocates every part of a message i
 nothing until the root is freed, so a weight replaced, re-appended or copied inside the model stays resident
 as garbage beside its new form. A Reshape of a weight changes only the initializer's dims and name, a Gemm
 that neither transposes nor scales its weight keeps it where it lies, unused initializers are deleted rather
-than the list rebuilt. Measured on the production preset (README): preparing the traced graph grew the
-process by about 1.1 GB before, by almost nothing now.
+than the list rebuilt. Measured on the production preset (docs/decisions/2026-12-02-export-memory.md):
+preparing the traced graph grew the process by about 1.1 GB before, by almost nothing now.
 """
 
 from __future__ import annotations

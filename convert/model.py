@@ -1,4 +1,4 @@
-"""ProductionASTForRegression: the Audio Spectrogram Transformer regressor of SPEC §1, in Flax linen."""
+"""ProductionASTForRegression: the Audio Spectrogram Transformer regressor of docs/spec.md §1, in Flax linen."""
 
 from __future__ import annotations
 

@@ -18,8 +18,9 @@ from runtime.platform_info import describe_platform, platform_info
 log = logging.getLogger(__name__)
 
 CLIPS_DIR = Path(__file__).parent / "clips"
-THRESHOLDS = (0.5, 0.7)  # where the original app changed a score's colour (SPEC §4)
-# Max abs in score units. 0.005 for int8 and fp16: invisible to a user except right at a colour threshold (SPEC §4)
+THRESHOLDS = (0.5, 0.7)  # where the original app changed a score's colour (docs/spec.md §4)
+# Max abs in score units. 0.005 for int8 and fp16: invisible to a user except right at a colour threshold
+# (docs/spec.md §4)
 DEFAULT_ATOL = {"fp32": 1e-5, "int8": 0.005, "fp16": 0.005}
 E2E_ATOL_FP32 = 1e-4  # whole pipeline (runtime decode + features) vs librosa + JAX
 

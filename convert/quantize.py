@@ -27,7 +27,7 @@ from runtime.model import PRECISIONS
 
 log = logging.getLogger(__name__)
 
-LN_EPSILON = 1e-6  # SPEC §1; a fusion that changed it would be a silent parity bug
+LN_EPSILON = 1e-6  # docs/spec.md §1; a fusion that changed it would be a silent parity bug
 # Kept in float32 in the fp16 variant: normalisation statistics, softmax and the mean over patches.
 FP16_KEEP_FP32 = ("LayerNormalization", "SkipLayerNormalization", "Softmax", "ReduceSum", "ReduceMean")
 FUSED_OPS = (
@@ -134,7 +134,8 @@ def weight_matmuls(proto) -> list[str]:
 def int8_float_layers(proto) -> dict[str, list[str]]:
     """The dense layers int8 keeps in float32: the patch embedding and the regression head.
 
-    Measured on the production model (README): these 3 of its 75 dense layers carry nearly all of int8's error
+    Measured on the production model (docs/decisions/2026-12-01-int8-settings.md): these 3 of its 75 dense
+    layers carry nearly all of int8's error
     (the embedding sees raw dB values, the head writes the 19 scores), for 0.2 % of the multiply-adds.
     """
     dense = weight_matmuls(proto)

@@ -30,9 +30,9 @@ off by default; GPU memory snapshots are an alpha Modal feature) moves the CUDA 
 before the snapshot too (`experimental_options={"enable_gpu_snapshot": True}`), again re-checked after restore.
 
 Whole corpora, from local folders (`CorpusWorker.analyze_bytes`, resumable, reports written locally; the
-GPU app, which `--modal` looks up):
+GPU app, which `python -m deploy analyze` looks up):
 
-    python -m runtime analyze ./recordings --recursive --out report --modal
+    python -m deploy analyze ./recordings --recursive --out report
 
 or from the Volume (`CorpusWorker.analyze_file`):
 

@@ -23,7 +23,8 @@ def lookup_worker(app_name: str = MODAL_APP, class_name: str = MODAL_WORKER):
     try:
         import modal
     except ImportError as exc:
-        raise ConfigError("--modal needs the Modal client: pip install 'percepiano-onnx[modal]'") from exc
+        raise ConfigError("python -m deploy analyze needs the Modal client: "
+                          "pip install 'percepiano-onnx[modal]'") from exc
     return modal.Cls.from_name(app_name, class_name)()
 
 

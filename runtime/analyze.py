@@ -1,4 +1,4 @@
-"""Audio in, 19 named scores and a per-chunk timeline out (SPEC §3)."""
+"""Audio in, 19 named scores and a per-chunk timeline out (docs/spec.md §3)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Decode audio (path or bytes) to float32 mono at the model's rate, exactly as librosa.load does (SPEC §3).
+"""Decode audio (path or bytes) to float32 mono at the model's rate, exactly as librosa.load does (docs/spec.md §3).
 
 soundfile reads wav/flac/ogg and MP3s that state their length (a Xing/Info header); PyAV (imported lazily) reads
 m4a/AAC, whatever else soundfile cannot, and MP3s without that header, to the stream's end (libsndfile would stop

@@ -1,4 +1,4 @@
-"""The one place for the 19 PercePiano dimensions and the preprocessing constants (SPEC §3, §4)."""
+"""The one place for the 19 PercePiano dimensions and the preprocessing constants (docs/spec.md §3, §4)."""
 
 from __future__ import annotations
 
@@ -68,5 +68,5 @@ FEATURES = FeatureParams()
 INPUT_NAME = "mel"
 AUDIO_INPUT_NAME = "audio"  # input of a model whose graph holds the front end: 3 s chunks (batch, 66150)
 OUTPUT_NAME = "scores"
-# Original service's length cap (SPEC §3); the runtime offers it as an option, off by default.
+# Original service's length cap (docs/spec.md §3); the runtime offers it as an option, off by default.
 ORIGINAL_CAP_SECONDS = 30.0

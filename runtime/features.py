@@ -1,4 +1,4 @@
-"""Chunking and log-mel features of SPEC §3 in numpy, equal to the original librosa pipeline.
+"""Chunking and log-mel features of docs/spec.md §3 in numpy, equal to the original librosa pipeline.
 
 Per chunk: ``librosa.feature.melspectrogram`` (periodic Hann window, ``center=True`` with zero padding,
 power 2, Slaney mel scale and norm) -> ``librosa.power_to_db(S, ref=np.max)`` -> ``[time, mel]`` ->
@@ -124,7 +124,7 @@ def fit_frames(m: np.ndarray, params: FeatureParams = FEATURES) -> np.ndarray:
 
 
 def chunk_audio(y: np.ndarray, params: FeatureParams = FEATURES) -> np.ndarray:
-    """Cut audio into ``(n_chunks, chunk_samples)`` float32 chunks as the original service did (SPEC §3)."""
+    """Cut audio into ``(n_chunks, chunk_samples)`` float32 chunks as the original service did (docs/spec.md §3)."""
     y = np.asarray(y, dtype=np.float32)
     if y.ndim != 1:
         raise AudioError(f"expected mono audio of shape (n,), got {y.shape}")

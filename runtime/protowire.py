@@ -5,8 +5,9 @@ left in the file.
 them). `external_weights_graph` is the model with each large initializer's bytes replaced by an ONNX external-data
 reference to where those bytes already lie in the same file: onnxruntime then reads every weight once, straight
 from the file, instead of parsing the whole protobuf (343 MB for fp32), copying each weight into its tensors and
-freeing the parse. Measured on the production preset (README, Benchmarks): fp32 session creation 0.77-0.94 ->
-0.40-0.45 s and peak memory 607 -> 400 MB; int8 0.26-0.29 -> 0.11-0.13 s; the scores bit-identical.
+freeing the parse. Measured on the production preset (docs/decisions/2026-12-02-cold-start.md): fp32 session
+creation 0.77-0.94 -> 0.40-0.45 s and peak memory 607 -> 400 MB; int8 0.26-0.29 -> 0.11-0.13 s; the scores
+bit-identical.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Decoding and resampling (SPEC §3): equal to librosa.load, every supported format, and clean refusals."""
+"""Decoding and resampling (docs/spec.md §3): equal to librosa.load, every supported format, and clean refusals."""
 
 from __future__ import annotations
 

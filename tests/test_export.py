@@ -120,7 +120,7 @@ RESULTS = {"best_val_correlation": 0.6123, "total_epochs": 41, "convergence_achi
 @pytest.mark.parametrize(("training_complete", "results", "demo"), [
     (False, RESULTS, True),  # stopped early, results or not: untrained
     (True, None, True),  # no fine-tuning results: nothing says it was trained
-    (True, RESULTS, False),  # the original's final checkpoint (SPEC §2): a real model
+    (True, RESULTS, False),  # the original's final checkpoint (docs/spec.md §2): a real model
 ], ids=["incomplete", "no-results", "trained"])
 def test_checkpoint_exported_by_path_is_a_demo_unless_its_fields_say_trained(
         training_complete, results, demo, tiny_raw, tiny_model, tmp_path, monkeypatch):

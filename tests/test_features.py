@@ -1,4 +1,4 @@
-"""Log-mel features and chunking (SPEC §3) against the librosa reference the model was trained with."""
+"""Log-mel features and chunking (docs/spec.md §3) against the librosa reference the model was trained with."""
 
 from __future__ import annotations
 

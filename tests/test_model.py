@@ -1,4 +1,4 @@
-"""The Flax model: MatMul attention equals Flax's MHA, shapes and parameter count match SPEC §1."""
+"""The Flax model: MatMul attention equals Flax's MHA, shapes and parameter count match docs/spec.md §1."""
 
 import flax.linen as nn
 import jax

@@ -29,7 +29,7 @@ browser = test_page.browser  # the page tests' headless Chromium fixture
 WEB = REPO / "clients" / "web"
 SHIPPED = sorted((REPO / "convert" / "clips").glob("*.flac"))  # 22,050 Hz mono: no resampling involved
 FP32_ATOL = 1e-4  # the issue's bound for fp32: the browser's float32 kernels against the runtime's
-RESAMPLER_BOUND = 0.005  # SPEC §4: an error a user cannot see
+RESAMPLER_BOUND = 0.005  # docs/spec.md §4: an error a user cannot see
 
 
 @pytest.fixture(scope="module", autouse=True)

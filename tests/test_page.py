@@ -208,7 +208,7 @@ def test_page_shows_the_api_scores_of_a_real_clip(page, server, clips, api):
     assert got == expected(api[0])
     points = page.get_attribute("#radar polygon.a", "points").split()
     assert len(points) == 19
-    assert page.locator("#radar .family-label").count() == 8  # the eight families of SPEC's dimensions
+    assert page.locator("#radar .family-label").count() == 8  # the eight families of the spec's dimensions
 
     timeline = api[0]["timeline"]
     assert timeline_values(page, "a") == [shown(w["scores"][keys[0]]) for w in timeline]

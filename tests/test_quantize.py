@@ -212,7 +212,7 @@ def test_variant_sizes(auto):
 
 
 def test_every_variant_passes_the_same_gate(auto, constant_error):
-    assert DEFAULT_ATOL["int8"] == 0.005  # SPEC §4: invisible to a user except right at a colour threshold
+    assert DEFAULT_ATOL["int8"] == 0.005  # docs/spec.md §4: invisible to a user except right at a colour threshold
     for precision in ("fp32", "int8", "fp16"):
         report = auto.reports[precision]
         assert report["passed"] and report["precision"] == precision

@@ -68,7 +68,7 @@ def test_scores_are_clipped_means_in_unit_range(analyzer, piano_clips):
 
 
 def test_build_analysis_means_then_clips_out_of_range_chunk_scores():
-    """Scores outside [0, 1] (the tiny model's never are): the mean is taken first, then clipped (SPEC §3)."""
+    """Scores outside [0, 1] (the tiny model's never are): the mean is taken first, then clipped (docs/spec.md §3)."""
     from runtime.analyze import build_analysis
 
     chunks = np.zeros((3, len(API_KEYS)))

@@ -52,7 +52,7 @@ def test_mel_whole_clip_is_close_to_the_audio_path(client, analyzer, clip, expec
     (global max - 80 dB) lies above the chunk's own floor, i.e. in bins quieter than -80 dB below the loudest
     frame of the clip. So window 0 must match chunk 0 to float rounding in the model input, and the clip's
     scores may differ by an amount set by the model's sensitivity to a fraction of a frame's shift, which
-    this tiny random model cannot stand in for: we require the SPEC's "invisible" 0.005 and print what we see.
+    this tiny random model cannot stand in for: we require the spec's "invisible" 0.005 and print what we see.
     """
     y = load_audio(clip)
     whole = log_mel(y)

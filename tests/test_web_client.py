@@ -1,5 +1,6 @@
 """The on-device page's plain functions (clients/web/pipeline.js), run by Node against the Python runtime: the
-windows (SPEC §3), the mono mix, mean-then-clip and the result's shape, and the model metadata read from the bytes."""
+windows (docs/spec.md §3), the mono mix, mean-then-clip and the result's shape, and the model metadata read from
+the bytes."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 // What the on-device page computes around the model, as plain functions (no DOM, no onnxruntime): the runtime's
-// chunking (SPEC §3, runtime/features.py), the mono mix, the mean-then-clip of the scores, the result in the shape
+// chunking (docs/spec.md §3, runtime/features.py), the mono mix, the mean-then-clip of the scores, the result in the shape
 // of `python -m runtime analyze --json`, and the model's `percepiano` metadata read from the ONNX file's bytes.
 // Node runs the same module in the tests (tests/test_web_client.py).
 

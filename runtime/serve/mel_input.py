@@ -9,7 +9,7 @@ each number token and, under a frame limit, the count of values, so that a hosti
 recurse the parser, make Python convert a thousand-digit integer, nor build more Python objects than the
 longest spectrogram the limit allows.
 
-Binary blob (SPEC §5): a 16-byte little-endian header of four u32 (n_mels, n_frames, sample_rate, hop),
+Binary blob (docs/spec.md §5): a 16-byte little-endian header of four u32 (n_mels, n_frames, sample_rate, hop),
 then ``n_mels * n_frames`` little-endian float32 values, mel-major (all frames of mel bin 0, then bin 1, ...).
 """
 

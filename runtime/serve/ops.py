@@ -24,7 +24,7 @@ from runtime.serve.request_log import note, request_id
 
 _HTTP_TYPES = {400: "bad_request", 401: "unauthorized", 404: "not_found", 405: "method_not_allowed",
                408: "request_timeout", 413: "too_large", 415: "unsupported_media_type"}
-FORMAT_QUERY = Query(description="`original`: the original service's response shapes (SPEC §5), with the "
+FORMAT_QUERY = Query(description="`original`: the original service's response shapes (docs/spec.md §5), with the "
                                  "corrected names and label-unit scores; `default`: this service's")
 Format = Annotated[Literal["default", "original"], FORMAT_QUERY]
 BEARER = HTTPBearer(auto_error=False, description="PERCEPIANO_API_TOKEN (declared only when the service has one)")

@@ -1,4 +1,5 @@
-"""The original service's response shapes (SPEC §5), for callers that switch without a rewrite (`?format=original`).
+"""The original service's response shapes (docs/spec.md §5), for callers that switch without a rewrite
+(`?format=original`).
 
 Only the shapes are the original's; what it got wrong stays fixed: results are keyed by the correct API keys
 (runtime.constants) and are label-unit scores in [0, 1], not z-scores.
