@@ -82,3 +82,26 @@ def enforce(path: Path, target: str, *, allow_demo: bool = False) -> None:
     found = problems(path, target, allow_demo=allow_demo)
     if found:
         raise SystemExit(f"deploy check ({target}) refused {path}:\n" + "\n".join(f"  {line}" for line in found))
+
+
+# --- the same refusals inside a running container, on the model as loaded on its device
+
+
+def refuse_int8_on_cuda(model) -> None:
+    """int8 is the CPU variant (dynamic quantization's kernels are CPU kernels): on CUDA deploy fp16 or fp32."""
+    if model.device == "cuda" and model.info.precision == "int8":
+        gpu = ((model.info.variants or {}).get("recommended") or {}).get("gpu", "fp16")
+        raise ModelError(f"this is the int8 model, the variant for CPUs; on the GPU deploy the {gpu} variant "
+                         f"written beside it: PERCEPIANO_MODEL=artifacts/model.{gpu}.onnx modal deploy "
+                         "deploy/modal_app.py")
+
+
+def refuse_fp16_on_cpu(model) -> None:
+    """fp16 is the GPU variant (onnxruntime's CPU provider has few fp16 kernels): on the CPU deploy int8 or fp32."""
+    if model.device == "cpu" and model.info.precision == "fp16":
+        variants = model.info.variants or {}
+        cpu = (variants.get("recommended") or {}).get("cpu", "int8")
+        name = (variants.get("files") or {}).get(cpu, "model.onnx")
+        raise ModelError(f"this is the fp16 model, the variant for GPUs; on the CPU deploy the {cpu} variant "
+                         f"written beside it: PERCEPIANO_MODAL_TARGET=cpu PERCEPIANO_MODEL=artifacts/{name} "
+                         "modal deploy deploy/modal_app.py")

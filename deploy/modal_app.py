@@ -257,6 +257,7 @@ class ModelContainer:
         A failed self-check, an int8 model on CUDA or an fp16 one on the CPU stops the container here rather
         than serving wrong or slow scores. The app built over this Analyzer is ready at once.
         """
+        from deploy.checks import refuse_fp16_on_cpu, refuse_int8_on_cuda  # the container's own guards
         from runtime.analyze import Analyzer
         from runtime.model import OnnxModel
         from runtime.serve.app import Settings, warm_up
@@ -303,30 +304,6 @@ class ModelContainer:
 
 
 _BATCHES_LOCK = threading.Lock()
-
-
-def refuse_int8_on_cuda(model) -> None:
-    """int8 is the CPU variant (dynamic quantization's kernels are CPU kernels): on CUDA deploy fp16 or fp32."""
-    from runtime.errors import ModelError
-
-    if model.device == "cuda" and model.info.precision == "int8":
-        gpu = ((model.info.variants or {}).get("recommended") or {}).get("gpu", "fp16")
-        raise ModelError(f"this is the int8 model, the variant for CPUs; on the GPU deploy the {gpu} variant "
-                         f"written beside it: PERCEPIANO_MODEL=artifacts/model.{gpu}.onnx modal deploy "
-                         "deploy/modal_app.py")
-
-
-def refuse_fp16_on_cpu(model) -> None:
-    """fp16 is the GPU variant (onnxruntime's CPU provider has few fp16 kernels): on the CPU deploy int8 or fp32."""
-    from runtime.errors import ModelError
-
-    if model.device == "cpu" and model.info.precision == "fp16":
-        variants = model.info.variants or {}
-        cpu = (variants.get("recommended") or {}).get("cpu", "int8")
-        name = (variants.get("files") or {}).get(cpu, "model.onnx")
-        raise ModelError(f"this is the fp16 model, the variant for GPUs; on the CPU deploy the {cpu} variant "
-                         f"written beside it: PERCEPIANO_MODAL_TARGET=cpu PERCEPIANO_MODEL=artifacts/{name} "
-                         "modal deploy deploy/modal_app.py")
 
 
 @app.cls(image=image, **HARDWARE, **SNAPSHOT, scaledown_window=SCALEDOWN_WINDOW, timeout=300, secrets=[api_secret])

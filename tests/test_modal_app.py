@@ -114,13 +114,15 @@ def test_int8_is_refused_on_cuda_and_the_gpu_wheel_pinned():
     from packaging.specifiers import SpecifierSet
     from packaging.version import Version
 
+    from deploy.checks import refuse_int8_on_cuda
+
     m = fresh_import()
     recommended = {"recommended": {"cpu": "int8", "gpu": "fp16"}}
     with pytest.raises(ValueError, match="int8 model.*model.fp16.onnx"):
-        m.refuse_int8_on_cuda(SimpleNamespace(device="cuda", info=SimpleNamespace(precision="int8",
+        refuse_int8_on_cuda(SimpleNamespace(device="cuda", info=SimpleNamespace(precision="int8",
                                                                                variants=recommended)))
     for device, precision in (("cuda", "fp16"), ("cuda", "fp32"), ("cpu", "int8")):
-        m.refuse_int8_on_cuda(SimpleNamespace(device=device, info=SimpleNamespace(precision=precision, variants={})))
+        refuse_int8_on_cuda(SimpleNamespace(device=device, info=SimpleNamespace(precision=precision, variants={})))
     # the image's exact pin meets the gpu extra's floor and is no newer than the onnxruntime the gate ran with
     import tomllib
 
