@@ -2,34 +2,26 @@
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
+import piano_data
 import pytest
 
 pytest_plugins = ("serving", "audio_fixtures")  # fixtures of the HTTP service (serving.py), audio-input model
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED_PIANO = REPO.parent / "shared" / "data" / "piano"
-
-
-def shared_clips() -> list[Path]:
-    """All real clips of the shared test set (../shared/data/piano)."""
-    return sorted(SHARED_PIANO.glob("*.flac"))
 
 
 @pytest.fixture(scope="session")
 def piano_clips() -> list[Path]:
-    clips = shared_clips()
-    if not clips:
-        pytest.skip(f"real piano clips not found in {SHARED_PIANO}")
-    return clips
+    """The 16 real piano clips kept in the repository (tests/data/piano, tests/piano_data.py)."""
+    return list(piano_data.CLIPS)
 
 
 @pytest.fixture(scope="session")
 def piano_labels() -> dict:
-    return json.loads((SHARED_PIANO / "labels.json").read_text())
+    return piano_data.labels()
 
 
 @pytest.fixture(scope="session")
