@@ -77,6 +77,19 @@ def test_onnx_equals_numpy_reference_through_sklearn_scaler(tiny_raw, tiny_model
     assert err.max() <= MODEL_ATOL, err
 
 
+def test_waveform_in_model_equals_the_spec_reference(tiny_raw, tiny_audio_model, piano_clips):
+    """The waveform-in graph (front end + model, `export --input audio`) on SPEC §3's chunks against librosa's
+    windows through the numpy model and the sklearn scaler."""
+    session = ort.InferenceSession(str(tiny_audio_model), providers=["CPUExecutionProvider"])
+    worst = 0.0
+    for clip in piano_clips[:4]:
+        y = sf.read(clip, dtype="float32")[0]
+        got = session.run(None, {"audio": ref.chunks(y)})[0]
+        worst = max(worst, float(np.abs(got - ref.checkpoint_forward(tiny_raw, ref.windows(y))).max()))
+    print(f"waveform-in ONNX vs spec reference, worst over 4 clips: {worst:.1e}")
+    assert worst <= MODEL_ATOL
+
+
 # --- chunking and aggregation (SPEC §3) -----------------------------------------------------------------------
 
 
