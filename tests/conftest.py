@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import sys
+from collections import Counter
 from pathlib import Path
 
 import piano_data
@@ -11,6 +13,43 @@ import pytest
 pytest_plugins = ("serving", "audio_fixtures")  # fixtures of the HTTP service (serving.py), audio-input model
 
 REPO = Path(__file__).resolve().parents[1]
+IN_CI = os.environ.get("CI") == "true"
+
+
+def _skip_reason(report) -> str:
+    return (report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)).removeprefix(
+        "Skipped: ")
+
+
+def _fail_skips_in_ci(report) -> None:
+    """Under CI=true a skip is a failure: whatever a test needs, scripts/test.sh installs or the test makes."""
+    if IN_CI and report.skipped and not hasattr(report, "wasxfail"):
+        report.longrepr = f"skipped under CI=true, where a skip is a failure: {_skip_reason(report)}"
+        report.outcome = "failed"
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    _fail_skips_in_ci(outcome.get_result())
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_make_collect_report(collector):
+    """A whole module skipped at import (pytest.importorskip at module level) counts too."""
+    outcome = yield
+    _fail_skips_in_ci(outcome.get_result())
+
+
+def pytest_unconfigure(config):
+    """The run's last line: how many tests skipped, and why (outside CI; in CI a skip has already failed)."""
+    terminal = config.pluginmanager.get_plugin("terminalreporter")
+    if terminal is None or not hasattr(terminal, "stats"):
+        return
+    skipped = [r for r in terminal.stats.get("skipped", []) if not hasattr(r, "wasxfail")]
+    reasons = Counter(_skip_reason(r) for r in skipped)
+    why = "; ".join(f"{n} x {reason}" for reason, n in reasons.most_common())
+    terminal.write_line(f"skips: {len(skipped)}" + (f" ({why})" if why else ""))
 
 
 @pytest.fixture(scope="session")
