@@ -10,7 +10,7 @@ from pathlib import Path
 import piano_data
 import pytest
 
-pytest_plugins = ("serving", "audio_fixtures")  # fixtures of the HTTP service (serving.py), audio-input model
+pytest_plugins = ("serving", "audio_fixtures", "demo_fixtures")  # HTTP service, audio-input model, demo.sh
 
 REPO = Path(__file__).resolve().parents[1]
 IN_CI = os.environ.get("CI") == "true"

@@ -188,3 +188,34 @@ def test_cli_table_says_what_json_says(tiny_model, piano_clips, capsys):
             assert m[0].endswith("#" * round(score * 20)) and not m[0].endswith("#" * (round(score * 20) + 1))
         shown = [m[2] for m in rows]
         assert len(set(shown)) > 10  # neighbouring rows differ, so a shifted row shows
+
+
+# --- the production preset (86M parameters): scripts/demo.sh's export --------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.production
+def test_production_preset_equals_the_spec_reference(demo_run, piano_clips, tmp_path):
+    """demo.sh's export (production preset, seed 0, pre-optimised fp32) against the numpy model on the same
+    checkpoint, written again by `convert demo-checkpoint` (same seed, same bytes), and the Flax model."""
+    import pickle
+    import subprocess
+    import sys
+
+    from convert.config import ModelConfig
+    from convert.model import ProductionASTForRegression
+
+    path = tmp_path / "production.pkl"
+    subprocess.run([sys.executable, "-m", "convert", "demo-checkpoint", str(path), "--seed", "0"], check=True,
+                   timeout=900, capture_output=True)
+    raw = pickle.loads(path.read_bytes())
+    config = raw["model_config"]
+    assert (config["embed_dim"], config["num_layers"], config["num_heads"]) == (768, 12, 12)
+    x = _inputs(piano_clips)
+    want = ref.checkpoint_forward(raw, x)
+    session = ort.InferenceSession(str(demo_run["model"]), providers=["CPUExecutionProvider"])
+    onnx_err = np.abs(session.run(None, {"mel": x})[0] - want).max(axis=1)
+    z = ProductionASTForRegression(ModelConfig.from_checkpoint(config)).apply(raw["params"], x)
+    flax_err = np.abs(raw["label_scaler"].inverse_transform(np.asarray(z, np.float64)) - want).max(axis=1)
+    print(f"production: ONNX {np.array2string(onnx_err, precision=1)}, Flax {np.array2string(flax_err, precision=1)}")
+    assert onnx_err.max() <= MODEL_ATOL and flax_err.max() <= MODEL_ATOL
