@@ -34,7 +34,8 @@ def demo_run(tmp_path_factory) -> dict:
     (work / "convert" / "clips").symlink_to(REPO / "convert" / "clips")
     bin_dir = work / "bin"
     bin_dir.mkdir()
-    (bin_dir / "python").symlink_to(sys.executable)
+    (bin_dir / "python").write_text(f'#!/bin/sh\nexec "{sys.executable}" "$@"\n')  # a link would lose the venv
+    (bin_dir / "python").chmod(0o755)
     script = "set -euo pipefail\n" + "\n".join(demo_script_steps()) + "\n"
     env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "PYTHONPATH": str(REPO)}
     proc = subprocess.run(["bash", "-c", script], cwd=work, env=env, capture_output=True, text=True, timeout=3000)
