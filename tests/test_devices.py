@@ -116,6 +116,7 @@ def test_a_started_cuda_session_cannot_fall_back_at_run_time(tiny_model, monkeyp
     assert calls == ["disable_fallback"]  # a CUDA failure at run time raises instead of re-running on the CPU
 
 
+@pytest.mark.gpu
 def test_gpu_wheel_without_cuda_refuses_a_cuda_request(tiny_model, piano_clips):
     proc = run_in_check_venv("-m", "runtime", "analyze", str(piano_clips[0]), "--model", str(tiny_model),
                              "--device", "cuda")
@@ -126,6 +127,7 @@ def test_gpu_wheel_without_cuda_refuses_a_cuda_request(tiny_model, piano_clips):
     assert "CPUExecutionProvider" in last and proc.stdout == ""
 
 
+@pytest.mark.gpu
 def test_the_declared_onnxruntime_floor_runs_the_exported_model(tiny_model, piano_clips):
     code = "import onnxruntime, sys; print(onnxruntime.__version__, CUDA in onnxruntime.get_available_providers())"
     version, cuda = run_in_check_venv("-c", code.replace("CUDA", repr(CUDA))).stdout.split()
@@ -154,6 +156,7 @@ def default_artifacts(tiny_checkpoint, tiny_audio_model, tmp_path_factory) -> di
     return {"int8": out, "fp32": out.with_name("model.fp32.onnx"), "audio": tiny_audio_model}
 
 
+@pytest.mark.gpu
 @pytest.mark.parametrize("which", ["fp32", "int8", "audio"])
 def test_the_declared_onnxruntime_floor_runs_the_default_artifacts(default_artifacts, which, piano_clips):
     from runtime.model import OnnxModel
