@@ -16,6 +16,8 @@ import pytest
 from benchmarks.roofline import flops_per_chunk
 from convert.config import PRESETS
 
+pytestmark = pytest.mark.slow
+
 REPO = Path(__file__).resolve().parents[1]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

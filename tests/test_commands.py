@@ -26,6 +26,7 @@ def run(*args: str, cwd: Path = REPO, timeout: int = 600) -> subprocess.Complete
     return proc
 
 
+@pytest.mark.slow
 def test_demo_checkpoint_command_writes_the_original_format(tmp_path):
     out = tmp_path / "ckpt.pkl"
     proc = run("-m", "convert", "demo-checkpoint", str(out), "--preset", "tiny", "--seed", "3")
@@ -41,6 +42,7 @@ def test_demo_checkpoint_command_writes_the_original_format(tmp_path):
     assert again.read_bytes() == out.read_bytes()  # same seed, same bytes
 
 
+@pytest.mark.slow
 def test_export_audio_input_quantize_auto_goes_through_every_gate(tiny_checkpoint, tmp_path, capsys):
     from convert import cli as convert_cli
 
@@ -106,6 +108,7 @@ def test_serve_threads_reaches_the_session(tiny_model, session_threads, monkeypa
     assert analyzer.model.session.get_session_options().intra_op_num_threads == 2
 
 
+@pytest.mark.slow
 def test_upload_memory_benchmark_quick(tiny_model):
     proc = run("-m", "benchmarks.upload_memory", "--model", str(tiny_model), "--clients", "2", "--bursts", "1",
                "--max-bytes", "3000000", timeout=300)
@@ -115,6 +118,7 @@ def test_upload_memory_benchmark_quick(tiny_model):
     assert 0 < rss["baseline"] <= rss["peak_sampled"] and rss["peak_vmhwm"] >= rss["baseline"]
 
 
+@pytest.mark.slow
 def test_decode_memory_benchmark_quick(tiny_model, tmp_path):
     out = tmp_path / "decode.json"
     proc = run("-m", "benchmarks.decode_memory", "--model", str(tiny_model), "--seconds", "4", "--out", str(out),

@@ -77,6 +77,7 @@ def test_onnx_equals_numpy_reference_through_sklearn_scaler(tiny_raw, tiny_model
     assert err.max() <= MODEL_ATOL, err
 
 
+@pytest.mark.slow  # its own export (the waveform-in model)
 def test_waveform_in_model_equals_the_spec_reference(tiny_raw, tiny_audio_model, piano_clips):
     """The waveform-in graph (front end + model, `export --input audio`) on SPEC §3's chunks against librosa's
     windows through the numpy model and the sklearn scaler."""

@@ -27,6 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # tests/serving.py, wh
 
 from serving import Server  # noqa: E402
 
+pytestmark = pytest.mark.slow
+
 REPO = Path(__file__).resolve().parents[1]
 MAX_BYTES = 1_000_000
 MAX_SECONDS = 12.0
