@@ -101,6 +101,7 @@ def test_demo_checkpoint_invents_no_results(tiny_checkpoint, tiny_export):
     assert source["demo"] is False  # exported by path without saying so: export cannot know
 
 
+@pytest.mark.slow  # an export of its own
 def test_export_without_checkpoint_marks_the_model_a_demo(tiny_model, tmp_path, monkeypatch):
     import convert.demo as demo
 
@@ -112,6 +113,7 @@ def test_export_without_checkpoint_marks_the_model_a_demo(tiny_model, tmp_path, 
     assert result.demo and source["demo"] is True and source["finetuning_results"] is None
 
 
+@pytest.mark.slow  # an export of its own
 def test_real_checkpoint_results_are_carried_over_unchanged(tiny_checkpoint, tiny_model, tmp_path, monkeypatch):
     import pickle
 
@@ -196,6 +198,7 @@ def test_dynamic_batch_matches_jax(tiny_export, tiny_checkpoint):
         np.testing.assert_allclose(got, np.asarray(forward(mel)), atol=1e-5, rtol=0)
 
 
+@pytest.mark.slow  # an export of its own
 def test_gate_fails_on_perturbed_weight(tiny_checkpoint):
     ckpt = load_checkpoint(tiny_checkpoint)
     reference = build_forward(ckpt)
@@ -215,6 +218,7 @@ def test_gate_fails_on_perturbed_weight(tiny_checkpoint):
     assert max(worst, key=lambda k: worst[k]["max_abs"]) == API_KEYS[3]
 
 
+@pytest.mark.slow  # an export of its own
 def test_cli_refuses_to_publish_a_failing_model(tiny_checkpoint, tmp_path, monkeypatch, capsys):
     import convert.export as export_mod
 

@@ -138,7 +138,7 @@ def end_to_end(tiny_raw, analyzer, piano_clips) -> list[dict]:
     """Per clip: the runtime's scores, the spec reference's chunk scores (librosa windows, numpy model, sklearn
     scaler), and the reference's scores with every feature 0.1 dB off."""
     out = []
-    for clip in piano_clips:
+    for clip in piano_clips[::2]:  # 8 of the 16: the quick tier's time
         windows = ref.windows(sf.read(clip, dtype="float32")[0])
         chunks = ref.checkpoint_forward(tiny_raw, windows)
         off = ref.aggregate(ref.checkpoint_forward(tiny_raw, windows + 0.1))
