@@ -373,8 +373,8 @@ def test_the_page_ships_in_the_package():
     from fnmatch import fnmatch
 
     globs = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["runtime"]
-    static = REPO / "runtime" / "static"
-    files = sorted(p.relative_to(static.parent).as_posix() for p in static.iterdir())
+    static = REPO / "runtime" / "serve" / "static"
+    files = sorted(p.relative_to(REPO / "runtime").as_posix() for p in static.iterdir())  # as package data names them
     assert files and all(any(fnmatch(f, g) for g in globs) for f in files), (files, globs)
     html = (static / "index.html").read_text()
     for asset in ("static/app.js", "static/charts.js", "static/style.css"):
