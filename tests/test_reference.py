@@ -77,6 +77,20 @@ def test_onnx_equals_numpy_reference_through_sklearn_scaler(tiny_raw, tiny_model
     assert err.max() <= MODEL_ATOL, err
 
 
+def test_waveform_in_front_end_equals_librosa_on_the_spec_chunks(piano_clips):
+    """The front end of the waveform-in graph alone (no export: quick) on SPEC §3's chunks, against librosa."""
+    from convert.frontend import frontend_graph
+
+    session = ort.InferenceSession(frontend_graph().SerializeToString(), providers=["CPUExecutionProvider"])
+    worst = 0.0
+    for clip in piano_clips[::4]:
+        y = sf.read(clip, dtype="float32")[0]
+        got = session.run(None, {"audio": ref.chunks(y)})[0]
+        worst = max(worst, float(np.abs(got - ref.windows(y)).max()))
+    print(f"front end graph vs librosa on the spec's chunks, worst over 4 clips: {worst:.1e} dB")
+    assert worst <= 0.01
+
+
 @pytest.mark.slow  # its own export (the waveform-in model)
 def test_waveform_in_model_equals_the_spec_reference(tiny_raw, tiny_audio_model, piano_clips):
     """The waveform-in graph (front end + model, `export --input audio`) on SPEC §3's chunks against librosa's
