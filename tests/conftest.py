@@ -2,34 +2,65 @@
 
 from __future__ import annotations
 
-import json
+import os
 import sys
+from collections import Counter
 from pathlib import Path
 
+import piano_data
 import pytest
 
-pytest_plugins = ("serving", "audio_fixtures")  # fixtures of the HTTP service (serving.py), audio-input model
+pytest_plugins = ("serving", "audio_fixtures", "demo_fixtures")  # HTTP service, audio-input model, demo.sh
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED_PIANO = REPO.parent / "shared" / "data" / "piano"
+IN_CI = os.environ.get("CI") == "true"
 
 
-def shared_clips() -> list[Path]:
-    """All real clips of the shared test set (../shared/data/piano)."""
-    return sorted(SHARED_PIANO.glob("*.flac"))
+def _skip_reason(report) -> str:
+    return (report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)).removeprefix(
+        "Skipped: ")
+
+
+def _fail_skips_in_ci(report) -> None:
+    """Under CI=true a skip is a failure: whatever a test needs, scripts/test.sh installs or the test makes."""
+    if IN_CI and report.skipped and not hasattr(report, "wasxfail"):
+        report.longrepr = f"skipped under CI=true, where a skip is a failure: {_skip_reason(report)}"
+        report.outcome = "failed"
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    _fail_skips_in_ci(outcome.get_result())
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_make_collect_report(collector):
+    """A whole module skipped at import (pytest.importorskip at module level) counts too."""
+    outcome = yield
+    _fail_skips_in_ci(outcome.get_result())
+
+
+def pytest_unconfigure(config):
+    """The run's last line: how many tests skipped, and why (outside CI; in CI a skip has already failed)."""
+    terminal = config.pluginmanager.get_plugin("terminalreporter")
+    if terminal is None or not hasattr(terminal, "stats"):
+        return
+    skipped = [r for r in terminal.stats.get("skipped", []) if not hasattr(r, "wasxfail")]
+    reasons = Counter(_skip_reason(r) for r in skipped)
+    why = "; ".join(f"{n} x {reason}" for reason, n in reasons.most_common())
+    terminal.write_line(f"skips: {len(skipped)}" + (f" ({why})" if why else ""))
 
 
 @pytest.fixture(scope="session")
 def piano_clips() -> list[Path]:
-    clips = shared_clips()
-    if not clips:
-        pytest.skip(f"real piano clips not found in {SHARED_PIANO}")
-    return clips
+    """The 16 real piano clips kept in the repository (tests/data/piano, tests/piano_data.py)."""
+    return list(piano_data.CLIPS)
 
 
 @pytest.fixture(scope="session")
 def piano_labels() -> dict:
-    return json.loads((SHARED_PIANO / "labels.json").read_text())
+    return piano_data.labels()
 
 
 @pytest.fixture(scope="session")

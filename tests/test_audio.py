@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import piano_data
 import pytest
 import soundfile as sf
 
@@ -16,11 +17,8 @@ from runtime.constants import FEATURES
 from runtime.errors import AudioError
 
 SR = FEATURES.sample_rate
-CLIP_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "piano"
-CLIPS = sorted(CLIP_DIR.glob("*.flac"))
+CLIPS = piano_data.CLIPS
 RESAMPLE_TOLERANCE = 1e-5
-
-needs_clips = pytest.mark.skipif(not CLIPS, reason=f"no real piano clips in {CLIP_DIR}")
 
 
 def _music(rate: int, seconds: float, channels: int = 1) -> np.ndarray:
@@ -46,7 +44,6 @@ def _write_m4a(path: Path, audio: np.ndarray, rate: int) -> None:
         container.mux(stream.encode(None))
 
 
-@needs_clips
 def test_load_matches_librosa_on_real_clips(capsys: pytest.CaptureFixture[str]) -> None:
     from convert.reference import reference_load
 
@@ -117,7 +114,7 @@ def test_lossless_formats_are_exact(tmp_path: Path) -> None:
 
 def _bad_inputs(tmp_path: Path) -> dict[str, tuple[object, str]]:
     """name -> (source, regex the AudioError message must match)."""
-    real = CLIPS[0].read_bytes() if CLIPS else None
+    real = CLIPS[0].read_bytes()
     nan_wav = tmp_path / "nan.wav"
     sf.write(nan_wav, np.array([0.0, np.nan, 0.5] * 1000, dtype=np.float32), SR, subtype="FLOAT")
     random_bytes = np.random.default_rng(0).bytes(4096)
@@ -133,10 +130,9 @@ def _bad_inputs(tmp_path: Path) -> dict[str, tuple[object, str]]:
         "random_bytes": (random_bytes, r"4096 bytes of audio.*cannot decode"),
         "nan_bytes": (nan_wav.read_bytes(), r"NaN"),
     }
-    if real is not None:
-        (tmp_path / "truncated.flac").write_bytes(real[:1000])
-        cases["truncated_file"] = (tmp_path / "truncated.flac", r"truncated\.flac: .*(corrupt|truncated)")
-        cases["truncated_bytes"] = (real[:1000], r"(corrupt|truncated)")
+    (tmp_path / "truncated.flac").write_bytes(real[:1000])
+    cases["truncated_file"] = (tmp_path / "truncated.flac", r"truncated\.flac: .*(corrupt|truncated)")
+    cases["truncated_bytes"] = (real[:1000], r"(corrupt|truncated)")
     return cases
 
 
@@ -148,15 +144,11 @@ BAD = [
 
 @pytest.mark.parametrize("case", BAD)
 def test_bad_inputs_raise_audio_error(tmp_path: Path, case: str) -> None:
-    cases = _bad_inputs(tmp_path)
-    if case not in cases:
-        pytest.skip("needs the real clips")
-    source, pattern = cases[case]
+    source, pattern = _bad_inputs(tmp_path)[case]
     with pytest.raises(AudioError, match=pattern):
         load_audio(source)
 
 
-@needs_clips
 def test_max_seconds_names_duration_and_limit() -> None:
     seconds = sf.info(CLIPS[0]).duration
     with pytest.raises(AudioError, match=rf"{seconds:.1f} s long, over the limit of 5 s"):
@@ -182,7 +174,6 @@ def test_non_audio_source_type_is_a_type_error() -> None:
         load_audio(123)  # type: ignore[arg-type]
 
 
-@needs_clips
 def test_runtime_imports_stay_light() -> None:
     code = (
         "import sys, runtime.audio, runtime.features\n"
@@ -203,8 +194,6 @@ def resampled_clips(tmp_path_factory) -> list[Path]:
     """Every shared clip (22,050 Hz mono) brought to other native rates and channel counts, as files."""
     import soxr
 
-    if not CLIPS:
-        pytest.skip(f"no real piano clips in {CLIP_DIR}")
     out = tmp_path_factory.mktemp("rates")
     paths = []
     for i, clip in enumerate(CLIPS):

@@ -22,6 +22,8 @@ from runtime.errors import InputError
 from runtime.features import chunk_audio
 from runtime.model import METADATA_KEY, OnnxModel
 
+pytestmark = pytest.mark.slow
+
 SR = FEATURES.sample_rate
 TOLERANCE_DB = 0.01  # as the numpy front end (tests/test_features.py)
 SCORE_ATOL = 1e-4  # audio-input model vs mel-input model on the same audio

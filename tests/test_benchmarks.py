@@ -16,6 +16,8 @@ import pytest
 from benchmarks.roofline import flops_per_chunk
 from convert.config import PRESETS
 
+pytestmark = pytest.mark.slow
+
 REPO = Path(__file__).resolve().parents[1]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -129,8 +131,9 @@ def test_ratios_are_quotients_of_the_figures(results):
 
 def test_parity_against_jax(results):
     fp32 = results["variants"]["ort-fp32"]["parity"]
-    assert fp32["model"]["max_abs"] < 1e-4 and fp32["model"]["rows"] == 15
-    assert fp32["end_to_end"]["max_abs"] < 1e-4 and fp32["end_to_end"]["passed"]
+    # the export gate's own fp32 tolerance, on the windows and over the whole path from audio
+    assert fp32["model"]["max_abs"] <= fp32["model"]["atol"] == 1e-5 and fp32["model"]["rows"] == 15
+    assert fp32["end_to_end"]["max_abs"] <= 1e-5 and fp32["end_to_end"]["passed"]
     assert results["variants"]["jax-cached"]["parity"]["end_to_end"]["max_abs"] < 1e-6
     int8 = results["variants"]["ort-int8"]
     assert int8["available"], int8.get("reason")  # the CPU variant is made and gated on every machine

@@ -70,6 +70,7 @@ def _get(tree: dict, name: str):
     return tree
 
 
+@pytest.mark.slow  # initialises the model twice
 def test_demo_checkpoint_is_deterministic(tiny_checkpoint, tmp_path):
     again = make_demo_checkpoint(tmp_path / "again.pkl", "tiny", seed=0)
     assert again.read_bytes() == tiny_checkpoint.read_bytes()

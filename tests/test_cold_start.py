@@ -9,6 +9,8 @@ import pytest
 
 from runtime.model import OnnxModel, graph_section, header_metadata, load_optimization
 
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def preoptimized(tiny_checkpoint, tmp_path_factory):

@@ -65,6 +65,7 @@ def test_find_audio_walks_folders_by_suffix(folder):
         corpus.find_audio([folder / "absent"])
 
 
+@pytest.mark.slow  # many files through the runtime
 def test_csv_rows_equal_single_file_json(folder, tiny_model, tmp_path):
     out = tmp_path / "report"
     run = run_cli("analyze", str(folder), "--recursive", "--out", str(out), "--model", str(tiny_model))
@@ -111,6 +112,7 @@ def journal_lines(path: Path) -> list[str]:
     return path.read_text().splitlines() if path.exists() else []
 
 
+@pytest.mark.slow  # many files through the runtime
 def test_killed_run_resumes_to_the_same_csv(folder, tiny_model, analyzer, tmp_path):
     for i in range(6):  # more files, so that the kill lands mid-way
         shutil.copy(folder / "top1.flac", folder / "sub" / f"copy{i}.flac")
@@ -216,6 +218,7 @@ class FakeWorker:
         return reversed(outs)  # in completion order, not input order
 
 
+@pytest.mark.slow  # many files through the runtime
 def test_modal_path_with_the_local_analyzer(folder, analyzer, tiny_model, tmp_path, monkeypatch):
     from deploy import modal_corpus
     from deploy.__main__ import main

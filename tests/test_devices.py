@@ -116,6 +116,7 @@ def test_a_started_cuda_session_cannot_fall_back_at_run_time(tiny_model, monkeyp
     assert calls == ["disable_fallback"]  # a CUDA failure at run time raises instead of re-running on the CPU
 
 
+@pytest.mark.gpu
 def test_gpu_wheel_without_cuda_refuses_a_cuda_request(tiny_model, piano_clips):
     proc = run_in_check_venv("-m", "runtime", "analyze", str(piano_clips[0]), "--model", str(tiny_model),
                              "--device", "cuda")
@@ -126,6 +127,7 @@ def test_gpu_wheel_without_cuda_refuses_a_cuda_request(tiny_model, piano_clips):
     assert "CPUExecutionProvider" in last and proc.stdout == ""
 
 
+@pytest.mark.gpu
 def test_the_declared_onnxruntime_floor_runs_the_exported_model(tiny_model, piano_clips):
     code = "import onnxruntime, sys; print(onnxruntime.__version__, CUDA in onnxruntime.get_available_providers())"
     version, cuda = run_in_check_venv("-c", code.replace("CUDA", repr(CUDA))).stdout.split()
@@ -145,3 +147,35 @@ def test_the_declared_onnxruntime_floor_runs_the_exported_model(tiny_model, pian
     assert list(got) == list(want)
     np.testing.assert_allclose(list(got.values()), list(want.values()), rtol=0, atol=1e-5)
 
+
+
+@pytest.fixture(scope="module")
+def default_artifacts(tiny_checkpoint, tiny_audio_model, tmp_path_factory) -> dict[str, Path]:
+    """What `export --quantize auto` writes by default (pre-optimised for the CPU: int8 at --out, the fp32 beside
+    it) and the waveform-in model of `export --input audio`, from the tiny checkpoint."""
+    from convert import cli as convert_cli
+
+    out = tmp_path_factory.mktemp("defaults") / "model.onnx"
+    assert convert_cli.main(["-q", "export", "--checkpoint", str(tiny_checkpoint), "--out", str(out),
+                             "--quantize", "auto"]) == 0
+    return {"int8": out, "fp32": out.with_name("model.fp32.onnx"), "audio": tiny_audio_model}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("which", ["fp32", "int8", "audio"])
+def test_the_declared_onnxruntime_floor_runs_the_default_artifacts(default_artifacts, which, piano_clips):
+    from runtime.model import OnnxModel
+
+    path = default_artifacts[which]
+    model = OnnxModel(path, device="cpu")
+    if which != "audio":
+        assert model.info.precision == which, model.info.precision
+    clip = str(piano_clips[1])
+    proc = run_in_check_venv("-m", "runtime", "analyze", clip, "--model", str(path), "--device", "cpu", "--json")
+    assert proc.returncode == 0, proc.stderr
+    doc = json.loads(proc.stdout)
+    assert doc["model"]["self_check"]["status"] == "passed"
+    got = doc["results"][0]["scores"]
+    want = Analyzer(model).analyze_file(clip).scores
+    assert list(got) == list(want)
+    np.testing.assert_allclose(list(got.values()), list(want.values()), rtol=0, atol=1e-5)

@@ -103,6 +103,7 @@ def test_demo_checkpoint_invents_no_results_and_says_it_is_untrained(tiny_checkp
     assert source["demo"] is True and tiny_export.demo  # exported by path: the checkpoint's fields say it
 
 
+@pytest.mark.slow  # an export of its own
 def test_export_without_checkpoint_marks_the_model_a_demo(tiny_model, tmp_path, monkeypatch):
     import convert.demo as demo
 
@@ -117,6 +118,7 @@ def test_export_without_checkpoint_marks_the_model_a_demo(tiny_model, tmp_path, 
 RESULTS = {"best_val_correlation": 0.6123, "total_epochs": 41, "convergence_achieved": True}
 
 
+@pytest.mark.slow  # an export of its own
 @pytest.mark.parametrize(("training_complete", "results", "demo"), [
     (False, RESULTS, True),  # stopped early, results or not: untrained
     (True, None, True),  # no fine-tuning results: nothing says it was trained
@@ -208,6 +210,7 @@ def test_dynamic_batch_matches_jax(tiny_export, tiny_checkpoint):
         np.testing.assert_allclose(got, np.asarray(forward(mel)), atol=1e-5, rtol=0)
 
 
+@pytest.mark.slow  # an export of its own
 def test_gate_fails_on_perturbed_weight(tiny_checkpoint):
     ckpt = load_checkpoint(tiny_checkpoint)
     reference = build_forward(ckpt)
@@ -227,6 +230,7 @@ def test_gate_fails_on_perturbed_weight(tiny_checkpoint):
     assert max(worst, key=lambda k: worst[k]["max_abs"]) == API_KEYS[3]
 
 
+@pytest.mark.slow  # an export of its own
 def test_cli_refuses_to_publish_a_failing_model(tiny_checkpoint, tmp_path, monkeypatch, capsys):
     import convert.export as export_mod
 

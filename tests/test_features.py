@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
+import piano_data
 import pytest
 
 from convert.reference import reference_features
@@ -21,11 +20,8 @@ from runtime.features import (
 )
 
 SR = FEATURES.sample_rate
-CLIP_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "piano"
-CLIPS = sorted(CLIP_DIR.glob("*.flac"))
+CLIPS = piano_data.CLIPS
 TOLERANCE_DB = 0.01
-
-needs_clips = pytest.mark.skipif(not CLIPS, reason=f"no real piano clips in {CLIP_DIR}")
 
 
 def _seconds(seconds: float, seed: int = 0) -> np.ndarray:
@@ -42,7 +38,6 @@ def test_mel_filterbank_matches_librosa() -> None:
     assert mel_filterbank(FEATURES) is ours  # built once
 
 
-@needs_clips
 def test_features_match_librosa_on_every_clip(capsys: pytest.CaptureFixture[str]) -> None:
     pytest.importorskip("librosa")
     worst, worst_clip = 0.0, ""

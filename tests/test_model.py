@@ -10,6 +10,7 @@ from convert.config import PRESETS, ModelConfig
 from convert.model import MatMulSelfAttention, ProductionASTForRegression, patchify
 
 
+@pytest.mark.slow  # compiles Flax's attention
 def test_matmul_attention_equals_flax_mha_on_same_params():
     x = jax.random.normal(jax.random.PRNGKey(1), (3, 64, 48))
     ours = MatMulSelfAttention(num_heads=4)

@@ -16,6 +16,8 @@ from runtime.audio import load_audio
 from runtime.constants import API_KEYS, FEATURES
 from runtime.features import chunk_audio
 
+pytestmark = pytest.mark.node
+
 CLIENT = Path(__file__).resolve().parents[1] / "clients" / "node"
 ATOL = 1e-5
 

@@ -28,6 +28,8 @@ from serving import TOKEN  # noqa: E402
 
 from runtime.serve.app import Settings, create_app  # noqa: E402
 
+pytestmark = pytest.mark.slow
+
 MAX_EXAMPLES = 60
 MAX_BYTES = 400_000
 SETTINGS = {"max_bytes": MAX_BYTES, "refuse_over_seconds": 20.0}

@@ -21,6 +21,8 @@ import httpx
 import pytest
 from conftest import REPO
 
+pytestmark = pytest.mark.browser
+
 CHROMIUM = Path(os.environ.get("PERCEPIANO_CHROMIUM", "/usr/bin/chromium"))
 ARTIFACTS = Path(os.environ.get("PERCEPIANO_TEST_ARTIFACTS") or REPO / "tests" / "artifacts")
 TOKEN = "page-test-token-0123456789"

@@ -19,6 +19,8 @@ from pathlib import Path
 import pytest
 from test_page import ARTIFACTS, Server, expected, free_port
 
+pytestmark = pytest.mark.browser
+
 FIREFOX = os.environ.get("PERCEPIANO_FIREFOX") or shutil.which("firefox-esr") or shutil.which("firefox")
 PREFS = {
     "media.navigator.streams.fake": True,  # a fake microphone, no permission prompt

@@ -30,6 +30,8 @@ from runtime.analyze import Analyzer
 from runtime.constants import API_KEYS
 from runtime.model import OnnxModel
 
+pytestmark = pytest.mark.slow
+
 FUSED_INT8 = "com.microsoft:MatMulIntegerToFloat"
 
 

@@ -37,6 +37,7 @@ def analyzer(tiny_model):
     return Analyzer.from_path(tiny_model, device="cpu", batch_size=8)
 
 
+@pytest.mark.slow  # JAX on 16 clips
 def test_scores_match_librosa_and_jax_reference_on_real_clips(analyzer, tiny_checkpoint, piano_clips):
     from convert.checkpoint import load_checkpoint
     from convert.export import build_forward

@@ -27,6 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # tests/serving.py, wh
 
 from serving import Server  # noqa: E402
 
+pytestmark = pytest.mark.slow
+
 REPO = Path(__file__).resolve().parents[1]
 MAX_BYTES = 1_000_000
 MAX_SECONDS = 12.0
@@ -217,7 +219,7 @@ def test_real_server_overload_answers_503_and_recovers(tiny_model, piano_clips):
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="load-test `python -m runtime serve` on loopback")
     parser.add_argument("--model", type=Path, required=True)
-    parser.add_argument("--clips", type=Path, default=REPO.parent / "shared" / "data" / "piano")
+    parser.add_argument("--clips", type=Path, default=REPO / "tests" / "data" / "piano")
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--requests", type=int, default=25, help="per client")
     args = parser.parse_args(argv)

@@ -27,6 +27,8 @@ from runtime.analyze import Analyzer
 from runtime.constants import API_KEYS, INPUT_NAME, OUTPUT_NAME
 from runtime.model import METADATA_KEY, OnnxModel
 
+pytestmark = pytest.mark.legacy
+
 FORBIDDEN = ("tensorflow", "tf2onnx", "keras", "jax.experimental.jax2tf", "convert.tf2onnx.worker")
 
 
