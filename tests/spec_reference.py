@@ -9,19 +9,19 @@ from __future__ import annotations
 
 import numpy as np
 
-# SPEC §3, written out
+# docs/spec.md §3, written out
 SAMPLE_RATE = 22050
 CHUNK = int(3.0 * 22050)  # 3 s windows ...
 HOP = int(2.0 * 22050)  # ... every 2 s
 MIN_SAMPLES = 2 * 22050  # shorter audio is padded to 2 s
 N_FRAMES = 128
 PAD_DB = -80.0
-# SPEC §1, written out
+# docs/spec.md §1, written out
 LAYERNORM_EPSILON = 1e-6
 
 
 def chunk_starts(n_samples: int) -> list[int]:
-    """Start samples of the chunks SPEC §3 cuts from a signal of n_samples (already padded to 2 s)."""
+    """Start samples of the chunks docs/spec.md §3 cuts from a signal of n_samples (already padded to 2 s)."""
     starts, start = [], 0
     while start + CHUNK <= n_samples:
         starts.append(start)
@@ -32,7 +32,7 @@ def chunk_starts(n_samples: int) -> list[int]:
 
 
 def chunks(y: np.ndarray) -> np.ndarray:
-    """(n, 66150) chunks of mono 22,050 Hz audio: full chunks every 2 s, then the rest zero-padded (SPEC §3)."""
+    """(n, 66150) chunks of mono 22,050 Hz audio: full chunks every 2 s, then the rest zero-padded (docs/spec.md §3)."""
     y = np.asarray(y, np.float32)
     if len(y) < MIN_SAMPLES:
         y = np.pad(y, (0, MIN_SAMPLES - len(y)))
@@ -44,7 +44,8 @@ def chunks(y: np.ndarray) -> np.ndarray:
 
 
 def log_mel_window(chunk: np.ndarray) -> np.ndarray:
-    """One chunk -> the model's (128, 128) input: librosa melspectrogram and power_to_db as SPEC §3 states them."""
+    """One chunk -> the model's (128, 128) input: librosa melspectrogram and power_to_db as docs/spec.md §3 states
+    them."""
     import librosa
 
     mel = librosa.feature.melspectrogram(y=chunk, sr=22050, n_fft=2048, hop_length=512, n_mels=128, power=2.0,
@@ -61,11 +62,11 @@ def windows(y: np.ndarray) -> np.ndarray:
 
 
 def aggregate(chunk_scores: np.ndarray) -> np.ndarray:
-    """SPEC §3: mean over the chunks, then clip to [0, 1]."""
+    """docs/spec.md §3: mean over the chunks, then clip to [0, 1]."""
     return np.clip(np.mean(chunk_scores, axis=0), 0.0, 1.0)
 
 
-# --- the model of SPEC §1 in plain numpy --------------------------------------------------------------------
+# --- the model of docs/spec.md §1 in plain numpy --------------------------------------------------------------------
 
 
 def _dense(x, p):
@@ -112,7 +113,7 @@ def patchify(x: np.ndarray, patch: int = 16) -> np.ndarray:
 
 
 def forward(params: dict, num_layers: int, num_heads: int, x: np.ndarray) -> np.ndarray:
-    """SPEC §1's ProductionASTForRegression on (B, 128, 128) log-mel: (B, 19) label z-scores, float64."""
+    """docs/spec.md §1's ProductionASTForRegression on (B, 128, 128) log-mel: (B, 19) label z-scores, float64."""
     h = _dense(patchify(np.asarray(x, np.float64)), params["patch_embedding"])
     h = h + np.asarray(params["pos_embedding"], np.float64)
     for i in range(num_layers):
@@ -124,7 +125,7 @@ def forward(params: dict, num_layers: int, num_heads: int, x: np.ndarray) -> np.
 
 
 def checkpoint_forward(ckpt: dict, x: np.ndarray) -> np.ndarray:
-    """A checkpoint dict (SPEC §2, as pickle.load gives it) on log-mel -> (B, 19) scores in label units, through
+    """A checkpoint dict (docs/spec.md §2, as pickle.load gives it) on log-mel -> (B, 19) scores in label units, through
     the checkpoint's own scikit-learn StandardScaler.inverse_transform."""
     config = ckpt["model_config"]
     z = forward(ckpt["params"]["params"], config["num_layers"], config["num_heads"], x)

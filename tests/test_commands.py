@@ -31,7 +31,7 @@ def test_demo_checkpoint_command_writes_the_original_format(tmp_path):
     out = tmp_path / "ckpt.pkl"
     proc = run("-m", "convert", "demo-checkpoint", str(out), "--preset", "tiny", "--seed", "3")
     assert f"wrote {out} (tiny preset, seed 3" in proc.stdout
-    ckpt = pickle.loads(out.read_bytes())  # SPEC §2: a plain dict, jax.Array leaves, a fitted StandardScaler
+    ckpt = pickle.loads(out.read_bytes())  # docs/spec.md §2: a plain dict, jax.Array leaves, a fitted StandardScaler
     assert set(ckpt) == {"params", "model_config", "finetuning_results", "label_scaler", "training_complete"}
     assert ckpt["model_config"] == {"embed_dim": 64, "num_layers": 2, "num_heads": 4, "patch_size": 16,
                                     "num_outputs": 19}

@@ -1,5 +1,5 @@
 """The pipeline judged against references written from the specification (tests/spec_reference.py), not from
-the code: the model in plain numpy, the label scaler through scikit-learn, chunking and aggregation as SPEC §3
+the code: the model in plain numpy, the label scaler through scikit-learn, chunking and aggregation as docs/spec.md §3
 states them, and the CLI's table against its own --json."""
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ END_TO_END_ATOL = 1e-6
 
 
 def _inputs(piano_clips) -> np.ndarray:
-    """Real windows, digital silence (0 dB everywhere, SPEC §3: LayerNorm's epsilon shows on its small
+    """Real windows, digital silence (0 dB everywhere, docs/spec.md §3: LayerNorm's epsilon shows on its small
     activations), near-silence, and uniform noise over the whole [-80, 0] dB range."""
     y = sf.read(piano_clips[0], dtype="float32")[0]
     rng = np.random.default_rng(0)
@@ -78,7 +78,7 @@ def test_onnx_equals_numpy_reference_through_sklearn_scaler(tiny_raw, tiny_model
 
 
 def test_waveform_in_front_end_equals_librosa_on_the_spec_chunks(piano_clips):
-    """The front end of the waveform-in graph alone (no export: quick) on SPEC §3's chunks, against librosa."""
+    """The front end of the waveform-in graph alone (no export: quick) on docs/spec.md §3's chunks, against librosa."""
     from convert.frontend import frontend_graph
 
     session = ort.InferenceSession(frontend_graph().SerializeToString(), providers=["CPUExecutionProvider"])
@@ -93,7 +93,7 @@ def test_waveform_in_front_end_equals_librosa_on_the_spec_chunks(piano_clips):
 
 @pytest.mark.slow  # its own export (the waveform-in model)
 def test_waveform_in_model_equals_the_spec_reference(tiny_raw, tiny_audio_model, piano_clips):
-    """The waveform-in graph (front end + model, `export --input audio`) on SPEC §3's chunks against librosa's
+    """The waveform-in graph (front end + model, `export --input audio`) on docs/spec.md §3's chunks against librosa's
     windows through the numpy model and the sklearn scaler."""
     session = ort.InferenceSession(str(tiny_audio_model), providers=["CPUExecutionProvider"])
     worst = 0.0
@@ -105,7 +105,7 @@ def test_waveform_in_model_equals_the_spec_reference(tiny_raw, tiny_audio_model,
     assert worst <= MODEL_ATOL
 
 
-# --- chunking and aggregation (SPEC §3) -----------------------------------------------------------------------
+# --- chunking and aggregation (docs/spec.md §3) -----------------------------------------------------------------------
 
 
 def _signals(piano_clips) -> dict[str, np.ndarray]:
