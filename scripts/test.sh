@@ -11,7 +11,7 @@ EXTRAS=dev
 source "$(dirname "${BASH_SOURCE[0]}")/_venv.sh"
 ruff check .
 if [ -n "$QUICK" ]; then
-    exec python -m pytest -q -m "not (slow or browser or node or legacy or production or gpu)" "$@"
+    exec python -m pytest -q -m "not (slow or browser or node or legacy or production or gpu or network)" "$@"
 fi
 if [ "${CI:-}" = true ] || ! command -v chromium >/dev/null; then bash scripts/ci_browser.sh; fi  # page tests
 # promtool (Debian's prometheus package) for the alert rules' tests (tests/test_alerts.py)

@@ -26,6 +26,8 @@ from prometheus_client.parser import text_string_to_metric_families  # noqa: E40
 from runtime.errors import ConfigError  # noqa: E402
 from runtime.serve.app import Settings, create_app  # noqa: E402
 
+pytestmark = pytest.mark.slow  # promtool (scripts/ci_promtool.sh) and real apps
+
 REPO = Path(__file__).resolve().parents[1]
 RULES = REPO / "deploy" / "alerts.yml"
 RULE_TESTS = REPO / "deploy" / "alerts_test.yml"

@@ -125,6 +125,7 @@ def served(tiny_model):
         server.stop()
 
 
+@pytest.mark.slow  # an export of its own and a real server
 def test_smoke_passes_on_the_same_model_and_fails_on_another(served, tiny_model, other_model, capsys):
     args = [served.url, "--token", "smoke-token", "--repeat", "2", "--json"]
     assert deploy_cli.main(["smoke", *args, "--model", str(tiny_model)]) == 0

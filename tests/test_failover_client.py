@@ -24,6 +24,8 @@ from runtime.corpus.remote import http_results
 from runtime.corpus.runner import JOURNAL_NAME, find_audio, run_corpus
 from runtime.errors import ConfigError
 
+pytestmark = pytest.mark.slow  # real servers, one killed mid-run
+
 REPO = Path(__file__).resolve().parents[1]
 TOKEN = "failover-token-0123"
 FILES = 12

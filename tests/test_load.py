@@ -21,6 +21,7 @@ from benchmarks.load_inputs import RateResult, arrivals, knee, modal_settings  #
 from runtime.serve.prices import load_prices
 
 
+@pytest.mark.slow  # a real server under load
 def test_quick_run_against_a_real_server(tiny_model, tmp_path):
     server = Server(tiny_model, {"PERCEPIANO_MAX_CONCURRENCY": "2"})
     try:

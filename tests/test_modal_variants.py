@@ -120,14 +120,15 @@ def test_a_session_in_the_snapshot_is_ready_after_load_and_checked_after_restore
 def test_fp16_is_refused_on_the_cpu():
     from types import SimpleNamespace
 
-    m = fresh_import()
+    from deploy.checks import refuse_fp16_on_cpu
+
     variants = {"recommended": {"cpu": "int8", "gpu": "fp16"},
                 "files": {"int8": "model.onnx", "fp16": "model.fp16.onnx"}}
     hint = "PERCEPIANO_MODAL_TARGET=cpu PERCEPIANO_MODEL=artifacts/model.onnx modal deploy"
     with pytest.raises(ValueError, match=f"fp16 model, the variant for GPUs.*{hint}"):
-        m.refuse_fp16_on_cpu(SimpleNamespace(device="cpu", info=SimpleNamespace(precision="fp16", variants=variants)))
+        refuse_fp16_on_cpu(SimpleNamespace(device="cpu", info=SimpleNamespace(precision="fp16", variants=variants)))
     for device, precision in (("cpu", "int8"), ("cpu", "fp32"), ("cuda", "fp16")):
-        m.refuse_fp16_on_cpu(SimpleNamespace(device=device, info=SimpleNamespace(precision=precision, variants={})))
+        refuse_fp16_on_cpu(SimpleNamespace(device=device, info=SimpleNamespace(precision=precision, variants={})))
 
 
 def test_a_bad_switch_stops_the_deploy_with_a_clear_error(tmp_path):

@@ -25,6 +25,8 @@ from runtime.constants import API_KEYS, FEATURES
 from runtime.model import METADATA_KEY
 from runtime.protowire import header_metadata
 
+pytestmark = pytest.mark.browser  # Chromium, and onnxruntime-web from clients/web (scripts/test.sh)
+
 browser = test_page.browser  # the page tests' headless Chromium fixture
 WEB = REPO / "clients" / "web"
 SHIPPED = sorted((REPO / "convert" / "clips").glob("*.flac"))  # 22,050 Hz mono: no resampling involved

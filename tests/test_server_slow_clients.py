@@ -22,6 +22,8 @@ httpx = pytest.importorskip("httpx")
 from serving import Server  # noqa: E402
 from test_server_hostile import admission, open_request, read_response, wait_released  # noqa: E402
 
+pytestmark = pytest.mark.slow  # real servers and timeouts of seconds
+
 MAX_BYTES = 1_000_000
 IDLE = 4.0  # the body idle timeout of this server
 HEADERS = 2.0  # its header timeout

@@ -19,6 +19,8 @@ from runtime.constants import API_KEYS
 from runtime.features import chunk_audio
 from runtime.protowire import header_metadata
 
+pytestmark = pytest.mark.node  # the page's functions run by Node.js
+
 WEB = REPO / "clients" / "web"
 
 
