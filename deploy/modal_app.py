@@ -144,7 +144,7 @@ AUDIO_MOUNT = "/audio"
 # The CPU target's requests per container and analyses at once: derived from the load test's knee for CPU_CORES
 # cores (docs/load-test.md, `python -m benchmarks.load --sweep auto`; re-derive if CPU_CORES changes). The GPU
 # target's are not measured (no GPU where the load test ran).
-CPU_LOAD = {"max_inputs": 4, "target_inputs": 2, "analyses_at_once": 4}
+CPU_LOAD = {"max_inputs": 2, "target_inputs": 1, "analyses_at_once": 4}
 WEB_CONCURRENCY = {"max_inputs": 32, "target_inputs": 8} if TARGET == "gpu" else \
     {key: CPU_LOAD[key] for key in ("max_inputs", "target_inputs")}  # requests per container
 CORPUS_INPUTS = 4  # files in flight per corpus container: some decode while the model runs the others' windows
