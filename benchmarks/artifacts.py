@@ -22,7 +22,7 @@ from runtime.model import PRECISIONS
 
 log = logging.getLogger(__name__)
 
-SHARED_PIANO = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "piano"
+PIANO_CLIPS = Path(__file__).resolve().parents[1] / "tests" / "data" / "piano"  # the 16 real clips in the repository
 CLIP_SECONDS = 30.0  # the original's cap: 15 windows of 3 s at a 2 s hop
 Progress = Callable[[str], None]
 
@@ -166,18 +166,18 @@ def config_of(model: Path) -> ModelConfig:
 
 
 def source_clips(audio: Path | None) -> list[Path]:
-    """The user's file, else the real clips of ../shared/data/piano, else the clips shipped with convert."""
+    """The user's file, else the real clips of tests/data/piano, else the clips shipped with convert."""
     if audio:
         if not audio.is_file():
             raise FileNotFoundError(f"--audio {audio}: no such file")
         return [audio]
-    clips = sorted(SHARED_PIANO.glob("*.flac"))
+    clips = sorted(PIANO_CLIPS.glob("*.flac"))
     if not clips:
         from convert.parity import shipped_clips
 
         clips = shipped_clips()
     if not clips:
-        raise FileNotFoundError(f"no piano clips in {SHARED_PIANO} or convert/clips; pass --audio FILE")
+        raise FileNotFoundError(f"no piano clips in {PIANO_CLIPS} or convert/clips; pass --audio FILE")
     return clips
 
 

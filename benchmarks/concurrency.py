@@ -24,6 +24,7 @@ from collections.abc import Sequence
 from functools import partial
 from pathlib import Path
 
+from benchmarks.artifacts import PIANO_CLIPS
 from benchmarks.cold import PROGRESS_PREFIX
 from runtime.analyze import Analyzer
 from runtime.audio import load_audio
@@ -32,15 +33,14 @@ from runtime.serve.service import Service, warm_up
 from runtime.serve.settings import Settings
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED_PIANO = REPO.parent / "shared" / "data" / "piano"
 DEFAULT_LEVELS = (1, 2, 4, 8)
 WAIT_MS = 10.0
 
 
 def default_clip() -> Path:
-    clips = sorted(SHARED_PIANO.glob("*.flac"))
+    clips = sorted(PIANO_CLIPS.glob("*.flac"))
     if not clips:
-        raise SystemExit(f"no --clip given and no shared clips in {SHARED_PIANO}")
+        raise SystemExit(f"no --clip given and no piano clips in {PIANO_CLIPS}")
     return clips[0]
 
 
@@ -147,7 +147,7 @@ def concurrency_table(section: dict) -> tuple[str, list[str], list[list[str]]]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.concurrency", description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path, required=True, help="an exported ONNX model")
-    parser.add_argument("--clip", type=Path, help="audio file (default: the first shared piano clip)")
+    parser.add_argument("--clip", type=Path, help="audio file (default: the first piano clip of tests/data/piano)")
     parser.add_argument("--levels", default=",".join(map(str, DEFAULT_LEVELS)), help="concurrency levels")
     parser.add_argument("--rounds", type=int, default=4, help="requests per client per level (default %(default)s)")
     parser.add_argument("--cpus", type=int, help="onnxruntime intra-op threads (default: onnxruntime's choice)")

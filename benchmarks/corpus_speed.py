@@ -3,7 +3,7 @@
     python -m benchmarks.corpus_speed --model M.onnx [--model M2.onnx ...] [--clips F.flac ...] [--copies 4]
         [--rounds 1] [--per-file] [--json]
 
-The corpus is the real piano clips (default: the shared ones, else the shipped ones), each copied `--copies`
+The corpus is the real piano clips (default: tests/data/piano, else the shipped ones), each copied `--copies`
 times into a temporary folder; ``runtime.corpus.analyze_corpus`` analyses it into a temporary report folder as
 ``python -m runtime analyze DIR --out REPORT`` would. Reported: audio hours per hour, the floor (the model at
 full batches plus decoding and features), their ratio, the process's CPU seconds (a measure of work that a shared
@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(prog="python -m benchmarks.corpus_speed", description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path, required=True, action="append", help="repeat to compare models")
-    parser.add_argument("--clips", type=Path, nargs="+", help="audio files (default: the shared piano clips)")
+    parser.add_argument("--clips", type=Path, nargs="+", help="audio files (default: tests/data/piano)")
     parser.add_argument("--copies", type=int, default=DEFAULT_COPIES, help="copies of each clip (default %(default)s)")
     parser.add_argument("--rounds", type=int, default=1, help="runs per model, taking turns (default %(default)s)")
     parser.add_argument("--threads", type=int, help="onnxruntime intra-op threads (default: onnxruntime's choice)")

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED_PIANO = REPO.parent / "shared" / "data" / "piano"
+PIANO_CLIPS = REPO / "tests" / "data" / "piano"
 RATES = (384_000, 22_050)
 # Runs in the measured process and writes its own VmHWM (peak RSS since exec) at exit: the rusage of a child
 # is no good here, since Linux carries the parent's peak at fork time into it.
@@ -45,11 +45,11 @@ else:
 
 
 def piano_minute(seconds: float) -> np.ndarray:
-    """Real piano at 22,050 Hz (the shared clips end to end), or a decaying chord where they are missing."""
+    """Real piano at 22,050 Hz (the repository's clips end to end), or a decaying chord where they are missing."""
     import soundfile as sf
 
     sr, parts, total = 22_050, [], 0
-    for clip in sorted(SHARED_PIANO.glob("*.flac")):
+    for clip in sorted(PIANO_CLIPS.glob("*.flac")):
         y = sf.read(clip, dtype="float32")[0]
         parts.append(y)
         total += len(y)

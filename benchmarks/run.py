@@ -41,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--preset", choices=tuple(PRESETS), default="production",
                         help="size of the demo checkpoint when --checkpoint is not given")
     parser.add_argument("--model", type=Path, help="an fp32 ONNX export of --checkpoint to measure (default: export)")
-    parser.add_argument("--audio", type=Path, help="audio file to loop/cut to 30 s (default: the shared piano clips)")
+    parser.add_argument("--audio", type=Path, help="audio file to loop/cut to 30 s (default: tests/data/piano)")
     parser.add_argument("--quick", action="store_true", help="tiny preset: a smoke test in seconds")
     parser.add_argument("--out", type=Path, default=Path("bench-results"),
                         help="output directory (default %(default)s); artifacts in it are reused")
