@@ -113,7 +113,9 @@ def test_the_first_server_killed_mid_run_loses_nothing_and_the_report_names_the_
     by_endpoint = {url: [e for e in journal if e["endpoint"] == url] for url in (first, second)}
     assert len(by_endpoint[first]) >= 4 and len(by_endpoint[second]) >= 1
     assert len(by_endpoint[first]) + len(by_endpoint[second]) == FILES
-    assert all(r["endpoint"] == second for r in seen[4:])  # after the kill only the second answers
+    # after the kill only the second answers, but for the requests the first had already answered then: up to
+    # the 3 in flight, whose results can still be waiting to be taken when the kill comes (a race, not a loss)
+    assert all(r["endpoint"] == second for r in seen[4 + 3:])
     failed_over = [r for r in seen if r["attempts"] > 1]
     assert failed_over  # the requests in flight to (or sent to) the killed server went to the next one
     # the scores are the model's, whichever server gave them
