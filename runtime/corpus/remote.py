@@ -10,11 +10,10 @@ and the report record. The journal, resume and report are the local run's.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from pathlib import Path
 
 from runtime.client import Client, RequestRefused, Unavailable
-from runtime.corpus.runner import AudioFile, Results, failure
+from runtime.corpus.runner import AudioFile, Results, failure, in_flight
 
 DEFAULT_WORKERS = 4  # files in flight: a service runs several analyses at once (and may be several containers)
 
@@ -28,13 +27,7 @@ def http_results(client: Client, cap_seconds: float | None = None, workers: int 
     """
 
     def run(files: list[AudioFile]) -> Iterator[dict]:
-        todo = iter(files)
-        with ThreadPoolExecutor(max(1, workers), thread_name_prefix="corpus-http") as pool:
-            pending = {pool.submit(score_one, client, f, cap_seconds) for f in _take(todo, workers)}
-            while pending:
-                done, pending = wait(pending, return_when=FIRST_COMPLETED)
-                pending |= {pool.submit(score_one, client, f, cap_seconds) for f in _take(todo, len(done))}
-                yield from (d.result() for d in done)
+        return in_flight(lambda f: score_one(client, f, cap_seconds), files, max(1, workers), "corpus-http")
 
     return run
 
@@ -55,6 +48,3 @@ def score_one(client: Client, f: AudioFile, cap_seconds: float | None) -> dict:
     return {"file": f.path, **{k: answer.result.get(k) for k in keep}, "error": None, "endpoint": answer.endpoint,
             "attempts": answer.attempts}
 
-
-def _take(it: Iterator, n: int) -> list:
-    return [x for _, x in zip(range(n), it, strict=False)]

@@ -139,18 +139,20 @@ def local_results(analyzer, workers: int = DEFAULT_WORKERS, work: Work | None = 
         return analyze_one(analyzer, f.path, f.path, work=work)
 
     def run(files: list[AudioFile]) -> Iterator[dict]:
-        if workers <= 1:
-            yield from map(one, files)
-            return
-        todo = iter(files)
-        with ThreadPoolExecutor(workers, thread_name_prefix="corpus") as pool:
-            pending = {pool.submit(one, f) for f in _take(todo, workers)}
-            while pending:
-                done, pending = wait(pending, return_when=FIRST_COMPLETED)
-                pending |= {pool.submit(one, f) for f in _take(todo, len(done))}
-                yield from (d.result() for d in done)
+        return map(one, files) if workers <= 1 else in_flight(one, files, workers)
 
     return run
+
+
+def in_flight(fn: Callable, items: Iterable, workers: int, name: str = "corpus") -> Iterator:
+    """``fn`` over ``items`` in ``workers`` threads, at most ``workers`` at a time; results as they finish."""
+    todo = iter(items)
+    with ThreadPoolExecutor(workers, thread_name_prefix=name) as pool:
+        pending = {pool.submit(fn, x) for x in _take(todo, workers)}
+        while pending:
+            done, pending = wait(pending, return_when=FIRST_COMPLETED)
+            pending |= {pool.submit(fn, x) for x in _take(todo, len(done))}
+            yield from (d.result() for d in done)
 
 
 def _take(it: Iterator, n: int) -> list:
