@@ -11,7 +11,7 @@ import { fileURLToPath } from "node:url";
 
 const here = path.dirname(fileURLToPath(import.meta.url));
 const PAGE = ["index.html", "on-device.js", "pipeline.js", "model-store.js"];
-const SHARED = ["charts.js", "style.css"].map((f) => path.join(here, "..", "..", "runtime", "serve", "static", f));
+const SHARED = ["charts.js", "take.js", "style.css"].map((f) => path.join(here, "..", "..", "runtime", "serve", "static", f));
 const ORT = ["ort.wasm.min.mjs", "ort-wasm-simd-threaded.mjs", "ort-wasm-simd-threaded.wasm", "ort.webgpu.min.mjs",
   "ort-wasm-simd-threaded.asyncify.mjs", "ort-wasm-simd-threaded.asyncify.wasm"];
 const HEADERS = "/*\n  Cross-Origin-Opener-Policy: same-origin\n  Cross-Origin-Embedder-Policy: require-corp\n"

@@ -7,6 +7,7 @@
 // model.onnx beside the page), backend=auto|wasm|webgpu, threads=N, batch=N (windows per run, default 16 as the runtime).
 import { describeDimensions, radar, timeline, timelineSeries } from "./charts.js";
 import { loadModel } from "./model-store.js";
+import { acceptFiles } from "./take.js";
 import { SAMPLE_RATE, CHUNK, analysisOf, chunkAudio, mixToMono, modelInfo, selfCheckWindows } from "./pipeline.js";
 
 const params = new URLSearchParams(location.search);
@@ -227,22 +228,7 @@ function renderTimeline() {
 }
 
 function setup() {
-  const card = $("#take-a"), input = $(".file", card), drop = $(".drop", card);
-  input.addEventListener("change", () => {
-    if (input.files.length) analyze(input.files[0]);
-    input.value = "";
-  });
-  drop.addEventListener("keydown", (e) => {
-    if (e.key === "Enter" || e.key === " ") { e.preventDefault(); input.click(); }
-  });
-  drop.addEventListener("dragover", (e) => { e.preventDefault(); drop.classList.add("over"); });
-  drop.addEventListener("dragleave", () => drop.classList.remove("over"));
-  drop.addEventListener("drop", (e) => {
-    e.preventDefault();
-    drop.classList.remove("over");
-    const file = e.dataTransfer && e.dataTransfer.files[0];
-    if (file && !card.classList.contains("busy")) analyze(file);
-  });
+  acceptFiles($("#take-a"), analyze);
   $("#dimension").addEventListener("change", renderTimeline);
   let resizing = null;
   window.addEventListener("resize", () => {

@@ -21,7 +21,7 @@ log = logging.getLogger(__name__)
 
 WEB_CLIENT = Path(__file__).resolve().parents[2] / "clients" / "web"
 PAGE_FILES = ("index.html", "on-device.js", "pipeline.js", "model-store.js")
-SHARED_FILES = ("charts.js", "style.css")  # runtime/serve/static: the same files the page at / loads
+SHARED_FILES = ("charts.js", "take.js", "style.css")  # runtime/serve/static: the same files the page at / loads
 # onnxruntime-web's WebAssembly build and its WebGPU build (each a loader, its worker module and its .wasm)
 ORT_FILES = ("ort.wasm.min.mjs", "ort-wasm-simd-threaded.mjs", "ort-wasm-simd-threaded.wasm",
              "ort.webgpu.min.mjs", "ort-wasm-simd-threaded.asyncify.mjs", "ort-wasm-simd-threaded.asyncify.wasm")

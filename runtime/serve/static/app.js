@@ -1,6 +1,7 @@
 // The page: connect to the service (asking for a token if it wants one), send recordings to /v1/analyze,
 // and show the 19 scores of up to two takes. Names come from /v1/model; nothing is stored beyond memory.
 import { describeDimensions, radar, timeline, timelineSeries } from "./charts.js";
+import { acceptFiles } from "./take.js";
 
 const ERROR_HINTS = {
   unsupported_audio: "This file could not be read as audio.",
@@ -240,22 +241,8 @@ function renderTimeline() {
 
 // --- input: drop, pick, record
 function setupTake(card) {
-  const slot = card.dataset.slot, input = $(".file", card), drop = $(".drop", card);
-  input.addEventListener("change", () => {
-    if (input.files.length) analyze(slot, input.files[0], input.files[0].name);
-    input.value = "";
-  });
-  drop.addEventListener("keydown", (e) => {
-    if (e.key === "Enter" || e.key === " ") { e.preventDefault(); input.click(); }
-  });
-  drop.addEventListener("dragover", (e) => { e.preventDefault(); drop.classList.add("over"); });
-  drop.addEventListener("dragleave", () => drop.classList.remove("over"));
-  drop.addEventListener("drop", (e) => {
-    e.preventDefault();
-    drop.classList.remove("over");
-    const file = e.dataTransfer && e.dataTransfer.files[0];
-    if (file && !card.classList.contains("busy")) analyze(slot, file, file.name);
-  });
+  const slot = card.dataset.slot;
+  acceptFiles(card, (file) => analyze(slot, file, file.name));
   const clear = $(".clear", card);
   if (clear) {
     clear.addEventListener("click", () => {
