@@ -155,3 +155,36 @@ def test_fit_frames_crops_and_pads() -> None:
 def test_features_refuse_bad_arrays(bad: np.ndarray) -> None:
     with pytest.raises(AudioError):
         features_from_audio(bad)
+
+
+PROBE = """
+import sys, time
+from runtime.audio import load_audio
+from runtime.features import features_from_audio
+y = load_audio(sys.argv[1])
+features_from_audio(y)
+time.sleep(1.0)  # numpy's own import wakes its BLAS threads: let them settle
+process, thread = time.process_time(), time.thread_time()
+for _ in range(10):
+    features_from_audio(y)
+print(time.process_time() - process, time.thread_time() - thread)
+"""
+
+
+def test_features_keep_to_their_own_thread() -> None:
+    """No CPU time outside the calling thread: numpy's BLAS threads, woken by a matrix product, spin on every core
+    for a while after it and slowed the next model call by 12-19 % (docs/corpus-speed.md). Measured in a fresh
+    process, where nothing else runs (on a 1-core machine numpy's BLAS has no threads, and this cannot fail)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    env.pop("OPENBLAS_NUM_THREADS", None)
+    env.pop("OMP_NUM_THREADS", None)
+    out = subprocess.run([sys.executable, "-c", PROBE, str(piano_data.CLIPS[-1])], env=env, cwd=root, check=True,
+                         capture_output=True, text=True, timeout=120).stdout.split()
+    process, thread = float(out[0]), float(out[1])
+    assert thread > 0 and process - thread < 0.1 * thread, (process, thread)
