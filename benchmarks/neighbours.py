@@ -31,22 +31,6 @@ def clip_windows(clips: list[Path]) -> list[np.ndarray]:
     return [features_from_audio(load_audio(c)) for c in clips]
 
 
-def neighbour_change(model, windows: list[np.ndarray], batch: int = 16) -> float:
-    """Largest |score in a batch - score alone| over the first clip's windows and three kinds of neighbours."""
-    targets, others = windows[0], np.concatenate(windows[1:]) if len(windows) > 1 else windows[0]
-    rng = np.random.default_rng(0)
-    fills = {"other clips": lambda n: others[rng.choice(len(others), n)],
-             "quiet": lambda n: np.full((n, *targets.shape[1:]), -80.0, np.float32),
-             "loud noise": lambda n: rng.uniform(-10.0, 0.0, (n, *targets.shape[1:])).astype(np.float32)}
-    worst = 0.0
-    for w in targets:
-        alone = model.run(w[None])[0]
-        for fill in fills.values():
-            got = model.run(np.concatenate([fill(batch - 1), w[None]]))[-1]
-            worst = max(worst, float(np.abs(got - alone).max()))
-    return worst
-
-
 def speeds(models: dict, windows: np.ndarray, rounds: int) -> dict[str, dict[int, float]]:
     """Median ms per window for each model and batch size, timed interleaved."""
     times = {name: {b: [] for b in BATCHES} for name in models}
@@ -63,7 +47,7 @@ def speeds(models: dict, windows: np.ndarray, rounds: int) -> dict[str, dict[int
 
 
 def main(argv: list[str] | None = None) -> int:
-    from convert.parity import shipped_clips
+    from convert.parity import neighbour_change, shipped_clips
     from runtime.model import OnnxModel
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])

@@ -92,9 +92,13 @@ def add_variant_args(parser: argparse.ArgumentParser) -> None:
                         help="int8: 7-bit weights (default on): x86 CPUs without VNNI (AVX2 only) saturate u8*s8 "
                              "products of full-range weights; --no-reduce-range only for VNNI/ARM servers, gated there")
     parser.add_argument("--int8-activations", choices=INT8_ACTIVATIONS, default=DEFAULT_INT8_ACTIVATIONS,
-                        help="int8 activation scales: onnxruntime's one per call (batch, the default: faster here) or "
-                             "one per row of each layer's input (row: a window's scores do not depend on its batch "
-                             "neighbours, and corpus runs fill calls across files; docs/corpus-speed.md)")
+                        help="int8 activation scales: static (the default: one fixed scale per layer, calibrated on "
+                             "real audio), row (one per row of each layer's input: 18-20%% slower) or batch "
+                             "(onnxruntime's one per call: a window's scores then depend on its batch neighbours, "
+                             "so corpus runs cannot fill calls across files); docs/corpus-speed.md")
+    parser.add_argument("--calibration-clips", type=Path, nargs="+", metavar="AUDIO",
+                        help="real piano recordings static int8 is calibrated on (default: convert/clips/calibration/; "
+                             "keep them apart from the gate's --clips)")
     parser.add_argument("--optimize", action="store_true",
                         help="apply onnxruntime's transformer fusions (off by default: slower on CPU)")
 
@@ -108,7 +112,8 @@ def variant_options(args: argparse.Namespace) -> VariantOptions:
     """The VariantOptions the variant flags (add_variant_args) ask for."""
     return VariantOptions(quantize=args.quantize, int8_atol=args.int8_atol, fp16_atol=args.fp16_atol,
                           per_channel=args.per_channel, reduce_range=args.reduce_range, optimize=args.optimize,
-                          allow_partial=args.allow_partial, int8_activations=args.int8_activations)
+                          allow_partial=args.allow_partial, int8_activations=args.int8_activations,
+                          calibration_clips=args.calibration_clips)
 
 
 def cmd_export(args: argparse.Namespace) -> int:

@@ -14,10 +14,11 @@ BACKENDS = ("jax2onnx", "tf2onnx")  # tf2onnx: jax2tf -> TensorFlow -> tf2onnx i
 QUANTIZE_CHOICES = ("none", "int8", "fp16", "auto")
 PREOPTIMIZE_CHOICES = ("none", "extended")
 DEFAULT_PREOPTIMIZE = "extended"
-# int8 activation scales: onnxruntime's one per call (a window's scores depend on its batch neighbours) or one per
-# row of each layer's input (they do not, convert.int8_rows)
-INT8_ACTIVATIONS = ("row", "batch")
-DEFAULT_INT8_ACTIVATIONS = "batch"  # per row costs more speed than batching gains here: docs/corpus-speed.md
+# int8 activation scales: fixed per layer, calibrated on real audio (convert.int8_static); one per row of each
+# layer's input (convert.int8_rows); onnxruntime's one per call (a window's scores then depend on its batch
+# neighbours). The first two keep a window's scores whatever shares its call.
+INT8_ACTIVATIONS = ("static", "row", "batch")
+DEFAULT_INT8_ACTIVATIONS = "static"  # as fast as per call, as exact on held-out clips: docs/corpus-speed.md
 
 
 def _check_choice(what: str, value: str, choices: tuple[str, ...]) -> None:
@@ -45,12 +46,17 @@ class VariantOptions:
     allow_partial: bool = False
     """With quantize auto: write the variants that pass even if another fails its gate."""
     int8_activations: str = DEFAULT_INT8_ACTIVATIONS
-    """int8: one activation scale per call (batch, onnxruntime's) or per row of each layer's input (row: a window's
-    scores do not depend on its batch neighbours, at some speed; docs/corpus-speed.md)."""
+    """int8 activation scales: static (fixed per layer, calibrated on `calibration_clips`), row (per row of each
+    layer's input, 18-20 % slower) or batch (onnxruntime's one per call: a window's scores then depend on its
+    batch neighbours). docs/corpus-speed.md."""
+    calibration_clips: tuple[Path, ...] | None = None
+    """Real audio static int8 is calibrated on (None: convert/clips/calibration/, none of them a gate clip)."""
 
     def __post_init__(self) -> None:
         _check_choice("quantize", self.quantize, QUANTIZE_CHOICES)
         _check_choice("int8 activations", self.int8_activations, INT8_ACTIVATIONS)
+        if self.calibration_clips is not None:
+            object.__setattr__(self, "calibration_clips", tuple(Path(c) for c in self.calibration_clips))
 
     def atol(self, precision: str) -> float | None:
         """The tolerance asked for `precision`'s gate (None: its default); fp32's is ExportOptions.atol."""

@@ -161,6 +161,30 @@ def end_to_end_checks(model: OnnxModel, refs: Sequence[ClipReference], atol: flo
     return checks
 
 
+NEIGHBOUR_ATOL = 1e-5  # a batch-independent variant's scores, alone or with any batch neighbours (fp32's parity)
+
+
+def neighbour_change(model, windows: Sequence[np.ndarray], batch: int = 16, seed: int = 0) -> float:
+    """Largest |score in a batch - score alone| over the first clip's windows and three kinds of neighbours.
+
+    `windows`: each clip's model inputs. Each window of the first clip is run alone, then last in a call of
+    `batch` filled with the other clips' windows, with quiet windows (-80 dB) and with loud noise.
+    """
+    targets = windows[0]
+    others = np.concatenate(windows[1:]) if len(windows) > 1 else targets
+    rng = np.random.default_rng(seed)
+    fills = (lambda n: others[rng.choice(len(others), n)],
+             lambda n: np.full((n, *targets.shape[1:]), -80.0, np.float32),
+             lambda n: rng.uniform(-10.0, 0.0, (n, *targets.shape[1:])).astype(np.float32))
+    worst = 0.0
+    for w in targets:
+        alone = model.run(w[None])[0]
+        for fill in fills:
+            got = model.run(np.concatenate([fill(batch - 1), w[None]]))[-1]
+            worst = max(worst, float(np.abs(got - alone).max()))
+    return worst
+
+
 def run_gate(forward: Forward | None, model: OnnxModel, clips: Sequence[Path] | None = None,
              tolerance: Tolerance | None = None, seed: int = 0,
              references: Sequence[ClipReference] | None = None,

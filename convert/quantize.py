@@ -22,6 +22,7 @@ from convert.graph_rewrites import attributes, copy_proto, prepare
 from convert.int8_fusion import FUSED as INT8_FUSED
 from convert.int8_fusion import fuse_int8_matmuls
 from convert.int8_rows import per_row_activations
+from convert.int8_static import calibrate_ranges, calibration_windows, static_activations
 from convert.options import DEFAULT_INT8_ACTIVATIONS, INT8_ACTIVATIONS
 from runtime.model import PRECISIONS
 
@@ -40,6 +41,8 @@ FUSED_OPS = (
     "Gelu",
 )
 MS_DOMAIN = "com.microsoft"
+ACTIVATIONS_DOC = {"static": "uint8, one fixed scale per layer (calibrated)",
+                   "row": "uint8, per row (symmetric, zero point 128)", "batch": "uint8, per batch"}
 
 
 @dataclass
@@ -151,20 +154,23 @@ def int8_float_layers(proto) -> dict[str, list[str]]:
 
 
 def quantize_int8(proto, *, per_channel: bool = False, reduce_range: bool = True, keep_float: bool = True,
-                  fuse: bool = True, activations: str = DEFAULT_INT8_ACTIVATIONS):
+                  fuse: bool = True, activations: str = DEFAULT_INT8_ACTIVATIONS, calibration=None):
     """Dynamic int8 quantization of the dense layers (signed int8 weights, uint8 activations).
 
     Attention's activation-by-activation MatMuls stay float32 (MatMulConstBOnly), as do LayerNorm and GELU;
     with `keep_float`, so do the patch embedding and the regression head (int8_float_layers). `reduce_range`
     (7-bit weights) keeps x86 CPUs without VNNI from saturating their u8 x s8 products. With `fuse`, each
     quantized layer is written as one MatMulIntegerToFloat node, bias included (convert.int8_fusion).
-    `activations` "row" (needs `fuse`) then gives each row of each layer's input its own scale
-    (convert.int8_rows); "batch" keeps onnxruntime's one scale per call.
+    `activations` (needs `fuse` unless "batch"): "static" fixes each layer's activation scale from its range over
+    `calibration` (log-mel windows of real audio; convert.int8_static), "row" gives each row of each layer's input
+    its own scale (convert.int8_rows), "batch" keeps onnxruntime's one scale per call.
     """
     if activations not in INT8_ACTIVATIONS:
         raise ValueError(f"unknown int8 activations {activations!r}; choose one of {INT8_ACTIVATIONS}")
-    if activations == "row" and not fuse:
-        raise ValueError("per-row int8 activations rewrite the fused graph: fuse must be on")
+    if activations != "batch" and not fuse:
+        raise ValueError(f"{activations} int8 activations rewrite the fused graph: fuse must be on")
+    if activations == "static" and (calibration is None or not len(calibration)):
+        raise ValueError("static int8 activations need calibration windows")
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
@@ -185,6 +191,7 @@ def quantize_int8(proto, *, per_channel: bool = False, reduce_range: bool = True
             # (three copies of the weights at once); from a path it loads one
             source, out = write_model(Path(tmp) / "fp32.onnx", prepared), Path(tmp) / "int8.onnx"
             del prepared
+            ranges = calibrate_ranges(source, calibration) if activations == "static" else None
             quantize_dynamic(
                 source,
                 out,
@@ -202,6 +209,8 @@ def quantize_int8(proto, *, per_channel: bool = False, reduce_range: bool = True
     if not fuse:
         return quantized
     fused = fuse_int8_matmuls(quantized)[0]
+    if activations == "static":
+        return static_activations(fused, ranges)[0]
     return per_row_activations(fused)[0] if activations == "row" else fused
 
 
@@ -283,16 +292,19 @@ def make_variant(
     keep_float: bool = True,
     owned: bool = False,
     int8_activations: str = DEFAULT_INT8_ACTIVATIONS,
+    calibration=None,
 ) -> Variant:
     """The `precision` variant of a gated fp32 model (metadata is left to the caller).
 
     `owned`: the caller hands `fp32` over (it is rewritten in place instead of copied: memory).
+    `calibration`: static int8's, {"windows": array, "clips": [names]} (default: convert.int8_static's clips).
     The build records `batch_independent`: whether a window's scores are the same whatever else shares its
-    batch (fp32, fp16 and per-row int8; not per-batch int8). The corpus runner batches across files only then.
+    batch (fp32, fp16, static and per-row int8; not per-batch int8). The corpus runner batches across files only
+    then; the export measures it (convert.variants.neighbour_change) before it writes the file.
     """
     if precision not in PRECISIONS:
         raise ValueError(f"unknown precision {precision!r}; choose one of {PRECISIONS}")
-    build: dict = {"optimized": optimized, "batch_independent": precision != "int8" or int8_activations == "row"}
+    build: dict = {"optimized": optimized, "batch_independent": precision != "int8" or int8_activations != "batch"}
     if optimized:
         proto, build["fused_ops"] = optimize(fp32, config)
     else:
@@ -302,16 +314,18 @@ def make_variant(
         kept = int8_float_layers(proto) if keep_float else {}
         held = [proto]  # popped into the call, the float graph's only reference is quantize_int8's: it frees it
         del proto
+        if int8_activations == "static" and calibration is None:
+            calibration = calibration_windows()
+        windows = calibration["windows"] if int8_activations == "static" else None
         proto = quantize_int8(held.pop(), per_channel=per_channel, reduce_range=reduce_range, keep_float=keep_float,
-                              activations=int8_activations)
+                              activations=int8_activations, calibration=windows)
         counts = op_counts(proto)
         quantized = counts.get("MatMulInteger", 0) + counts.get(f"{MS_DOMAIN}:{INT8_FUSED}", 0)
         expected = linear_layers(config) - sum(map(len, kept.values()))
         build["quantization"] = {
             "method": "onnxruntime dynamic",
             "weights": "int8 (signed)" + (", 7-bit range" if reduce_range else ""),
-            "activations": ("uint8, per row (symmetric, zero point 128)" if int8_activations == "row"
-                            else "uint8, per batch"),
+            "activations": ACTIVATIONS_DOC[int8_activations],
             "per_channel": per_channel,
             "reduce_range": reduce_range,
             "kept_float32": sorted(kept),
@@ -319,6 +333,10 @@ def make_variant(
             "fused": f"{MS_DOMAIN}:{INT8_FUSED} (scales and bias in the node)",
             "linear_layers": linear_layers(config),
         }
+        if int8_activations == "static":
+            build["quantization"]["calibration"] = {
+                "method": "onnxruntime MinMax calibrator, float32 graph", "clips": list(calibration.get("clips", [])),
+                "windows": len(windows)}
         if quantized != expected:
             raise ExportError(f"int8: {quantized} of {linear_layers(config)} linear layers were quantized, "
                               f"expected {expected}")

@@ -11,9 +11,10 @@ from convert.checkpoint import load_checkpoint
 from convert.errors import ExportError, ParityError
 from convert.files import write_model
 from convert.forward import build_forward
+from convert.int8_static import calibration_windows
 from convert.metadata import describe, self_check_section
 from convert.options import DEFAULT_PREOPTIMIZE, QUANTIZE_CHOICES, VariantOptions
-from convert.parity import Tolerance, clip_references, random_references, run_gate
+from convert.parity import NEIGHBOUR_ATOL, Tolerance, clip_references, neighbour_change, random_references, run_gate
 from convert.process_memory import low_memory_malloc, release_jax, release_weights
 from convert.quantize import make_variant, op_counts
 from convert.staging import Staged, finish_stage, publish, write_stage
@@ -77,12 +78,27 @@ def gate_summary(report: dict) -> dict:
             **{k: report[k] for k in SUMMARY_KEYS if k in report}}
 
 
-def gate_staged(staged: Staged, precision: str, references, randoms, atol: float | None, seed: int) -> dict:
-    """The parity gate on a staged file, loaded by the runtime as it will be served (CPU). Raises ParityError."""
+def gate_staged(staged: Staged, precision: str, references, randoms, atol: float | None, seed: int,
+                build: dict | None = None) -> dict:
+    """The parity gate on a staged file, loaded by the runtime as it will be served (CPU). Raises ParityError.
+
+    A variant whose `build` says it is batch_independent is also run alone and among batch neighbours
+    (convert.parity.neighbour_change): the largest change goes into the build, and over NEIGHBOUR_ATOL the
+    variant fails.
+    """
     model = OnnxModel(staged.path, device="cpu")
     try:
-        return run_gate(None, model, tolerance=Tolerance.for_precision(precision, atol), seed=seed,
-                        references=references, randoms=randoms)
+        report = run_gate(None, model, tolerance=Tolerance.for_precision(precision, atol), seed=seed,
+                          references=references, randoms=randoms)
+        if build is not None and build.get("batch_independent"):
+            change = neighbour_change(model, [r.mel for r in references])
+            build["neighbour_change"] = change
+            report["neighbour_change"] = change
+            if change > NEIGHBOUR_ATOL:
+                report["passed"] = False
+                raise ParityError(f"{precision} variant is built to ignore its batch neighbours, but a window's "
+                                  f"scores moved {change:.1e} with them (over {NEIGHBOUR_ATOL:.0e})", report)
+        return report
     finally:
         del model
 
@@ -165,6 +181,16 @@ def _make_and_gate(fp32: Staged, ckpt, precisions: tuple[str, ...], fp32_report:
     import onnx
 
     reports, made, builds, failures = {"fp32": fp32_report}, {}, {}, []
+    calibration = None
+    if "int8" in precisions and variants.int8_activations == "static":
+        calibration = calibration_windows(variants.calibration_clips)
+        gate = {r.clip.resolve() for r in references}
+        shared = sorted(c.name for c in (variants.calibration_clips or []) if Path(c).resolve() in gate)
+        if shared:
+            log.warning("int8 is calibrated on %s, which the parity gate also scores: the gate is then not held "
+                        "out for int8", ", ".join(shared))
+        log.info("int8 activation ranges: %d windows of %d calibration clips", len(calibration["windows"]),
+                 len(calibration["clips"]))
     for precision in precisions:
         if precision == "fp32" and not variants.optimize:
             made[precision] = fp32
@@ -174,7 +200,7 @@ def _make_and_gate(fp32: Staged, ckpt, precisions: tuple[str, ...], fp32_report:
         log.info("making the %s variant%s", precision, " (optimized graph)" if variants.optimize else "")
         variant = make_variant(onnx.load(str(fp32.raw)), precision, ckpt.config, optimized=variants.optimize,
                                per_channel=variants.per_channel, reduce_range=variants.reduce_range, owned=True,
-                               int8_activations=variants.int8_activations)
+                               int8_activations=variants.int8_activations, calibration=calibration)
         sections = variant_sections(ckpt, precision, references, variants.atol(precision), backend)
         level = "none" if precision == "fp16" else preoptimize
         raw = write_stage(variant.proto, sections, scratch / f"{precision}.onnx", level)
@@ -182,7 +208,8 @@ def _make_and_gate(fp32: Staged, ckpt, precisions: tuple[str, ...], fp32_report:
         del variant
         staged = finish_stage(raw, level, keep_raw=False)
         try:
-            reports[precision] = gate_staged(staged, precision, references, randoms, variants.atol(precision), seed)
+            reports[precision] = gate_staged(staged, precision, references, randoms, variants.atol(precision), seed,
+                                             builds[precision])
         except ParityError as exc:
             reports[precision] = exc.report
             failures.append(exc)

@@ -12,7 +12,7 @@ class CorpusBatches:
     """The corpus worker's concurrent files, their windows in shared model calls where the scores allow it.
 
     For a model whose scores do not depend on their batch neighbours (``ModelInfo.batch_independent``: fp32,
-    fp16, per-row int8) the windows of the files in flight go through one runtime.serve.batcher.Batcher: full
+    fp16, static or per-row int8) the windows of the files in flight go through one runtime.serve.batcher.Batcher: full
     calls of the analyzer's batch size across files, each file still getting the scores it gets alone. A call
     waits at most BATCH_WAIT_MS for a file that is still decoding. Any other model runs each file in its
     own calls, as before. Plain Python (no Modal): tests drive it directly.

@@ -3,7 +3,7 @@
 Files are decoded and cut into windows by a small pool of threads, a few files ahead; the model takes windows
 in file order, ``batch_size`` at a time whatever file they come from, and a file's result is given as soon as
 its last window has run. Only for models whose scores do not depend on the other windows of a call
-(``ModelInfo.batch_independent``: fp32, fp16, per-row int8): each file then gets the scores it gets alone, and
+(``ModelInfo.batch_independent``: fp32, fp16, static or per-row int8): each file then gets the scores it gets alone, and
 a killed and resumed run ends with the same results as an uninterrupted one. A model call that fails marks every
 file with a window in it for retry; decoding and feature errors are the file's own, as in ``analyze_one``.
 """
