@@ -31,8 +31,16 @@ def clip_windows(clips: list[Path]) -> list[np.ndarray]:
     return [features_from_audio(load_audio(c)) for c in clips]
 
 
+SETTLE_SECONDS = 0.05  # before each timed call: the previous call's session stops spinning its threads
+
+
 def speeds(models: dict, windows: np.ndarray, rounds: int) -> dict[str, dict[int, float]]:
-    """Median ms per window for each model and batch size, timed interleaved."""
+    """Median ms per window for each model and batch size, timed interleaved.
+
+    Each session has its own thread pool, whose threads spin for a while after a call; timed right after another
+    model's call, a batch-1 call (about 40 ms) ran up to 40 % slower than alone, depending on which model came
+    before it. A short pause before each timed call keeps the models from timing each other's spinning.
+    """
     times = {name: {b: [] for b in BATCHES} for name in models}
     for model in models.values():
         for b in BATCHES:
@@ -40,6 +48,7 @@ def speeds(models: dict, windows: np.ndarray, rounds: int) -> dict[str, dict[int
     for _ in range(rounds):
         for b in BATCHES:
             for name, model in models.items():
+                time.sleep(SETTLE_SECONDS)
                 start = time.perf_counter()
                 model.run(windows[:b])
                 times[name][b].append((time.perf_counter() - start) * 1e3 / b)

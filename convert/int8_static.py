@@ -5,7 +5,7 @@ whole input of the call (DynamicQuantizeLinear), so a window's int8 scores move 
 batch. `static_activations` replaces every DynamicQuantizeLinear of a fused int8 graph (convert.int8_fusion) by
 QuantizeLinear with constants, and gives its MatMulIntegerToFloat consumers the same constants:
 
-    x_q = QuantizeLinear(x, scale, zero_point)                           # uint8, fixed per layer
+    x_q = com.microsoft.QuantizeLinear(x, scale, zero_point)             # uint8, fixed per layer
     y = MatMulIntegerToFloat(x_q, w_q, scale, w_scale, zero_point, w_zp, bias)
 
 The ranges come from onnxruntime's calibrator (`onnxruntime.quantization.calibrate`, MinMax) run on the float32
@@ -15,6 +15,8 @@ outside the calibrated range saturates at the end of it; the parity gate's rando
 clips, none of them calibrated on, measure what that costs.
 
 Same integer kernel as per-call int8 and one pass fewer (no min/max over the input): measured no slower.
+onnxruntime's contrib QuantizeLinear, not ONNX's: the graphs are opset 23, and onnxruntime 1.23 (the runtime's
+declared floor) has no kernel for ONNX QuantizeLinear-23; the contrib one has run since long before.
 """
 
 from __future__ import annotations
@@ -122,7 +124,7 @@ def static_activations(proto, ranges: dict[str, tuple[float, float]]) -> tuple[o
                                                           f"{prefix}_zero_point")])
         constants[node.output[1]], constants[node.output[2]] = f"{prefix}_scale", f"{prefix}_zero_point"
         nodes.append(helper.make_node("QuantizeLinear", [node.input[0], f"{prefix}_scale", f"{prefix}_zero_point"],
-                                      [node.output[0]], name=f"{prefix}_quantize"))
+                                      [node.output[0]], name=f"{prefix}_quantize", domain=MS_DOMAIN))
     for node in nodes:
         for i, name in enumerate(node.input):
             if name in constants:

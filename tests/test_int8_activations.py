@@ -91,7 +91,9 @@ def test_static_int8_has_fixed_scales_from_the_float_graphs_ranges(static, batch
 
     ops = op_counts(static.proto)
     assert "DynamicQuantizeLinear" not in ops
-    assert ops["QuantizeLinear"] == op_counts(batch.proto)["DynamicQuantizeLinear"]
+    # onnxruntime's contrib QuantizeLinear: ONNX's is opset 23 here, which onnxruntime 1.23 cannot run
+    assert ops["com.microsoft:QuantizeLinear"] == op_counts(batch.proto)["DynamicQuantizeLinear"]
+    assert "QuantizeLinear" not in ops
     assert ops[FUSED_INT8] == op_counts(batch.proto)[FUSED_INT8]
     inputs = quantized_inputs(batch.proto)
     probe = prepare(fp32)

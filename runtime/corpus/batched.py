@@ -1,11 +1,14 @@
-"""A corpus's windows in full model calls across file boundaries, decoding the next files meanwhile.
+"""A corpus's windows in model calls, decoding the next files meanwhile; across file boundaries where allowed.
 
 Files are decoded and cut into windows by a small pool of threads, a few files ahead; the model takes windows
-in file order, ``batch_size`` at a time whatever file they come from, and a file's result is given as soon as
-its last window has run. Only for models whose scores do not depend on the other windows of a call
-(``ModelInfo.batch_independent``: fp32, fp16, static or per-row int8): each file then gets the scores it gets alone, and
-a killed and resumed run ends with the same results as an uninterrupted one. A model call that fails marks every
-file with a window in it for retry; decoding and feature errors are the file's own, as in ``analyze_one``.
+in file order, ``batch_size`` at a time, and a file's result is given as soon as its last window has run. Across
+files (the default), a call takes its windows whatever file they come from: only for models whose scores do not
+depend on the other windows of a call (``ModelInfo.batch_independent``: fp32, fp16, static or per-row int8). Each
+file then gets the scores it gets alone, and a killed and resumed run ends with the same results as an
+uninterrupted one. Per file, a call holds one file's windows only, as ``Analyzer.chunk_scores`` would run them.
+Either way one call runs at a time: two files' calls at once on one session made each slower
+(docs/corpus-speed.md). A model call that fails marks every file with a window in it for retry; decoding and
+feature errors are the file's own, as in ``analyze_one``.
 """
 
 from __future__ import annotations
@@ -54,12 +57,14 @@ def _prepare(analyzer, name: str, work: Work) -> _Open | dict:
         return failure(name, named_error(name, f"{type(exc).__name__}: {exc}"), retry=True)
 
 
-def batched_results(analyzer, work: Work | None = None, *, decoders: int = 1, ahead: int = DEFAULT_AHEAD):
-    """A ``Results`` source (runtime.corpus.runner) that fills every model call across files.
+def batched_results(analyzer, work: Work | None = None, *, decoders: int = 1, ahead: int = DEFAULT_AHEAD,
+                    across_files: bool = True):
+    """A ``Results`` source (runtime.corpus.runner) that runs one model call at a time, filled across files
+    (``across_files``) or with one file's windows.
 
     ``decoders`` threads decode and compute features, at most ``ahead`` files ahead of the model.
     """
-    if not analyzer.model.info.batch_independent:
+    if across_files and not analyzer.model.info.batch_independent:
         raise ValueError(f"{analyzer.model.info.version}: its scores depend on their batch neighbours "
                          "(int8 with one activation scale per call): batch per file instead")
     work = work if work is not None else Work()
@@ -84,19 +89,22 @@ def batched_results(analyzer, work: Work | None = None, *, decoders: int = 1, ah
                         yield got
                     else:
                         opened.append(got)
-                yield from _run_call(analyzer, opened, model, work)
+                yield from _run_call(analyzer, opened, model, work, across_files)
 
     return run
 
 
-def _run_call(analyzer, opened: deque[_Open], model: dict, work: Work) -> Iterator[dict]:
-    """One model call over the next windows of the open files; the results of the files it completes."""
+def _run_call(analyzer, opened: deque[_Open], model: dict, work: Work, across_files: bool) -> Iterator[dict]:
+    """One model call over the next windows of the open files (of the first only, unless ``across_files``); the
+    results of the files it completes."""
     parts, size = [], 0
     for o in opened:
         take = min(len(o.windows) - o.next_row, analyzer.batch_size - size)
         if take > 0:
             parts.append((o, o.next_row, take))
             size += take
+            if not across_files:
+                break
     if size:
         batch = np.concatenate([o.windows[start : start + n] for o, start, n in parts])
         began = time.perf_counter()

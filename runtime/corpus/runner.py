@@ -34,7 +34,7 @@ logger = logging.getLogger(__name__)
 
 AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".mp3", ".m4a", ".aac", ".opus")  # what a folder walk picks up
 JOURNAL_NAME = "journal.jsonl"
-DEFAULT_WORKERS = 2  # files in flight locally: one decodes and computes features while another runs the model
+DEFAULT_WORKERS = 2  # locally: one thread decodes and computes features while the model runs
 
 Results = Callable[[list["AudioFile"]], Iterable[dict]]
 
@@ -121,27 +121,19 @@ def _with_cap(analyzer, cap_seconds: float):
 
 def local_results(analyzer, workers: int = DEFAULT_WORKERS, work: Work | None = None,
                   across_files: bool | None = None) -> Results:
-    """Analyse files here, decoding and features of some overlapping the model of others.
+    """Analyse files here: ``workers - 1`` threads decode and compute features while the model runs one call at a
+    time (runtime.corpus.batched).
 
     ``across_files`` (default: whenever the model's scores do not depend on their batch neighbours) fills each
-    model call with windows of several files (runtime.corpus.batched, ``workers - 1`` decoding threads);
-    otherwise ``workers`` files are analysed at a time, each in its own calls. ``work`` counts for the floor.
+    model call with windows of several files; otherwise each call holds one file's windows. ``work`` counts for
+    the floor.
     """
-    work = work if work is not None else Work()
+    from runtime.corpus.batched import batched_results
+
     if across_files is None:
         across_files = analyzer.model.info.batch_independent
-    if across_files:
-        from runtime.corpus.batched import batched_results
-
-        return batched_results(analyzer, work, decoders=max(1, workers - 1))
-
-    def one(f: AudioFile) -> dict:
-        return analyze_one(analyzer, f.path, f.path, work=work)
-
-    def run(files: list[AudioFile]) -> Iterator[dict]:
-        return map(one, files) if workers <= 1 else in_flight(one, files, workers)
-
-    return run
+    return batched_results(analyzer, work if work is not None else Work(), decoders=max(1, workers - 1),
+                           across_files=across_files)
 
 
 def in_flight(fn: Callable, items: Iterable, workers: int, name: str = "corpus") -> Iterator:
