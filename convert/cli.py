@@ -93,7 +93,7 @@ def add_variant_args(parser: argparse.ArgumentParser) -> None:
                              "products of full-range weights; --no-reduce-range only for VNNI/ARM servers, gated there")
     parser.add_argument("--int8-activations", choices=INT8_ACTIVATIONS, default=DEFAULT_INT8_ACTIVATIONS,
                         help="int8 activation scales: static (the default: one fixed scale per layer, calibrated on "
-                             "real audio), row (one per row of each layer's input: 18-20%% slower) or batch "
+                             "real audio), row (one per row of each layer's input: 10-15%% slower) or batch "
                              "(onnxruntime's one per call: a window's scores then depend on its batch neighbours, "
                              "so corpus runs cannot fill calls across files); docs/corpus-speed.md")
     parser.add_argument("--calibration-clips", type=Path, nargs="+", metavar="AUDIO",

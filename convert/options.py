@@ -47,7 +47,7 @@ class VariantOptions:
     """With quantize auto: write the variants that pass even if another fails its gate."""
     int8_activations: str = DEFAULT_INT8_ACTIVATIONS
     """int8 activation scales: static (fixed per layer, calibrated on `calibration_clips`), row (per row of each
-    layer's input, 18-20 % slower) or batch (onnxruntime's one per call: a window's scores then depend on its
+    layer's input, 10-15 % slower) or batch (onnxruntime's one per call: a window's scores then depend on its
     batch neighbours). docs/corpus-speed.md."""
     calibration_clips: tuple[Path, ...] | None = None
     """Real audio static int8 is calibrated on (None: convert/clips/calibration/, none of them a gate clip)."""
