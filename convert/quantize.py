@@ -300,7 +300,7 @@ def make_variant(
     `calibration`: static int8's, {"windows": array, "clips": [names]} (default: convert.int8_static's clips).
     The build records `batch_independent`: whether a window's scores are the same whatever else shares its
     batch (fp32, fp16, static and per-row int8; not per-batch int8). The corpus runner batches across files only
-    then; the export measures it (convert.variants.neighbour_change) before it writes the file.
+    then; the export measures it (convert.variants.gate_staged) before it writes the file.
     """
     if precision not in PRECISIONS:
         raise ValueError(f"unknown precision {precision!r}; choose one of {PRECISIONS}")
@@ -323,7 +323,8 @@ def make_variant(
         quantized = counts.get("MatMulInteger", 0) + counts.get(f"{MS_DOMAIN}:{INT8_FUSED}", 0)
         expected = linear_layers(config) - sum(map(len, kept.values()))
         build["quantization"] = {
-            "method": "onnxruntime dynamic",
+            "method": "onnxruntime dynamic" + (", activation scales fixed by calibration"
+                                               if int8_activations == "static" else ""),
             "weights": "int8 (signed)" + (", 7-bit range" if reduce_range else ""),
             "activations": ACTIVATIONS_DOC[int8_activations],
             "per_channel": per_channel,

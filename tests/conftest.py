@@ -93,6 +93,22 @@ def tiny_model(tiny_export) -> Path:
     return tiny_export.path
 
 
+@pytest.fixture(scope="session")
+def ckpt(tiny_checkpoint):
+    """The tiny checkpoint, loaded (convert.checkpoint)."""
+    from convert.checkpoint import load_checkpoint
+
+    return load_checkpoint(tiny_checkpoint)
+
+
+@pytest.fixture(scope="session")
+def fp32(tiny_model):
+    """The tiny export's fp32 graph as traced (tests copy it before changing it)."""
+    import onnx
+
+    return onnx.load(str(tiny_model))
+
+
 @pytest.fixture
 def recorded(monkeypatch):
     """The Modal app file's default (GPU) variant, imported with modal's API recorded (tests/modal_recording.py)."""

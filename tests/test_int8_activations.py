@@ -10,7 +10,6 @@ import onnx
 import pytest
 from onnx import numpy_helper
 
-from convert.checkpoint import load_checkpoint
 from convert.errors import ExportError, ParityError
 from convert.export import build_forward
 from convert.int8_static import calibration_clips, calibration_windows, quantized_inputs
@@ -31,16 +30,6 @@ from runtime.model import OnnxModel
 pytestmark = pytest.mark.slow
 
 FUSED_INT8 = "com.microsoft:MatMulIntegerToFloat"
-
-
-@pytest.fixture(scope="module")
-def ckpt(tiny_checkpoint):
-    return load_checkpoint(tiny_checkpoint)
-
-
-@pytest.fixture(scope="module")
-def fp32(tiny_model):
-    return onnx.load(str(tiny_model))
 
 
 @pytest.fixture(scope="module")

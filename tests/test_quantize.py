@@ -9,7 +9,6 @@ import onnx
 import pytest
 
 from convert import cli
-from convert.checkpoint import load_checkpoint
 from convert.errors import ExportError, ParityError
 from convert.export import build_forward, export
 from convert.metadata import describe, set_metadata
@@ -58,16 +57,6 @@ def _reuse_trace(monkeypatch, tiny_model):
     import convert.export as export_mod
 
     monkeypatch.setattr(export_mod, "to_onnx", lambda forward, opset=23: onnx.load(str(tiny_model)))
-
-
-@pytest.fixture(scope="module")
-def ckpt(tiny_checkpoint):
-    return load_checkpoint(tiny_checkpoint)
-
-
-@pytest.fixture(scope="module")
-def fp32(tiny_model):
-    return onnx.load(str(tiny_model))
 
 
 @pytest.fixture(scope="module")
