@@ -8,9 +8,11 @@ QuantizeLinear with constants, and gives its MatMulIntegerToFloat consumers the 
     x_q = com.microsoft.QuantizeLinear(x, scale, zero_point)             # uint8, fixed per layer
     y = MatMulIntegerToFloat(x_q, w_q, scale, w_scale, zero_point, w_zp, bias)
 
-The ranges come from onnxruntime's calibrator (`onnxruntime.quantization.calibrate`, MinMax) run on the float32
-graph over log-mel windows of real recordings (`convert/clips/calibration/`, kept apart from the parity gate's
-clips), and the scale and zero point from its `compute_scale_zp` (uint8, the range widened to hold 0). A value
+The ranges come from onnxruntime's calibrator (`onnxruntime.quantization.calibrate`, MinMax) run on the per-call
+int8 graph over log-mel windows of real recordings (`convert/clips/calibration/`, kept apart from the parity
+gate's clips): the range each quantized layer's input takes in the int8 model itself, from a graph a quarter of
+the float one's size (export memory). The scale and zero point come from its `compute_scale_zp` (uint8, the range
+widened to hold 0). A value
 outside the calibrated range saturates at the end of it; the parity gate's random windows and the gate's real
 clips, none of them calibrated on, measure what that costs.
 
@@ -34,7 +36,7 @@ from convert.int8_fusion import FUSED, MS_DOMAIN
 log = logging.getLogger(__name__)
 
 CALIBRATION_DIR = Path(__file__).parent / "clips" / "calibration"
-CALIBRATION_BATCH = 8  # windows per calibrator call (memory: the augmented graph outputs every layer's input)
+CALIBRATION_BATCH = 1  # each window alone: the int8 graph calibrated on has per-call scales upstream
 
 
 def calibration_clips() -> list[Path]:
@@ -59,9 +61,9 @@ def calibration_windows(clips: Sequence[str | Path] | None = None) -> dict:
     return {"windows": windows.astype(np.float32), "clips": [c.name for c in chosen]}
 
 
-def calibrate_ranges(float_model: Path, windows: np.ndarray) -> dict[str, tuple[float, float]]:
-    """(min, max) of every MatMul input and output of a float graph file over `windows`: onnxruntime's MinMax
-    calibrator."""
+def calibrate_ranges(int8_model: Path, windows: np.ndarray) -> dict[str, tuple[float, float]]:
+    """(min, max) of the input of every DynamicQuantizeLinear of a per-call int8 graph file (as onnxruntime's
+    quantizer writes it, before convert.int8_fusion) over `windows`: onnxruntime's MinMax calibrator."""
     from onnxruntime.quantization.calibrate import CalibrationDataReader, CalibrationMethod, create_calibrator
 
     class Windows(CalibrationDataReader):
@@ -73,7 +75,7 @@ def calibrate_ranges(float_model: Path, windows: np.ndarray) -> dict[str, tuple[
             return None if start is None else {self.name: windows[start : start + CALIBRATION_BATCH]}
 
     with tempfile.TemporaryDirectory(prefix="percepiano-calibrate-") as tmp:
-        calibrator = create_calibrator(Path(float_model), ["MatMul"],
+        calibrator = create_calibrator(Path(int8_model), ["DynamicQuantizeLinear"],
                                        augmented_model_path=str(Path(tmp) / "augmented.onnx"),
                                        calibrate_method=CalibrationMethod.MinMax,
                                        providers=["CPUExecutionProvider"])
