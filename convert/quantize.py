@@ -338,8 +338,8 @@ def make_variant(
         }
         if int8_activations == "static":
             build["quantization"]["calibration"] = {
-                "method": "onnxruntime MinMax calibrator, per-call int8 graph, each window alone", "clips": list(calibration.get("clips", [])),
-                "windows": len(windows)}
+                "method": "onnxruntime MinMax calibrator, per-call int8 graph, each window alone",
+                "clips": list(calibration.get("clips", [])), "windows": len(windows)}
         if quantized != expected:
             raise ExportError(f"int8: {quantized} of {linear_layers(config)} linear layers were quantized, "
                               f"expected {expected}")
