@@ -85,11 +85,6 @@ def calibrate_ranges(int8_model: Path, windows: np.ndarray) -> dict[str, tuple[f
     return {t: (float(np.min(d.range_value[0])), float(np.max(d.range_value[1]))) for t, d in data.items()}
 
 
-def quantized_inputs(proto) -> list[str]:
-    """The float tensors a fused int8 graph quantizes (each DynamicQuantizeLinear's input), in graph order."""
-    return list(dict.fromkeys(n.input[0] for n in proto.graph.node if n.op_type == "DynamicQuantizeLinear"))
-
-
 def static_activations(proto, ranges: dict[str, tuple[float, float]]) -> tuple[object, int]:
     """A copy of a fused int8 model with fixed activation scales from `ranges`; (proto, layers inputs rewritten).
 
