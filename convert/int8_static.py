@@ -12,9 +12,8 @@ The ranges come from onnxruntime's calibrator (`onnxruntime.quantization.calibra
 int8 graph over log-mel windows of real recordings (`convert/clips/calibration/`, kept apart from the parity
 gate's clips): the range each quantized layer's input takes in the int8 model itself, from a graph a quarter of
 the float one's size (export memory). The scale and zero point come from its `compute_scale_zp` (uint8, the range
-widened to hold 0). A value
-outside the calibrated range saturates at the end of it; the parity gate's random windows and the gate's real
-clips, none of them calibrated on, measure what that costs.
+widened to hold 0). A value outside the calibrated range saturates at the end of it; the parity gate's random
+windows and the gate's real clips, none of them calibrated on, measure what that costs.
 
 Same integer kernel as per-call int8 and one pass fewer (no min/max over the input): measured no slower.
 onnxruntime's contrib QuantizeLinear, not ONNX's: the graphs are opset 23, and onnxruntime 1.23 (the runtime's
@@ -23,7 +22,6 @@ declared floor) has no kernel for ONNX QuantizeLinear-23; the contrib one has ru
 
 from __future__ import annotations
 
-import logging
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -32,8 +30,6 @@ import numpy as np
 
 from convert.errors import ExportError
 from convert.int8_fusion import FUSED, MS_DOMAIN
-
-log = logging.getLogger(__name__)
 
 CALIBRATION_DIR = Path(__file__).parent / "clips" / "calibration"
 CALIBRATION_BATCH = 1  # each window alone: the int8 graph calibrated on has per-call scales upstream
@@ -86,7 +82,7 @@ def calibrate_ranges(int8_model: Path, windows: np.ndarray) -> dict[str, tuple[f
 
 
 def static_activations(proto, ranges: dict[str, tuple[float, float]]) -> tuple[object, int]:
-    """A copy of a fused int8 model with fixed activation scales from `ranges`; (proto, layers inputs rewritten).
+    """A copy of a fused int8 model with fixed activation scales from `ranges`; (proto, layer inputs rewritten).
 
     Every DynamicQuantizeLinear must feed only MatMulIntegerToFloat nodes (as their quantized input, scale and
     zero point); anything else raises ValueError (a graph this rewrite does not know).
